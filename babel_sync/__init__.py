@@ -1,0 +1,1 @@
+"""babel_sync: cross-region sync of object stores (engine, CLI, service)."""

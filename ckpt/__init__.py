@@ -1,0 +1,1 @@
+"""ckpt: torch.distributed.checkpoint storage plugin with node-aware write placement."""

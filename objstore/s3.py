@@ -1,0 +1,394 @@
+"""The S3 backend (boto3): AWS S3 and S3-compatible endpoints.
+
+- One botocore client per store, with a connection pool sized for parallel transfers (the SDK
+  default of 10 starves them) and botocore's own retries off: retries happen once, in
+  :mod:`objstore.retry`, where throttling also lowers the caller's concurrency.
+- Uploads carry a CRC-64/NVME the service verifies (``x-amz-checksum-crc64nvme``); multipart
+  uploads declare a full-object CRC-64/NVME so the service reports one CRC for the whole object.
+  botocore's default CRC32 on every request is switched off: we already send a better one.
+- A HEAD 404 does not say whether the key or the bucket is missing; the first such answer is
+  followed by one HeadBucket so a missing bucket is reported as such.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from . import checksum
+from .base import (
+    Body,
+    ChecksumValue,
+    Features,
+    ListPage,
+    ObjectInfo,
+    PartInfo,
+    Store,
+    UploadInfo,
+    bucket_not_found,
+    not_found,
+)
+from .config import Profile
+from .errors import (
+    EndpointUnreachable,
+    InvalidCredentials,
+    ObjectNotFound,
+    StorageError,
+)
+from .httperrors import classify, describe
+from .retry import RetryPolicy, retrying
+from .url import StoreURL, check_key, check_prefix
+
+log = logging.getLogger(__name__)
+
+_ALGO = "crc64nvme"
+_COPY_PART = 1024**3
+
+
+class S3Store(Store):
+    """A bucket (plus prefix) on an S3-compatible endpoint."""
+
+    features = Features(
+        native_checksum=_ALGO,
+        server_side_copy=True,
+        user_metadata=True,
+        min_part_size=5 * 1024 * 1024,
+        max_part_size=5 * 1024**3,
+        max_parts=10_000,
+        conditional_get=True,
+    )
+
+    def __init__(self, url: StoreURL, profile: Profile, retry_policy: RetryPolicy | None = None):
+        super().__init__(url, retry_policy)
+        self.profile = profile
+        self.bucket = url.bucket
+        self.prefix = url.prefix
+        self._bucket_checked = False
+        self._lock = threading.Lock()
+        config = botocore.config.Config(
+            max_pool_connections=profile.max_pool_connections,
+            connect_timeout=profile.connect_timeout,
+            read_timeout=profile.read_timeout,
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            s3={"addressing_style": profile.addressing_style},
+            signature_version="s3v4",
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = boto3.session.Session()
+        self.client = session.client(
+            "s3",
+            endpoint_url=profile.endpoint or None,
+            region_name=profile.region or "us-east-1",
+            aws_access_key_id=profile.access_key_id or None,
+            aws_secret_access_key=profile.secret_access_key.reveal() or None,
+            aws_session_token=profile.session_token.reveal() or None,
+            config=config,
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- keys and errors -----------------------------------------------------------------
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key, url=str(self.url))
+
+    @contextlib.contextmanager
+    def _errors(self, operation: str, key: str = "") -> Iterator[None]:
+        """botocore -> storage error tree: the S3 backend's one translation table."""
+        where = self.url.child(key) if key else str(self.url)
+        try:
+            yield
+        except StorageError:
+            raise
+        except botocore.exceptions.ClientError as exc:
+            err = exc.response.get("Error", {})
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            code = str(err.get("Code", ""))
+            if status == 404 and code in ("404", "NotFound", ""):
+                # HEAD responses have no body: find out whether the bucket itself is missing.
+                if not self._bucket_exists():
+                    raise bucket_not_found(self.url, operation) from exc
+                raise not_found(self.url, key, operation) from exc
+            cls = classify(status, code)
+            if cls is ObjectNotFound:
+                raise not_found(self.url, key, operation) from exc
+            if code == "NoSuchBucket":
+                raise bucket_not_found(self.url, operation) from exc
+            message = describe(status, code, str(err.get("Message", "")))
+            raise cls(message, url=where, operation=operation) from exc
+        except (
+            botocore.exceptions.EndpointConnectionError,
+            botocore.exceptions.ConnectTimeoutError,
+            botocore.exceptions.ReadTimeoutError,
+            botocore.exceptions.ConnectionClosedError,
+        ) as exc:
+            raise EndpointUnreachable(
+                f"cannot reach {self.profile.endpoint or 'S3'}: {exc}", url=where, operation=operation
+            ) from exc
+        except (botocore.exceptions.ResponseStreamingError, botocore.exceptions.HTTPClientError) as exc:
+            raise EndpointUnreachable(
+                f"connection to {self.profile.endpoint or 'S3'} failed: {exc}", url=where, operation=operation
+            ) from exc
+        except botocore.exceptions.NoCredentialsError as exc:
+            raise InvalidCredentials(
+                f"no credentials for profile {self.profile.name!r}", url=where, operation=operation
+            ) from exc
+
+    def _bucket_exists(self) -> bool:
+        if self._bucket_checked:
+            return True
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except botocore.exceptions.ClientError as exc:
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            if status == 404:
+                return False
+            return True  # 403 and friends: the bucket exists, the key question stands
+        self._bucket_checked = True
+        return True
+
+    def _info(self, key: str, head: dict[str, Any]) -> ObjectInfo:
+        crc = None
+        value = head.get("ChecksumCRC64NVME")
+        if value and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT" and "-" not in value:
+            crc = ChecksumValue(_ALGO, checksum.decode_header(_ALGO, value))
+        return ObjectInfo(
+            key=key,
+            size=int(head.get("ContentLength", head.get("Size", 0))),
+            mtime=head["LastModified"].timestamp(),
+            etag=str(head.get("ETag", "")).strip('"'),
+            checksum=crc,
+            metadata={k.lower(): v for k, v in head.get("Metadata", {}).items()},
+        )
+
+    # -- reads -------------------------------------------------------------------------------
+
+    @retrying
+    def stat(self, key: str) -> ObjectInfo:
+        with self._errors("stat", key):
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED")
+            self._bucket_checked = True
+        return self._info(key, head)
+
+    @retrying
+    def list_page(
+        self,
+        prefix: str = "",
+        *,
+        start_after: str = "",
+        delimiter: str = "",
+        limit: int = 1000,
+        token: str | None = None,
+    ) -> ListPage:
+        check_prefix(prefix, url=str(self.url))
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": self.prefix + prefix,
+            "MaxKeys": max(1, min(limit, 1000)),
+        }
+        if delimiter:
+            args["Delimiter"] = delimiter
+        if token:
+            args["ContinuationToken"] = token
+        elif start_after:
+            args["StartAfter"] = self.prefix + start_after
+        with self._errors("list"):
+            resp = self.client.list_objects_v2(**args)
+            self._bucket_checked = True
+        cut = len(self.prefix)
+        objects = [
+            ObjectInfo(
+                o["Key"][cut:], int(o["Size"]), o["LastModified"].timestamp(), str(o.get("ETag", "")).strip('"')
+            )
+            for o in resp.get("Contents", [])
+        ]
+        prefixes = [p["Prefix"][cut:] for p in resp.get("CommonPrefixes", [])]
+        next_token = resp.get("NextContinuationToken") if resp.get("IsTruncated") else None
+        return ListPage(objects, prefixes, next_token)
+
+    @retrying
+    def get_range(
+        self, key: str, start: int = 0, length: int | None = None, *, if_match: str | None = None
+    ) -> bytes:
+        if start < 0 or (length is not None and length < 0):
+            raise ValueError("negative range")
+        if length == 0:
+            self.stat(key)
+            return b""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key)}
+        if start or length is not None:
+            end = "" if length is None else str(start + length - 1)
+            args["Range"] = f"bytes={start}-{end}"
+        if if_match:
+            args["IfMatch"] = f'"{if_match}"'
+        with self._errors("get_range", key):
+            try:
+                resp = self.client.get_object(**args)
+            except botocore.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                    return b""  # start at or past the end: a short read, as for a file
+                raise
+            body = resp["Body"]
+            try:
+                return body.read()
+            finally:
+                body.close()
+
+    # -- writes ------------------------------------------------------------------------------
+
+    @retrying
+    def put(self, key: str, data: Body, *, metadata: dict[str, str] | None = None) -> ObjectInfo:
+        crc = checksum.compute(_ALGO, data)
+        with self._errors("put", key):
+            resp = self.client.put_object(
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Body=bytes(data) if not isinstance(data, bytes) else data,
+                Metadata=metadata or {},
+                ChecksumCRC64NVME=checksum.encode_header(_ALGO, crc),
+            )
+        return self._written(key, resp, crc, len(memoryview(data).cast("B")), metadata)
+
+    def _written(
+        self, key: str, resp: dict[str, Any], crc: int, size: int, metadata: dict[str, str] | None
+    ) -> ObjectInfo:
+        return ObjectInfo(
+            key=key,
+            size=size,
+            mtime=time.time(),
+            etag=str(resp.get("ETag", "")).strip('"'),
+            checksum=ChecksumValue(_ALGO, crc),
+            metadata=dict(metadata or {}),
+        )
+
+    @retrying
+    def create_upload(self, key: str, *, metadata: dict[str, str] | None = None) -> str:
+        with self._errors("create_upload", key):
+            resp = self.client.create_multipart_upload(
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Metadata=metadata or {},
+                ChecksumAlgorithm="CRC64NVME",
+                ChecksumType="FULL_OBJECT",
+            )
+        return str(resp["UploadId"])
+
+    @retrying
+    def upload_part(self, key: str, upload_id: str, part_number: int, data: Body) -> PartInfo:
+        crc = checksum.compute(_ALGO, data)
+        with self._errors("upload_part", key):
+            resp = self.client.upload_part(
+                Bucket=self.bucket,
+                Key=self._key(key),
+                UploadId=upload_id,
+                PartNumber=part_number,
+                Body=bytes(data) if not isinstance(data, bytes) else data,
+                ChecksumCRC64NVME=checksum.encode_header(_ALGO, crc),
+            )
+        size = len(memoryview(data).cast("B"))
+        return PartInfo(part_number, str(resp["ETag"]).strip('"'), size, ChecksumValue(_ALGO, crc))
+
+    @retrying
+    def complete_upload(self, key: str, upload_id: str, parts: list[PartInfo]) -> ObjectInfo:
+        spec = []
+        for p in parts:
+            entry: dict[str, Any] = {"PartNumber": p.part_number, "ETag": f'"{p.etag}"'}
+            if p.checksum is not None:
+                entry["ChecksumCRC64NVME"] = checksum.encode_header(_ALGO, p.checksum.value)
+            spec.append(entry)
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._key(key),
+            "UploadId": upload_id,
+            "MultipartUpload": {"Parts": spec},
+        }
+        whole = None
+        if parts and all(p.checksum is not None for p in parts):
+            whole = checksum.combine_parts(_ALGO, [(p.checksum.value, p.size) for p in parts])  # type: ignore[union-attr]
+            args["ChecksumCRC64NVME"] = checksum.encode_header(_ALGO, whole)
+            args["ChecksumType"] = "FULL_OBJECT"
+        with self._errors("complete_upload", key):
+            resp = self.client.complete_multipart_upload(**args)
+        size = sum(p.size for p in parts)
+        info = self._written(key, resp, whole or 0, size, None)
+        return info if whole is not None else ObjectInfo(info.key, size, info.mtime, info.etag)
+
+    @retrying
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        with self._errors("abort_upload", key):
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id)
+            except botocore.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                    return
+                raise
+
+    @retrying
+    def list_uploads(self, prefix: str = "") -> list[UploadInfo]:
+        check_prefix(prefix, url=str(self.url))
+        uploads: list[UploadInfo] = []
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
+        cut = len(self.prefix)
+        with self._errors("list_uploads"):
+            while True:
+                resp = self.client.list_multipart_uploads(**args)
+                uploads.extend(
+                    UploadInfo(u["Key"][cut:], u["UploadId"], u["Initiated"].timestamp())
+                    for u in resp.get("Uploads", [])
+                )
+                if not resp.get("IsTruncated"):
+                    break
+                args["KeyMarker"] = resp.get("NextKeyMarker", "")
+                args["UploadIdMarker"] = resp.get("NextUploadIdMarker", "")
+        return uploads
+
+    @retrying
+    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
+        source = {"Bucket": self.bucket, "Key": self._key(src_key)}
+        info = self.stat(src_key)
+        if info.size > self.features.max_part_size:
+            return self._copy_multipart(src_key, dst_key, info)
+        with self._errors("copy", src_key):
+            self.client.copy_object(Bucket=self.bucket, Key=self._key(dst_key), CopySource=source)
+        return self.stat(dst_key)
+
+    def _copy_multipart(self, src_key: str, dst_key: str, info: ObjectInfo) -> ObjectInfo:
+        """Objects over 5 GiB cannot be copied in one request: copy them part by part."""
+        upload_id = self.create_upload(dst_key, metadata=info.metadata)
+        source = {"Bucket": self.bucket, "Key": self._key(src_key)}
+        parts = []
+        try:
+            with self._errors("copy", src_key):
+                for number, start in enumerate(range(0, info.size, _COPY_PART), start=1):
+                    end = min(info.size, start + _COPY_PART) - 1
+                    resp = self.client.upload_part_copy(
+                        Bucket=self.bucket,
+                        Key=self._key(dst_key),
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        CopySource=source,
+                        CopySourceRange=f"bytes={start}-{end}",
+                        CopySourceIfMatch=f'"{info.etag}"',
+                    )
+                    etag = str(resp["CopyPartResult"]["ETag"]).strip('"')
+                    parts.append(PartInfo(number, etag, end - start + 1))
+            self.complete_upload(dst_key, upload_id, parts)
+        except BaseException:
+            self.abort_upload(dst_key, upload_id)
+            raise
+        return self.stat(dst_key)
+
+    @retrying
+    def delete(self, key: str) -> None:
+        with self._errors("delete", key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))

@@ -1,0 +1,1 @@
+"""pcache: the node cache (workers, worker selection, client, FUSE mount)."""

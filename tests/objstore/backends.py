@@ -1,0 +1,131 @@
+"""How the conformance suite reaches each backend: one ``BackendCase`` per backend, each able to
+make a fresh bucket, a store with wrong credentials, and (where a network is involved) inject
+transient HTTP errors into the real request path."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+from objstore import Config, Store, open_store
+from objstore.retry import RetryPolicy
+from tests.conftest import unique_bucket
+
+FAST_RETRY = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=0.05, deadline=10)
+
+
+@dataclass
+class BackendCase:
+    """One backend under test.
+
+    Attributes:
+        name: backend id used in test ids.
+        make_store: opens a store on a fresh, existing, empty bucket.
+        missing_bucket_store: opens a store whose bucket does not exist.
+        bad_credentials_store: opens a store with a wrong secret (None: no credentials concept).
+        inject_transient: makes the next N requests fail with 503 (None: no transport to fault).
+    """
+
+    name: str
+    make_store: Callable[[], Store]
+    missing_bucket_store: Callable[[], Store]
+    bad_credentials_store: Callable[[], Store] | None = None
+    inject_transient: Callable[[int], None] | None = None
+    cleanup: Callable[[], None] = lambda: None
+
+
+def _with_fast_retry(store: Store) -> Store:
+    store.retry_policy = FAST_RETRY
+    return store
+
+
+def local_case() -> BackendCase:
+    base = Path(tempfile.mkdtemp(prefix="objstore-local-"))
+
+    def make() -> Store:
+        root = base / unique_bucket()
+        root.mkdir()
+        return open_store(f"file://{root}")
+
+    return BackendCase(
+        "local",
+        make,
+        lambda: open_store(f"file://{base}/missing-{unique_bucket()}"),
+        cleanup=lambda: shutil.rmtree(base, ignore_errors=True),
+    )
+
+
+def s3_case(server, proxy) -> BackendCase:
+    def config(secret: str | None = None) -> Config:
+        table = server.profile(endpoint=proxy.endpoint, connect_timeout=3.0, read_timeout=30.0)
+        if secret is not None:
+            table["secret_access_key"] = secret
+        return Config.from_mapping({"profiles": {"test": table}}, env={})
+
+    def make() -> Store:
+        bucket = unique_bucket()
+        server.create_bucket(bucket)
+        return _with_fast_retry(open_store(f"s3://test@{bucket}/", config()))
+
+    def bad_credentials() -> Store:
+        bucket = unique_bucket()
+        server.create_bucket(bucket)
+        return open_store(f"s3://test@{bucket}/", config("wrongSecretKey0000000000000000"))
+
+    return BackendCase(
+        "s3",
+        make,
+        lambda: open_store(f"s3://test@{unique_bucket('missing')}/", config()),
+        bad_credentials,
+        lambda n: proxy.inject(n),
+    )
+
+
+def oss_case(server) -> BackendCase:
+    def config(secret: str | None = None) -> Config:
+        table = {
+            "endpoint": server.endpoint,
+            "access_key_id": server.access_key_id,
+            "secret_access_key": secret or server.access_key_secret,
+            "connect_timeout": 3.0,
+            "read_timeout": 30.0,
+        }
+        return Config.from_mapping({"profiles": {"test": table}}, env={})
+
+    def make() -> Store:
+        bucket = unique_bucket()
+        server.create_bucket(bucket)
+        return _with_fast_retry(open_store(f"oss://test@{bucket}/", config()))
+
+    def bad_credentials() -> Store:
+        bucket = unique_bucket()
+        server.create_bucket(bucket)
+        return open_store(f"oss://test@{bucket}/", config("wrongSecretKey0000000000000000"))
+
+    return BackendCase(
+        "oss",
+        make,
+        lambda: open_store(f"oss://test@{unique_bucket('missing')}/", config()),
+        bad_credentials,
+        lambda n: server.inject_errors(n, 503, "ServiceUnavailable"),
+    )
+
+
+def fsspec_memory_case() -> BackendCase:
+    fs = fsspec.filesystem("memory")
+
+    def make() -> Store:
+        bucket = unique_bucket()
+        fs.mkdir(f"/{bucket}")
+        return open_store(f"memory://{bucket}/", Config.from_mapping({}, env={}))
+
+    return BackendCase(
+        "fsspec-memory",
+        make,
+        lambda: open_store(f"memory://{unique_bucket('missing')}/", Config.from_mapping({}, env={})),
+    )
