@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.servers.moto_s3 import MotoS3Server  # noqa: E402
 from tests.servers.oss_server import OSSServer  # noqa: E402
 from tests.servers.proxies import FaultProxy  # noqa: E402
 from tests.servers.rclone_s3 import RcloneS3Server  # noqa: E402
@@ -44,4 +45,10 @@ def s3_proxy(rclone_s3: RcloneS3Server) -> Iterator[FaultProxy]:
 @pytest.fixture(scope="session")
 def oss_server() -> Iterator[OSSServer]:
     with OSSServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[MotoS3Server]:
+    with MotoS3Server() as server:
         yield server

@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fsspec
@@ -29,6 +29,8 @@ class BackendCase:
         missing_bucket_store: opens a store whose bucket does not exist.
         bad_credentials_store: opens a store with a wrong secret (None: no credentials concept).
         inject_transient: makes the next N requests fail with 503 (None: no transport to fault).
+        server_gaps: behaviours the test server lacks (not the backend), each with the reason;
+            tests of them skip here and run on a server that has them.
     """
 
     name: str
@@ -36,6 +38,7 @@ class BackendCase:
     missing_bucket_store: Callable[[], Store]
     bad_credentials_store: Callable[[], Store] | None = None
     inject_transient: Callable[[int], None] | None = None
+    server_gaps: dict[str, str] = field(default_factory=dict)
     cleanup: Callable[[], None] = lambda: None
 
 
@@ -56,6 +59,10 @@ def local_case() -> BackendCase:
         "local",
         make,
         lambda: open_store(f"file://{base}/missing-{unique_bucket()}"),
+        server_gaps={
+            "credentials": "local files have no credentials (permission errors: test_local.py)",
+            "transient": "no network transport to inject 503s into",
+        },
         cleanup=lambda: shutil.rmtree(base, ignore_errors=True),
     )
 
@@ -83,6 +90,31 @@ def s3_case(server, proxy) -> BackendCase:
         lambda: open_store(f"s3://test@{unique_bucket('missing')}/", config()),
         bad_credentials,
         lambda n: proxy.inject(n),
+        server_gaps={
+            "if_match": "rclone serve s3 ignores If-Match on GET (runs on s3-moto)",
+            "replace_part": "rclone serve s3 cannot replace an uploaded part (runs on s3-moto)",
+        },
+    )
+
+
+def s3_moto_case(server) -> BackendCase:
+    config = Config.from_mapping({"profiles": {"moto": server.profile()}}, env={})
+
+    def make() -> Store:
+        bucket = unique_bucket()
+        server.create_bucket(bucket)
+        return _with_fast_retry(open_store(f"s3://moto@{bucket}/", config))
+
+    return BackendCase(
+        "s3-moto",
+        make,
+        lambda: open_store(f"s3://moto@{unique_bucket('missing')}/", config),
+        server_gaps={
+            "stat_checksum": "moto does not return the CRC-64/NVME of a single PUT on HEAD",
+            "credentials": "moto does not check signatures (wrong credentials run on s3/rclone)",
+            "transient": "503 injection runs on s3/rclone through the fault proxy",
+            "aborted_upload": "moto answers 500, not NoSuchUpload, for an aborted upload id",
+        },
     )
 
 
@@ -128,4 +160,8 @@ def fsspec_memory_case() -> BackendCase:
         "fsspec-memory",
         make,
         lambda: open_store(f"memory://{unique_bucket('missing')}/", Config.from_mapping({}, env={})),
+        server_gaps={
+            "credentials": "fsspec's memory filesystem has no credentials",
+            "transient": "no network transport to inject 503s into",
+        },
     )
