@@ -82,3 +82,27 @@ def describe(status: int, code: str, message: str) -> str:
     if cls is InvalidCredentials:
         text += " - check the access key id and secret of this profile"
     return text
+
+
+_NETWORK_REASONS = (
+    ("refused", "connection refused"),
+    ("timed out", "timed out"),
+    ("timeout", "timed out"),
+    ("name or service not known", "unknown host"),
+    ("nodename nor servname", "unknown host"),
+    ("temporary failure in name resolution", "DNS lookup failed"),
+    ("reset by peer", "connection reset"),
+    ("connection aborted", "connection reset"),
+    ("remote end closed", "connection closed by the server"),
+    ("no route to host", "no route to host"),
+    ("network is unreachable", "network unreachable"),
+)
+
+
+def network_reason(exc: BaseException) -> str:
+    """A short reason for a failure below HTTP (refused, timed out...), from an SDK exception."""
+    text = " ".join(str(e) for e in (exc, exc.__cause__, exc.__context__) if e is not None).lower()
+    for needle, reason in _NETWORK_REASONS:
+        if needle in text:
+            return reason
+    return "connection failed"

@@ -35,7 +35,7 @@ from .base import (
 )
 from .config import Profile
 from .errors import EndpointUnreachable, ObjectNotFound, StorageError
-from .httperrors import classify, describe
+from .httperrors import classify, describe, network_reason
 from .retry import RetryPolicy, retrying
 from .url import StoreURL, check_key, check_prefix
 
@@ -99,7 +99,7 @@ class OSSStore(Store):
             raise
         except oss2.exceptions.RequestError as exc:  # no HTTP response: connect/read failure
             raise EndpointUnreachable(
-                f"cannot reach {self.endpoint}: {_first_line(exc.body)}", url=where, operation=operation
+                f"cannot reach {self.endpoint}: {network_reason(exc)}", url=where, operation=operation
             ) from exc
         except oss2.exceptions.OssError as exc:
             status, code = int(exc.status), str(exc.code or "")
@@ -318,8 +318,3 @@ def _drain(result: Any) -> None:
     """oss2 leaves some XML response bodies unread, which keeps the connection out of the pool."""
     with contextlib.suppress(Exception):
         result.resp.read()
-
-
-def _first_line(body: Any) -> str:
-    text = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
-    return text.strip().splitlines()[0][:200] if text.strip() else "connection failed"

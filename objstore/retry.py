@@ -128,7 +128,9 @@ def call_with_retry(
             pause = policy.delay(attempt)
             if elapsed + pause > policy.deadline:
                 raise
-            log.warning(
+            # INFO, not WARNING: a retried request that then succeeds is routine, and a CLI must
+            # print one line for a failure, not one per attempt (-v shows them).
+            log.info(
                 "%s failed (%s), retry %d/%d in %.2fs",
                 describe or getattr(fn, "__name__", "request"),
                 exc,

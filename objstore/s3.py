@@ -43,7 +43,7 @@ from .errors import (
     ObjectNotFound,
     StorageError,
 )
-from .httperrors import classify, describe
+from .httperrors import classify, describe, network_reason
 from .retry import RetryPolicy, retrying
 from .url import StoreURL, check_key, check_prefix
 
@@ -133,11 +133,13 @@ class S3Store(Store):
             botocore.exceptions.ConnectionClosedError,
         ) as exc:
             raise EndpointUnreachable(
-                f"cannot reach {self.profile.endpoint or 'S3'}: {exc}", url=where, operation=operation
+                f"cannot reach {self.profile.endpoint or 'S3'}: {network_reason(exc)}", url=where, operation=operation
             ) from exc
         except (botocore.exceptions.ResponseStreamingError, botocore.exceptions.HTTPClientError) as exc:
             raise EndpointUnreachable(
-                f"connection to {self.profile.endpoint or 'S3'} failed: {exc}", url=where, operation=operation
+                f"connection to {self.profile.endpoint or 'S3'} failed: {network_reason(exc)}",
+                url=where,
+                operation=operation,
             ) from exc
         except botocore.exceptions.NoCredentialsError as exc:
             raise InvalidCredentials(
