@@ -106,7 +106,7 @@ class Profile:
                 f"not {self.addressing_style!r}"
             )
         for name in ("connect_timeout", "read_timeout", "retry_deadline"):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # also rejects NaN
                 raise ConfigError(f"profile {self.name!r}: {name} must be > 0")
         for name in ("max_pool_connections", "max_attempts"):
             if getattr(self, name) < 1:
@@ -163,6 +163,9 @@ def _coerce(profile: str, key: str, value: Any, source: str) -> Any:
                 ) from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{source}: profile {profile!r}: {key} must be a number")
+        if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
+            # int() would silently truncate 2.5 to 2
+            raise ConfigError(f"{source}: profile {profile!r}: {key} must be a whole number")
         return type(default)(value)
     return value
 
@@ -201,6 +204,8 @@ class Config:
             raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {file} is not valid UTF-8") from None
         return cls.from_mapping(data, source=str(file), env=env, path=file)
 
     @classmethod
@@ -214,6 +219,9 @@ class Config:
     ) -> Config:
         """Validate a parsed TOML document (``[profiles.NAME]`` tables)."""
         env = dict(os.environ if env is None else env)
+        unknown = sorted(set(data) - {"profiles"})
+        if unknown:  # e.g. a [profile.NAME] typo, which would otherwise be silently ignored
+            raise ConfigError(f"{source}: unknown top-level key {unknown[0]!r} (valid: profiles)")
         profiles_raw = data.get("profiles", {})
         if not isinstance(profiles_raw, Mapping):
             raise ConfigError(f"{source}: [profiles] must be a table of tables")

@@ -23,7 +23,7 @@ from .errors import InvalidKey, InvalidURL
 log = logging.getLogger(__name__)
 
 NATIVE_SCHEMES = ("s3", "oss", "file")
-_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.DOTALL)
 _PROFILE_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 # Keys beginning with this are the local backends' own bookkeeping (temp files, upload parts).
@@ -47,10 +47,11 @@ class StoreURL:
     prefix: str = ""
 
     def __str__(self) -> str:
+        # parse_url percent-decodes the path, so a literal '%' must be escaped to round-trip.
         if self.scheme == "file":
-            return f"file://{self.bucket}"
+            return f"file://{self.bucket.replace('%', '%25')}"
         who = f"{self.profile}@" if self.profile else ""
-        return f"{self.scheme}://{who}{self.bucket}/{self.prefix}"
+        return f"{self.scheme}://{who}{self.bucket}/{self.prefix.replace('%', '%25')}"
 
     def child(self, key: str) -> str:
         """The URL of ``key`` under this root, for messages."""
@@ -95,7 +96,10 @@ def parse_url(url: str) -> StoreURL:
     if prefix:
         if not prefix.endswith("/"):
             prefix += "/"
-        check_key(prefix.rstrip("/"), url=url)
+        try:
+            check_key(prefix.rstrip("/"), url=url)
+        except InvalidKey as exc:  # a URL mistake is a ValueError, not a storage error
+            raise InvalidURL(f"malformed URL {url!r}: bad prefix: {exc.message}") from None
         if "//" in prefix:
             raise InvalidURL(f"malformed URL {url!r}: empty path segment in prefix")
     if scheme not in NATIVE_SCHEMES:

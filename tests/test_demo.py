@@ -1,0 +1,24 @@
+"""`make demo` keeps working: run the demo script end to end and check what it reports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(300)
+def test_demo_runs_end_to_end_and_cleans_up() -> None:
+    done = subprocess.run(
+        [sys.executable, "deploy/demo.py", "--shards", "6", "--shard-tokens", "65536"],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "shard CRC-64/NVME confirmed by region-a" in done.stdout
+    assert "6/6" in done.stdout
+    assert "bucket does not exist: 'no-such-bucket'" in done.stdout
+    assert not (REPO / ".demo").exists()
