@@ -70,16 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(parser)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    ls = sub.add_parser("ls", help="list objects under a URL", description="List objects under a store URL.")
+    ls = sub.add_parser(
+        "ls", help="list objects under a URL", description="List objects under a store URL."
+    )
     ls.add_argument("url", help="store URL, e.g. s3://PROFILE@bucket/prefix/")
-    ls.add_argument("prefix", nargs="?", default="", help="only keys starting with this (relative to URL)")
+    ls.add_argument(
+        "prefix", nargs="?", default="", help="only keys starting with this (relative to URL)"
+    )
     ls.add_argument("-R", "--recursive", action="store_true", help="list every key, not one level")
     ls.add_argument("--max", type=int, default=0, metavar="N", help="stop after N objects")
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
     add_common_options(ls, subcommand=True)
     ls.set_defaults(func=cmd_ls)
 
-    stat = sub.add_parser("stat", help="show one object's metadata", description="Show one object's metadata.")
+    stat = sub.add_parser(
+        "stat", help="show one object's metadata", description="Show one object's metadata."
+    )
     stat.add_argument("url", help="object URL, e.g. oss://bucket/dir/file.bin")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
     add_common_options(stat, subcommand=True)

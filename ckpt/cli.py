@@ -10,7 +10,10 @@ from objstore.cli import add_common_options, run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ckpt", description="Distributed checkpointing for torch.distributed.checkpoint with node-aware write placement (commands arrive with the plugin).")
+    parser = argparse.ArgumentParser(
+        prog="ckpt",
+        description="Distributed checkpointing for torch.distributed.checkpoint with node-aware write placement (commands arrive with the plugin).",
+    )
     add_common_options(parser)
     parser.add_subparsers(title="commands", metavar="COMMAND")
     return parser

@@ -71,7 +71,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=24, help="number of token shards")
     parser.add_argument("--shard-tokens", type=int, default=262_144, help="tokens per shard")
-    parser.add_argument("--keep", action="store_true", help="leave .demo/ and the servers' data behind")
+    parser.add_argument(
+        "--keep", action="store_true", help="leave .demo/ and the servers' data behind"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -117,9 +119,13 @@ def populate(config: Config, shards: int, shard_tokens: int) -> dict[str, object
     index = []
     for i, data in enumerate(shard_data):
         info = store.put(f"shard-{i:05d}.bin", data)
-        index.append({"key": f"shard-{i:05d}.bin", "tokens": shard_tokens, "crc64nvme": info.checksum.value})
+        index.append(
+            {"key": f"shard-{i:05d}.bin", "tokens": shard_tokens, "crc64nvme": info.checksum.value}
+        )
         total += len(data)
-    store.put("index.json", json.dumps({"vocab": VOCAB, "dtype": "uint16", "shards": index}).encode())
+    store.put(
+        "index.json", json.dumps({"vocab": VOCAB, "dtype": "uint16", "shards": index}).encode()
+    )
     elapsed = time.perf_counter() - started
     confirmed = 0
     for entry in index:
@@ -132,7 +138,9 @@ def populate(config: Config, shards: int, shard_tokens: int) -> dict[str, object
     ckpt_started = time.perf_counter()
     written = ckpt_store.put_parts("__0_0.distcp", parts)
     ckpt_elapsed = time.perf_counter() - ckpt_started
-    expected = crc.combine_parts("crc64nvme", [(crc.compute("crc64nvme", p), len(p)) for p in parts])
+    expected = crc.combine_parts(
+        "crc64nvme", [(crc.compute("crc64nvme", p), len(p)) for p in parts]
+    )
     reported = ckpt_store.stat("__0_0.distcp").checksum
     return {
         "shards": shards,
@@ -153,7 +161,9 @@ def show(config_path: Path, summary: dict[str, object]) -> None:
     stat = run_cli(["stat", f"s3://region-a@{BUCKET}/tokens/shard-00000.bin"], config_path)
     console.print(stat.stdout.rstrip())
     empty = run_cli(["ls", f"s3://region-b@{BUCKET}/", "-R"], config_path)
-    console.print(f"region-b holds {len(empty.stdout.splitlines())} objects (sync arrives with babel-sync)")
+    console.print(
+        f"region-b holds {len(empty.stdout.splitlines())} objects (sync arrives with babel-sync)"
+    )
     mistake = run_cli(["ls", "s3://region-b@no-such-bucket/"], config_path)
     console.print(mistake.stderr.strip(), style="red", soft_wrap=True)
     console.print(f"(exit code {mistake.returncode}: a mistake is one line, not a traceback)")
@@ -164,11 +174,16 @@ def show(config_path: Path, summary: dict[str, object]) -> None:
     table.add_row("token shards written to region-a", str(summary["shards"]))
     table.add_row("dataset bytes", f"{summary['dataset_bytes']:,}")
     table.add_row("dataset write rate", f"{summary['dataset_rate'] / 1e6:,.1f} MB/s")
-    table.add_row("shard CRC-64/NVME confirmed by region-a", f"{summary['shards_crc_confirmed']}/{summary['shards']}")
+    table.add_row(
+        "shard CRC-64/NVME confirmed by region-a",
+        f"{summary['shards_crc_confirmed']}/{summary['shards']}",
+    )
     table.add_row("checkpoint (multipart) bytes", f"{summary['ckpt_bytes']:,}")
     table.add_row("checkpoint write rate", f"{summary['ckpt_rate'] / 1e6:,.1f} MB/s")
     ok = summary["ckpt_crc_expected"] == summary["ckpt_crc_reported"]
-    verdict = "match" if ok else ("not reported" if summary["ckpt_crc_reported"] is None else "MISMATCH")
+    verdict = (
+        "match" if ok else ("not reported" if summary["ckpt_crc_reported"] is None else "MISMATCH")
+    )
     table.add_row("checkpoint CRC-64/NVME: ours vs service", verdict)
     console.print(table)
     if not ok and summary["ckpt_crc_reported"] is not None:

@@ -123,5 +123,7 @@ def open_object(url: str, config: Config | None = None) -> tuple[Store, str]:
     if not parsed.prefix:
         raise InvalidURL(f"{url!r} names a bucket, not an object")
     directory, _, name = parsed.prefix.rstrip("/").rpartition("/")
-    root = StoreURL(parsed.scheme, parsed.profile, parsed.bucket, directory + "/" if directory else "")
+    root = StoreURL(
+        parsed.scheme, parsed.profile, parsed.bucket, directory + "/" if directory else ""
+    )
     return open_store(root, config), name

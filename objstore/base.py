@@ -21,10 +21,10 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 from .errors import BucketNotFound, ObjectNotFound
 from .retry import AIMDLimiter, RetryPolicy
+from .streams import RangeReader
 from .url import StoreURL
 
 log = logging.getLogger(__name__)
@@ -307,13 +307,11 @@ class Store(ABC):
                 log.warning("could not abort upload %s of %s: %s", upload_id, key, exc)
             raise
 
-    def open_read(self, key: str, *, block_size: int = 8 * 1024 * 1024) -> BinaryIO:
+    def open_read(self, key: str, *, block_size: int = 8 * 1024 * 1024) -> RangeReader:
         """A read-only, seekable file object over ``key`` (ranged reads, pinned to its ETag)."""
-        from .streams import RangeReader
-
         return RangeReader(self, key, block_size=block_size)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: stores without pools need nothing
         """Release connection pools. The store must not be used afterwards."""
 
     def __enter__(self) -> Store:
@@ -331,4 +329,6 @@ def not_found(url: StoreURL, key: str, operation: str) -> ObjectNotFound:
 def bucket_not_found(url: StoreURL, operation: str) -> BucketNotFound:
     """The one way backends phrase a missing root."""
     what = "directory" if url.scheme == "file" else "bucket"
-    return BucketNotFound(f"{what} does not exist: {url.bucket!r}", url=str(url), operation=operation)
+    return BucketNotFound(
+        f"{what} does not exist: {url.bucket!r}", url=str(url), operation=operation
+    )

@@ -81,7 +81,7 @@ def add_common_options(parser: argparse.ArgumentParser, *, subcommand: bool = Fa
     work before or after the command name; a subcommand's copy has no defaults of its own, so it
     never overwrites a value given before the command name.
     """
-    unset = {"default": argparse.SUPPRESS} if subcommand else {}
+    unset: dict[str, Any] = {"default": argparse.SUPPRESS} if subcommand else {}
     group = parser.add_argument_group("common options")
     group.add_argument(
         "--config",
@@ -90,14 +90,20 @@ def add_common_options(parser: argparse.ArgumentParser, *, subcommand: bool = Fa
         **unset,
     )
     group.add_argument(
-        "-v", "--verbose", action="count", help="more log output (-vv: debug)", **(unset or {"default": 0})
+        "-v",
+        "--verbose",
+        action="count",
+        help="more log output (-vv: debug)",
+        **(unset or {"default": 0}),
     )
     group.add_argument("--debug", action="store_true", help="show tracebacks on errors", **unset)
 
 
 def setup_logging(verbosity: int) -> None:
     level = logging.WARNING - 10 * min(verbosity, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     # SDK debug logs print request headers, which carry signatures and tokens: keep them quiet.
     for noisy in ("botocore", "boto3", "urllib3", "oss2", "s3transfer", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
@@ -139,6 +145,9 @@ def run(
     except Exception as exc:  # a bug: still one line, the traceback on request
         if getattr(args, "debug", False):
             log.exception("command failed")
-        print(f"{parser.prog}: internal error: {type(exc).__name__}: {exc} (--debug shows more)", file=sys.stderr)
+        print(
+            f"{parser.prog}: internal error: {type(exc).__name__}: {exc} (--debug shows more)",
+            file=sys.stderr,
+        )
         return ExitCode.FAILED
     return int(result or 0)

@@ -23,11 +23,12 @@ import dataclasses
 import logging
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import redact
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,12 @@ class Secret:
         self._value = value
 
     def reveal(self) -> str:
-        """The secret itself; call only where it is handed to an SDK."""
+        """The secret itself; call only where it is handed to an SDK.
+
+        Revealing registers the value with :mod:`objstore.redact`, so it is scrubbed from every
+        log record from then on, the SDKs' debug logs included.
+        """
+        redact.register(self._value)
         return self._value
 
     def __bool__(self) -> bool:
@@ -97,7 +103,7 @@ class Profile:
     max_pool_connections: int = 128
     max_attempts: int = 5
     retry_deadline: float = 60.0
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)  # may hold keys
 
     def __post_init__(self) -> None:
         if self.addressing_style not in ("path", "virtual", "auto"):
@@ -149,7 +155,7 @@ def _coerce(profile: str, key: str, value: Any, source: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{source}: profile {profile!r}: storage_options must be a table")
         return dict(value)
-    if isinstance(default, bool) or isinstance(default, str):
+    if isinstance(default, str):
         if not isinstance(value, type(default)):
             raise ConfigError(f"{source}: profile {profile!r}: {key} must be a string")
         return value
@@ -185,8 +191,16 @@ class Config:
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ), repr=False)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        *,
+        sections: Collection[str] = (),
+    ) -> Config:
         """Load profiles from ``path``, else ``$OBJSTORE_CONFIG``, else none.
+
+        ``sections`` names other top-level tables the caller reads from the same file.
 
         Raises:
             ConfigError: the file is missing, not valid TOML, or has unknown keys.
@@ -206,7 +220,7 @@ class Config:
             raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file {file} is not valid UTF-8") from None
-        return cls.from_mapping(data, source=str(file), env=env, path=file)
+        return cls.from_mapping(data, source=str(file), env=env, path=file, sections=sections)
 
     @classmethod
     def from_mapping(
@@ -216,12 +230,20 @@ class Config:
         source: str = "<config>",
         env: Mapping[str, str] | None = None,
         path: Path | None = None,
+        sections: Collection[str] = (),
     ) -> Config:
-        """Validate a parsed TOML document (``[profiles.NAME]`` tables)."""
+        """Validate a parsed TOML document (``[profiles.NAME]`` tables).
+
+        Args:
+            sections: other top-level tables the caller reads itself (e.g. ``worker``); any
+                other unknown key is an error, so a ``[profile.x]`` typo is not silently ignored.
+        """
         env = dict(os.environ if env is None else env)
-        unknown = sorted(set(data) - {"profiles"})
-        if unknown:  # e.g. a [profile.NAME] typo, which would otherwise be silently ignored
-            raise ConfigError(f"{source}: unknown top-level key {unknown[0]!r} (valid: profiles)")
+        allowed = {"profiles", *sections}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            valid = ", ".join(sorted(allowed))
+            raise ConfigError(f"{source}: unknown top-level key {unknown[0]!r} (valid: {valid})")
         profiles_raw = data.get("profiles", {})
         if not isinstance(profiles_raw, Mapping):
             raise ConfigError(f"{source}: [profiles] must be a table of tables")
@@ -243,7 +265,11 @@ class Config:
         """
         name = name or DEFAULT_PROFILE
         if name not in self.profiles and name != DEFAULT_PROFILE:
-            where = f"in {self.path}" if self.path else f"(no config file: use --config or ${CONFIG_ENV})"
+            where = (
+                f"in {self.path}"
+                if self.path
+                else f"(no config file: use --config or ${CONFIG_ENV})"
+            )
             known = ", ".join(sorted(self.profiles)) or "none"
             raise ConfigError(f"unknown profile {name!r} {where}; defined profiles: {known}")
         values: dict[str, Any] = dict(self.profiles.get(name, {}))

@@ -114,9 +114,13 @@ class FsspecStore(Store):
         except PermissionError as exc:
             raise AccessDenied(f"permission denied: {exc}", url=where, operation=operation) from exc
         except NotImplementedError as exc:
-            raise NotSupported(f"{operation} is not supported by {self.url.scheme}", url=where) from exc
+            raise NotSupported(
+                f"{operation} is not supported by {self.url.scheme}", url=where
+            ) from exc
         except OSError as exc:
-            raise StorageError(f"{operation} failed: {exc}", url=where, operation=operation) from exc
+            raise StorageError(
+                f"{operation} failed: {exc}", url=where, operation=operation
+            ) from exc
 
     def _require_root(self, operation: str) -> None:
         if not self.fs.exists(self.root):
@@ -146,7 +150,9 @@ class FsspecStore(Store):
             if info.get("type") == "directory":
                 entries.append(Entry(name, True))
             else:
-                entries.append(Entry(name, False, int(info.get("size") or 0), _mtime(info), _etag(info)))
+                entries.append(
+                    Entry(name, False, int(info.get("size") or 0), _mtime(info), _etag(info))
+                )
         return entries
 
     def list_page(
@@ -166,7 +172,9 @@ class FsspecStore(Store):
         last = ""
         hidden = lambda name: name.startswith(RESERVED_PREFIX)  # noqa: E731
         with self._errors("list"):
-            for key, entry in walk(self._listdir, prefix, max(start_after, token or ""), delimiter, hidden):
+            for key, entry in walk(
+                self._listdir, prefix, max(start_after, token or ""), delimiter, hidden
+            ):
                 if len(objects) + len(prefixes) == limit:
                     return ListPage(objects, prefixes, last)
                 if entry is None:
@@ -184,7 +192,9 @@ class FsspecStore(Store):
         path = self._checked_path(key)
         with self._errors("get_range", key):
             if if_match is not None and _etag(self.fs.info(path)) != if_match:
-                raise PreconditionFailed(f"object {key!r} changed since it was opened", url=self.url.child(key))
+                raise PreconditionFailed(
+                    f"object {key!r} changed since it was opened", url=self.url.child(key)
+                )
             end = None if length is None else start + length
             return bytes(self.fs.cat_file(path, start=start, end=end))
 
@@ -193,7 +203,9 @@ class FsspecStore(Store):
     def _refuse_metadata(self, metadata: dict[str, str] | None, key: str) -> None:
         if metadata:
             raise NotSupported(
-                f"{self.url.scheme}:// (fsspec) stores no user metadata", url=self.url.child(key), operation="put"
+                f"{self.url.scheme}:// (fsspec) stores no user metadata",
+                url=self.url.child(key),
+                operation="put",
             )
 
     def put(self, key: str, data: Body, *, metadata: dict[str, str] | None = None) -> ObjectInfo:
@@ -233,7 +245,9 @@ class FsspecStore(Store):
         with self._errors("create_upload", key):
             self._require_root("create_upload")
             record = {"key": key, "initiated": time.time()}
-            self.fs.pipe_file(f"{self._path(_UPLOADS)}/{upload_id}/upload.json", json.dumps(record).encode())
+            self.fs.pipe_file(
+                f"{self._path(_UPLOADS)}/{upload_id}/upload.json", json.dumps(record).encode()
+            )
         return upload_id
 
     def upload_part(self, key: str, upload_id: str, part_number: int, data: Body) -> PartInfo:
@@ -248,13 +262,17 @@ class FsspecStore(Store):
         directory = self._upload_dir(upload_id, key)
         numbers = [p.part_number for p in parts]
         if not parts or numbers != sorted(set(numbers)):
-            raise StorageError("parts must be non-empty, ascending and unique", url=self.url.child(key))
+            raise StorageError(
+                "parts must be non-empty, ascending and unique", url=self.url.child(key)
+            )
         with self._errors("complete_upload", key):
             paths = []
             for part in parts:
                 path = f"{directory}/part-{part.part_number:05d}"
                 if not self.fs.exists(path) or _etag(self.fs.info(path)) != part.etag:
-                    raise StorageError(f"part {part.part_number} is missing or changed", url=self.url.child(key))
+                    raise StorageError(
+                        f"part {part.part_number} is missing or changed", url=self.url.child(key)
+                    )
                 paths.append(path)
             with self.fs.open(self._checked_path(key), "wb") as out:
                 for path in paths:

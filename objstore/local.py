@@ -80,7 +80,9 @@ class LocalStore(Store):
         conditional_get=True,
     )
 
-    def __init__(self, url: StoreURL, retry_policy: RetryPolicy | None = None, *, fsync: bool = True):
+    def __init__(
+        self, url: StoreURL, retry_policy: RetryPolicy | None = None, *, fsync: bool = True
+    ):
         super().__init__(url, retry_policy)
         self.root = Path(url.bucket)
         self.fsync = fsync
@@ -113,12 +115,20 @@ class LocalStore(Store):
                     raise bucket_not_found(self.url, operation) from exc
                 if key:
                     raise not_found(self.url, key, operation) from exc
-                raise ObjectNotFound(f"not found: {exc.strerror}", url=where, operation=operation) from exc
+                raise ObjectNotFound(
+                    f"not found: {exc.strerror}", url=where, operation=operation
+                ) from exc
             if code in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise AccessDenied(f"permission denied: {exc.strerror}", url=where, operation=operation) from exc
+                raise AccessDenied(
+                    f"permission denied: {exc.strerror}", url=where, operation=operation
+                ) from exc
             if code in (errno.ENOSPC, errno.EDQUOT):
-                raise InsufficientStorage(f"no space left: {exc.strerror}", url=where, operation=operation) from exc
-            raise StorageError(f"{operation} failed: {exc.strerror or exc}", url=where, operation=operation) from exc
+                raise InsufficientStorage(
+                    f"no space left: {exc.strerror}", url=where, operation=operation
+                ) from exc
+            raise StorageError(
+                f"{operation} failed: {exc.strerror or exc}", url=where, operation=operation
+            ) from exc
 
     def _require_root(self, operation: str) -> None:
         if not self.root.is_dir():
@@ -132,7 +142,9 @@ class LocalStore(Store):
             st = path.stat()
             if not os.path.isfile(path):
                 raise not_found(self.url, key, "stat")
-            return ObjectInfo(key, st.st_size, st.st_mtime, _etag(st), None, self._read_metadata(path))
+            return ObjectInfo(
+                key, st.st_size, st.st_mtime, _etag(st), None, self._read_metadata(path)
+            )
 
     def _read_metadata(self, path: Path) -> dict[str, str]:
         try:
@@ -204,7 +216,9 @@ class LocalStore(Store):
                 st = os.fstat(fd)
                 if if_match is not None and _etag(st) != if_match:
                     raise PreconditionFailed(
-                        f"object {key!r} changed since it was opened", url=self.url.child(key), operation="get_range"
+                        f"object {key!r} changed since it was opened",
+                        url=self.url.child(key),
+                        operation="get_range",
                     )
                 end = st.st_size if length is None else min(st.st_size, start + length)
                 if start >= end:
@@ -347,7 +361,9 @@ class LocalStore(Store):
         path = self._path(key)
         numbers = [p.part_number for p in parts]
         if not parts or numbers != sorted(set(numbers)):
-            raise StorageError("parts must be non-empty, ascending and unique", url=self.url.child(key))
+            raise StorageError(
+                "parts must be non-empty, ascending and unique", url=self.url.child(key)
+            )
         with self._errors("complete_upload", key):
             info = json.loads((directory / "upload.json").read_text())
             files = []
@@ -356,7 +372,8 @@ class LocalStore(Store):
                 st = part_path.stat() if part_path.exists() else None
                 if st is None or _etag(st) != part.etag:
                     raise StorageError(
-                        f"part {part.part_number} is missing or changed", url=self.url.child(key),
+                        f"part {part.part_number} is missing or changed",
+                        url=self.url.child(key),
                         operation="complete_upload",
                     )
                 files.append(part_path)

@@ -65,12 +65,16 @@ class OSSStore(Store):
         self.prefix = url.prefix
         self._bucket_checked = False
         endpoint = profile.endpoint or (
-            f"https://oss-{profile.region}.aliyuncs.com" if profile.region else "https://oss-cn-hangzhou.aliyuncs.com"
+            f"https://oss-{profile.region}.aliyuncs.com"
+            if profile.region
+            else "https://oss-cn-hangzhou.aliyuncs.com"
         )
         self.endpoint = endpoint
         if profile.session_token:
             auth: Any = oss2.StsAuth(
-                profile.access_key_id, profile.secret_access_key.reveal(), profile.session_token.reveal()
+                profile.access_key_id,
+                profile.secret_access_key.reveal(),
+                profile.session_token.reveal(),
             )
         else:
             auth = oss2.Auth(profile.access_key_id, profile.secret_access_key.reveal())
@@ -99,7 +103,9 @@ class OSSStore(Store):
             raise
         except oss2.exceptions.RequestError as exc:  # no HTTP response: connect/read failure
             raise EndpointUnreachable(
-                f"cannot reach {self.endpoint}: {network_reason(exc)}", url=where, operation=operation
+                f"cannot reach {self.endpoint}: {network_reason(exc)}",
+                url=where,
+                operation=operation,
             ) from exc
         except oss2.exceptions.OssError as exc:
             status, code = int(exc.status), str(exc.code or "")
@@ -112,7 +118,9 @@ class OSSStore(Store):
             cls = classify(status, code)
             if cls is ObjectNotFound:
                 raise not_found(self.url, key, operation) from exc
-            raise cls(describe(status, code, str(exc.message or "")), url=where, operation=operation) from exc
+            raise cls(
+                describe(status, code, str(exc.message or "")), url=where, operation=operation
+            ) from exc
 
     def _bucket_exists(self) -> bool:
         if self._bucket_checked:
@@ -146,7 +154,11 @@ class OSSStore(Store):
             head = self.bucket.head_object(self._key(key))
             self._bucket_checked = True
         crc = head.server_crc
-        metadata = {k[len(_META) :].lower(): v for k, v in head.headers.items() if k.lower().startswith(_META)}
+        metadata = {
+            k[len(_META) :].lower(): v
+            for k, v in head.headers.items()
+            if k.lower().startswith(_META)
+        }
         return ObjectInfo(
             key=key,
             size=int(head.content_length or 0),
@@ -178,11 +190,15 @@ class OSSStore(Store):
             self._bucket_checked = True
         cut = len(self.prefix)
         objects = [
-            ObjectInfo(o.key[cut:], int(o.size), float(o.last_modified), str(o.etag or "").strip('"'))
+            ObjectInfo(
+                o.key[cut:], int(o.size), float(o.last_modified), str(o.etag or "").strip('"')
+            )
             for o in resp.object_list
         ]
         prefixes = [p[cut:] for p in resp.prefix_list]
-        return ListPage(objects, prefixes, resp.next_continuation_token if resp.is_truncated else None)
+        return ListPage(
+            objects, prefixes, resp.next_continuation_token if resp.is_truncated else None
+        )
 
     @retrying
     def get_range(
@@ -201,7 +217,9 @@ class OSSStore(Store):
             byte_range = (start, None if length is None else start + length - 1)
         with self._errors("get_range", key):
             try:
-                resp = self.bucket.get_object(self._key(key), byte_range=byte_range, headers=headers)
+                resp = self.bucket.get_object(
+                    self._key(key), byte_range=byte_range, headers=headers
+                )
             except oss2.exceptions.ServerError as exc:
                 if exc.status == 416:
                     return b""  # start at or past the end: a short read, as for a file
@@ -217,15 +235,26 @@ class OSSStore(Store):
     def put(self, key: str, data: Body, *, metadata: dict[str, str] | None = None) -> ObjectInfo:
         crc = checksum.compute(_ALGO, data)
         with self._errors("put", key):
-            resp = self.bucket.put_object(self._key(key), bytes(data), headers=self._metadata_headers(metadata))
+            resp = self.bucket.put_object(
+                self._key(key), bytes(data), headers=self._metadata_headers(metadata)
+            )
         self._verify_crc(key, crc, resp.crc, "put")
         size = len(memoryview(data).cast("B"))
-        return ObjectInfo(key, size, time.time(), str(resp.etag).strip('"'), ChecksumValue(_ALGO, crc), dict(metadata or {}))
+        return ObjectInfo(
+            key,
+            size,
+            time.time(),
+            str(resp.etag).strip('"'),
+            ChecksumValue(_ALGO, crc),
+            dict(metadata or {}),
+        )
 
     @retrying
     def create_upload(self, key: str, *, metadata: dict[str, str] | None = None) -> str:
         with self._errors("create_upload", key):
-            resp = self.bucket.init_multipart_upload(self._key(key), headers=self._metadata_headers(metadata))
+            resp = self.bucket.init_multipart_upload(
+                self._key(key), headers=self._metadata_headers(metadata)
+            )
         return str(resp.upload_id)
 
     @retrying
@@ -251,7 +280,11 @@ class OSSStore(Store):
         elif resp.crc is not None:
             whole = int(resp.crc)
         return ObjectInfo(
-            key, size, time.time(), str(resp.etag).strip('"'), ChecksumValue(_ALGO, whole) if whole is not None else None
+            key,
+            size,
+            time.time(),
+            str(resp.etag).strip('"'),
+            ChecksumValue(_ALGO, whole) if whole is not None else None,
         )
 
     @retrying
@@ -271,10 +304,13 @@ class OSSStore(Store):
         with self._errors("list_uploads"):
             while True:
                 resp = self.bucket.list_multipart_uploads(
-                    prefix=self.prefix + prefix, key_marker=key_marker, upload_id_marker=upload_id_marker
+                    prefix=self.prefix + prefix,
+                    key_marker=key_marker,
+                    upload_id_marker=upload_id_marker,
                 )
                 uploads.extend(
-                    UploadInfo(u.key[cut:], u.upload_id, float(u.initiation_date)) for u in resp.upload_list
+                    UploadInfo(u.key[cut:], u.upload_id, float(u.initiation_date))
+                    for u in resp.upload_list
                 )
                 if not resp.is_truncated:
                     break
@@ -287,7 +323,11 @@ class OSSStore(Store):
         if info.size > _COPY_LIMIT:
             return self._copy_multipart(src_key, dst_key, info)
         with self._errors("copy", src_key):
-            _drain(self.bucket.copy_object(self.bucket.bucket_name, self._key(src_key), self._key(dst_key)))
+            _drain(
+                self.bucket.copy_object(
+                    self.bucket.bucket_name, self._key(src_key), self._key(dst_key)
+                )
+            )
         return self.stat(dst_key)
 
     def _copy_multipart(self, src_key: str, dst_key: str, info: ObjectInfo) -> ObjectInfo:
@@ -298,8 +338,12 @@ class OSSStore(Store):
                 for number, start in enumerate(range(0, info.size, _COPY_LIMIT), start=1):
                     end = min(info.size, start + _COPY_LIMIT) - 1
                     resp = self.bucket.upload_part_copy(
-                        self.bucket.bucket_name, self._key(src_key), (start, end),
-                        self._key(dst_key), upload_id, number,
+                        self.bucket.bucket_name,
+                        self._key(src_key),
+                        (start, end),
+                        self._key(dst_key),
+                        upload_id,
+                        number,
                     )
                     parts.append(PartInfo(number, str(resp.etag).strip('"'), end - start + 1))
             self.complete_upload(dst_key, upload_id, parts)

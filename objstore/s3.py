@@ -16,7 +16,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import boto3
@@ -78,7 +78,7 @@ class S3Store(Store):
             connect_timeout=profile.connect_timeout,
             read_timeout=profile.read_timeout,
             retries={"total_max_attempts": 1, "mode": "standard"},
-            s3={"addressing_style": profile.addressing_style},
+            s3={"addressing_style": profile.addressing_style},  # type: ignore[arg-type]
             signature_version="s3v4",
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
@@ -133,9 +133,14 @@ class S3Store(Store):
             botocore.exceptions.ConnectionClosedError,
         ) as exc:
             raise EndpointUnreachable(
-                f"cannot reach {self.profile.endpoint or 'S3'}: {network_reason(exc)}", url=where, operation=operation
+                f"cannot reach {self.profile.endpoint or 'S3'}: {network_reason(exc)}",
+                url=where,
+                operation=operation,
             ) from exc
-        except (botocore.exceptions.ResponseStreamingError, botocore.exceptions.HTTPClientError) as exc:
+        except (
+            botocore.exceptions.ResponseStreamingError,
+            botocore.exceptions.HTTPClientError,
+        ) as exc:
             raise EndpointUnreachable(
                 f"connection to {self.profile.endpoint or 'S3'} failed: {network_reason(exc)}",
                 url=where,
@@ -153,13 +158,11 @@ class S3Store(Store):
             self.client.head_bucket(Bucket=self.bucket)
         except botocore.exceptions.ClientError as exc:
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-            if status == 404:
-                return False
-            return True  # 403 and friends: the bucket exists, the key question stands
+            return status != 404  # 403 and friends: the bucket exists, the key question stands
         self._bucket_checked = True
         return True
 
-    def _info(self, key: str, head: dict[str, Any]) -> ObjectInfo:
+    def _info(self, key: str, head: Mapping[str, Any]) -> ObjectInfo:
         crc = None
         value = head.get("ChecksumCRC64NVME")
         if value and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT" and "-" not in value:
@@ -178,7 +181,9 @@ class S3Store(Store):
     @retrying
     def stat(self, key: str) -> ObjectInfo:
         with self._errors("stat", key):
-            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED")
+            head = self.client.head_object(
+                Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED"
+            )
             self._bucket_checked = True
         return self._info(key, head)
 
@@ -210,7 +215,10 @@ class S3Store(Store):
         cut = len(self.prefix)
         objects = [
             ObjectInfo(
-                o["Key"][cut:], int(o["Size"]), o["LastModified"].timestamp(), str(o.get("ETag", "")).strip('"')
+                o["Key"][cut:],
+                int(o["Size"]),
+                o["LastModified"].timestamp(),
+                str(o.get("ETag", "")).strip('"'),
             )
             for o in resp.get("Contents", [])
         ]
@@ -262,7 +270,12 @@ class S3Store(Store):
         return self._written(key, resp, crc, len(memoryview(data).cast("B")), metadata)
 
     def _written(
-        self, key: str, resp: dict[str, Any], crc: int, size: int, metadata: dict[str, str] | None
+        self,
+        key: str,
+        resp: Mapping[str, Any],
+        crc: int,
+        size: int,
+        metadata: dict[str, str] | None,
     ) -> ObjectInfo:
         return ObjectInfo(
             key=key,
@@ -329,7 +342,9 @@ class S3Store(Store):
     def abort_upload(self, key: str, upload_id: str) -> None:
         with self._errors("abort_upload", key):
             try:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id)
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self._key(key), UploadId=upload_id
+                )
             except botocore.exceptions.ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
                     return
@@ -356,7 +371,7 @@ class S3Store(Store):
 
     @retrying
     def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
-        source = {"Bucket": self.bucket, "Key": self._key(src_key)}
+        source: Any = {"Bucket": self.bucket, "Key": self._key(src_key)}
         info = self.stat(src_key)
         if info.size > self.features.max_part_size:
             return self._copy_multipart(src_key, dst_key, info)
@@ -367,7 +382,7 @@ class S3Store(Store):
     def _copy_multipart(self, src_key: str, dst_key: str, info: ObjectInfo) -> ObjectInfo:
         """Objects over 5 GiB cannot be copied in one request: copy them part by part."""
         upload_id = self.create_upload(dst_key, metadata=info.metadata)
-        source = {"Bucket": self.bucket, "Key": self._key(src_key)}
+        source: Any = {"Bucket": self.bucket, "Key": self._key(src_key)}
         parts = []
         try:
             with self._errors("copy", src_key):

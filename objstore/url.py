@@ -75,7 +75,7 @@ def parse_url(url: str) -> StoreURL:
         return StoreURL("file", None, _local_root(url), "")
     scheme, rest = match.group(1).lower(), match.group(2)
     if scheme == "file":
-        host, sep, path = rest.partition("/")
+        host, _, path = rest.partition("/")
         if host not in ("", "localhost"):
             raise InvalidURL(
                 f"malformed URL {url!r}: file URLs are file:///absolute/path (got host {host!r})"
@@ -89,7 +89,9 @@ def parse_url(url: str) -> StoreURL:
             raise InvalidURL(f"malformed URL {url!r}: bad profile name {profile!r}")
     bucket = authority
     if not bucket:
-        raise InvalidURL(f"malformed URL {url!r}: no bucket name (expected {scheme}://BUCKET/PREFIX)")
+        raise InvalidURL(
+            f"malformed URL {url!r}: no bucket name (expected {scheme}://BUCKET/PREFIX)"
+        )
     if scheme in ("s3", "oss") and not _BUCKET_RE.match(bucket):
         raise InvalidURL(f"malformed URL {url!r}: {bucket!r} is not a valid bucket name")
     prefix = unquote(path)
@@ -140,7 +142,9 @@ def check_key(key: str, *, url: str = "") -> str:
     if ".." in parts:
         raise InvalidKey(f"object key {key!r} contains a '..' segment", url=url)
     if any(part.startswith(RESERVED_PREFIX) for part in parts):
-        raise InvalidKey(f"object key {key!r} uses the reserved prefix {RESERVED_PREFIX!r}", url=url)
+        raise InvalidKey(
+            f"object key {key!r} uses the reserved prefix {RESERVED_PREFIX!r}", url=url
+        )
     return key
 
 

@@ -10,7 +10,10 @@ from objstore.cli import add_common_options, run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pcache", description="Node cache filesystem: cache workers, FUSE mount and client (commands arrive with the cache).")
+    parser = argparse.ArgumentParser(
+        prog="pcache",
+        description="Node cache filesystem: cache workers, FUSE mount and client (commands arrive with the cache).",
+    )
     add_common_options(parser)
     parser.add_subparsers(title="commands", metavar="COMMAND")
     return parser

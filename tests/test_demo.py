@@ -15,7 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_runs_end_to_end_and_cleans_up() -> None:
     done = subprocess.run(
         [sys.executable, "deploy/demo.py", "--shards", "6", "--shard-tokens", "65536"],
-        cwd=REPO, capture_output=True, text=True, timeout=240,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "shard CRC-64/NVME confirmed by region-a" in done.stdout

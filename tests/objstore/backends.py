@@ -159,7 +159,9 @@ def fsspec_memory_case() -> BackendCase:
     return BackendCase(
         "fsspec-memory",
         make,
-        lambda: open_store(f"memory://{unique_bucket('missing')}/", Config.from_mapping({}, env={})),
+        lambda: open_store(
+            f"memory://{unique_bucket('missing')}/", Config.from_mapping({}, env={})
+        ),
         server_gaps={
             "credentials": "fsspec's memory filesystem has no credentials",
             "transient": "no network transport to inject 503s into",

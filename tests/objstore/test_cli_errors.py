@@ -20,12 +20,16 @@ from tests.conftest import unique_bucket
 pytestmark = pytest.mark.timeout(120)
 
 
-def babel_sync(*args: str, config: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def babel_sync(
+    *args: str, config: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "OSS_", "OBJSTORE_"))}
     cmd = [sys.executable, "-m", "babel_sync.cli", *args]
     if config is not None:
         cmd += ["--config", str(config)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=Path(__file__).parents[2])
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=Path(__file__).parents[2]
+    )
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -40,7 +44,9 @@ def write_config(path: Path, **profiles: dict[str, object]) -> Path:
     lines = []
     for name, table in profiles.items():
         lines.append(f"[profiles.{name}]")
-        lines += [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in table.items()]
+        lines += [
+            f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in table.items()
+        ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -143,7 +149,11 @@ def test_wrong_credentials(tmp_path: Path, rclone_s3) -> None:
 def test_wrong_credentials_oss(tmp_path: Path, oss_server) -> None:
     bucket = unique_bucket()
     oss_server.create_bucket(bucket)
-    table = {"endpoint": oss_server.endpoint, "access_key_id": "LTAIunknownKeyId", "secret_access_key": "x" * 30}
+    table = {
+        "endpoint": oss_server.endpoint,
+        "access_key_id": "LTAIunknownKeyId",
+        "secret_access_key": "x" * 30,
+    }
     config = write_config(tmp_path / "c.toml", o=table)
     result = babel_sync("ls", f"oss://o@{bucket}/", config=config)
     assert result.returncode == ExitCode.ACCESS
@@ -151,8 +161,13 @@ def test_wrong_credentials_oss(tmp_path: Path, oss_server) -> None:
 
 
 def test_unreachable_endpoint_refused(tmp_path: Path) -> None:
-    table = {"endpoint": f"http://127.0.0.1:{closed_port()}", "access_key_id": "AKIAX" * 4,
-             "secret_access_key": "s" * 40, "max_attempts": 2, "connect_timeout": 1.0}
+    table = {
+        "endpoint": f"http://127.0.0.1:{closed_port()}",
+        "access_key_id": "AKIAX" * 4,
+        "secret_access_key": "s" * 40,
+        "max_attempts": 2,
+        "connect_timeout": 1.0,
+    }
     config = write_config(tmp_path / "c.toml", dead=table)
     for url in ("s3://dead@bucket/", "oss://dead@bucket/"):
         result = babel_sync("ls", url, config=config, timeout=60)
@@ -161,8 +176,14 @@ def test_unreachable_endpoint_refused(tmp_path: Path) -> None:
 
 
 def test_unreachable_endpoint_hung_times_out(tmp_path: Path, silent_server: int) -> None:
-    table = {"endpoint": f"http://127.0.0.1:{silent_server}", "access_key_id": "AKIAX" * 4,
-             "secret_access_key": "s" * 40, "max_attempts": 2, "connect_timeout": 1.0, "read_timeout": 1.0}
+    table = {
+        "endpoint": f"http://127.0.0.1:{silent_server}",
+        "access_key_id": "AKIAX" * 4,
+        "secret_access_key": "s" * 40,
+        "max_attempts": 2,
+        "connect_timeout": 1.0,
+        "read_timeout": 1.0,
+    }
     config = write_config(tmp_path / "c.toml", hung=table)
     for url in ("s3://hung@bucket/", "oss://hung@bucket/"):
         # The subprocess timeout is the "no hang" check: read timeouts must end the command.
@@ -180,7 +201,9 @@ def test_local_missing_dir() -> None:
 
 def test_help_and_ls_json(tmp_path: Path) -> None:
     for prog in ("babel_sync.cli", "pcache.cli", "ckpt.cli"):
-        out = subprocess.run([sys.executable, "-m", prog, "--help"], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-m", prog, "--help"], capture_output=True, text=True, check=True
+        )
         assert "--config" in out.stdout
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f.bin").write_bytes(b"12345")

@@ -68,7 +68,17 @@ def require(case: BackendCase, behaviour: str) -> None:
 
 
 # Keys chosen to catch ordering bugs: '-' (0x2d) < '/' (0x2f) < '0' (0x30), multi-byte UTF-8.
-TRICKY_KEYS = ["a-b", "a/b", "a/c/d", "a0", "b", "données/été.txt", "日本/語", "z\u00ff", "z\U0001f600"]
+TRICKY_KEYS = [
+    "a-b",
+    "a/b",
+    "a/c/d",
+    "a0",
+    "b",
+    "données/été.txt",
+    "日本/語",
+    "z\u00ff",
+    "z\U0001f600",
+]
 LISTING_KEYS = 2_600
 
 
@@ -135,7 +145,17 @@ def test_empty_object(store: Store) -> None:
 
 @pytest.mark.parametrize(
     ("start", "length"),
-    [(0, 1), (0, 1000), (1, 998), (999, 1), (999, 50), (500, None), (0, None), (1000, 10), (5000, 1)],
+    [
+        (0, 1),
+        (0, 1000),
+        (1, 998),
+        (999, 1),
+        (999, 50),
+        (500, None),
+        (0, None),
+        (1000, 10),
+        (5000, 1),
+    ],
 )
 def test_ranged_reads_at_edges(store: Store, start: int, length: int | None) -> None:
     data = bytes(random.Random(7).randbytes(1000))
@@ -153,7 +173,12 @@ def test_memoryview_and_bytearray_bodies(store: Store) -> None:
 
 
 def test_unicode_keys(store: Store) -> None:
-    keys = ["données/été.txt", "日本語/ファイル.bin", "emoji-\U0001f680", "space name/with+plus&amp"]
+    keys = [
+        "données/été.txt",
+        "日本語/ファイル.bin",
+        "emoji-\U0001f680",
+        "space name/with+plus&amp",
+    ]
     for k in keys:
         store.put(k, k.encode())
     for k in keys:
@@ -162,7 +187,9 @@ def test_unicode_keys(store: Store) -> None:
     assert _all_keys(store) == sorted(keys, key=lambda k: k.encode())
 
 
-@pytest.mark.parametrize("bad", ["../escape", "a/../../b", "/abs/key", "", "a/..", ".objstore-tmp-x"])
+@pytest.mark.parametrize(
+    "bad", ["../escape", "a/../../b", "/abs/key", "", "a/..", ".objstore-tmp-x"]
+)
 def test_unsafe_keys_rejected(store: Store, bad: str) -> None:
     with pytest.raises(InvalidKey):
         store.put(bad, b"x")
@@ -224,7 +251,9 @@ def test_listing_with_prefix(listed: tuple[Store, list[str]]) -> None:
 def test_start_after(listed: tuple[Store, list[str]]) -> None:
     store, expected = listed
     for after in ("", "a", "a-b", "a/", "dir2/sub0/obj-00500", "dir2/", "flat-01000", "zzzz", "z"):
-        assert _all_keys(store, start_after=after) == [k for k in expected if k.encode() > after.encode()], after
+        assert _all_keys(store, start_after=after) == [
+            k for k in expected if k.encode() > after.encode()
+        ], after
     assert _all_keys(store, "dir4/", start_after="dir4/sub1/") == [
         k for k in expected if k.startswith("dir4/") and k > "dir4/sub1/"
     ]
@@ -254,7 +283,11 @@ def test_missing_bucket(case: BackendCase) -> None:
 
 
 def test_missing_object(store: Store) -> None:
-    for call in (lambda: store.stat("nope"), lambda: store.get("nope"), lambda: store.get_range("nope", 5, 5)):
+    for call in (
+        lambda: store.stat("nope"),
+        lambda: store.get("nope"),
+        lambda: store.get_range("nope", 5, 5),
+    ):
         with pytest.raises(ObjectNotFound) as info:
             call()
         assert isinstance(info.value, FileNotFoundError)

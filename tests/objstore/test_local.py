@@ -74,7 +74,9 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     mount.mkdir()
     if not ROOT_USER:
         pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount tmpfs here: {done.stderr.decode().strip()}")
     try:
@@ -121,7 +123,9 @@ def test_permission_denied(tmp_path: Path) -> None:
     else:
         os.chmod(root, 0o555)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=30
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 2 and all("permission denied" in line for line in lines), done.stdout

@@ -34,6 +34,7 @@ from objstore.url import check_prefix
 pytestmark = pytest.mark.timeout(60)
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYzEXAMPLEKEY"
+TOKEN = "FwoGZXIvYXdzEXAMPLESESSIONTOKEN0123456789"
 CLOSED = "http://127.0.0.1:9"  # discard port: nothing listens, connections are refused
 
 
@@ -216,7 +217,7 @@ def test_open_remote_store_makes_no_request(
     store = open_store(f"{scheme}://p@bucket-x/pre", _remote_config(endpoint))
     assert type(store) is cls
     assert store.url == StoreURL(scheme, "p", "bucket-x", "pre/")
-    assert store.prefix == "pre/"
+    assert isinstance(store, S3Store | OSSStore) and store.prefix == "pre/"
     _assert_no_connection(sock)
 
 
@@ -369,6 +370,8 @@ def test_unknown_top_level_key_is_rejected(tmp_path: Path) -> None:
         ('connect_timeout = "fast"', "connect_timeout must be a number"),
         ("connect_timeout = true", "connect_timeout must be a number"),
         ("max_attempts = 2.5", "max_attempts must be a whole number"),
+        ("max_attempts = [1]", "max_attempts must be a number"),
+        ("read_timeout = { s = 1 }", "read_timeout must be a number"),
         ("endpoint = 9000", "endpoint must be a string"),
         ("region = true", "region must be a string"),
         ("access_key_id = 12", "access_key_id must be a string"),
@@ -570,7 +573,8 @@ def test_open_store_uses_env_for_default_profile() -> None:
 def test_secret_hides_itself() -> None:
     secret = Secret(SECRET)
     assert secret.reveal() == SECRET
-    for text in (repr(secret), str(secret), f"{secret}", f"{secret!r}", "%s" % (secret,)):
+    as_logged = "%s %r" % (secret, secret)  # noqa: UP031 - how log records format arguments
+    for text in (repr(secret), str(secret), f"{secret}", f"{secret!r}", as_logged):
         assert SECRET not in text
         assert "***" in text
     assert secret == Secret(SECRET)
@@ -635,7 +639,7 @@ def test_store_repr_and_failing_request_logs_hide_the_secret(
     scheme: str, cls: type, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)  # root: every logger, SDKs included
-    config = _remote_config(CLOSED, connect_timeout=1, max_attempts=1)
+    config = _remote_config(CLOSED, connect_timeout=1, max_attempts=1, session_token=TOKEN)
     store = open_store(f"{scheme}://p@bucket-x/pre/", config)
     assert isinstance(store, cls)
     assert SECRET not in repr(store)
@@ -648,7 +652,16 @@ def test_store_repr_and_failing_request_logs_hide_the_secret(
     assert caplog.records, "expected DEBUG records from the SDK while opening and requesting"
     sdk = "botocore" if scheme == "s3" else "oss2"
     assert any(r.name.startswith(sdk) for r in caplog.records)
-    assert SECRET not in caplog.text
-    for record in caplog.records:
-        assert SECRET not in record.getMessage()
-        assert SECRET not in repr(record.args)
+    for secret in (SECRET, TOKEN):  # the SDKs log request headers (the token) at DEBUG
+        assert secret not in caplog.text
+        for record in caplog.records:
+            assert secret not in record.getMessage()
+            assert secret not in repr(record.args)
+
+
+def test_other_components_sections_are_allowed_when_declared(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[worker]\nnode_id = 'n1'\n[profiles.p]\nendpoint = 'http://x'\n")
+    with pytest.raises(ConfigError, match="unknown top-level key 'worker'"):
+        Config.load(path, env={})
+    config = Config.load(path, env={}, sections=["worker"])
+    assert config.profile("p").endpoint == "http://x"
