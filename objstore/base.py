@@ -321,6 +321,12 @@ class Store(ABC):
         self.close()
 
 
+def check_range(start: int, length: int | None) -> None:
+    """The one check of ``get_range`` arguments every backend makes before a request."""
+    if start < 0 or (length is not None and length < 0):
+        raise ValueError(f"invalid range: start={start}, length={length}")
+
+
 def not_found(url: StoreURL, key: str, operation: str) -> ObjectNotFound:
     """The one way backends phrase a missing object."""
     return ObjectNotFound(f"no such object: {key!r}", url=url.child(key), operation=operation)

@@ -21,6 +21,7 @@ from typing import Any
 
 import fsspec
 
+from . import treewalk
 from .base import (
     Body,
     Features,
@@ -30,6 +31,7 @@ from .base import (
     Store,
     UploadInfo,
     bucket_not_found,
+    check_range,
     not_found,
 )
 from .config import Profile
@@ -41,7 +43,7 @@ from .errors import (
     UploadNotFound,
 )
 from .retry import RetryPolicy
-from .treewalk import Entry, walk
+from .treewalk import Entry
 from .url import RESERVED_PREFIX, StoreURL, check_key, check_prefix
 
 log = logging.getLogger(__name__)
@@ -166,29 +168,20 @@ class FsspecStore(Store):
     ) -> ListPage:
         check_prefix(prefix, url=str(self.url))
         self._require_root("list")
-        limit = max(1, min(limit, 1000))
-        objects: list[ObjectInfo] = []
-        prefixes: list[str] = []
-        last = ""
-        hidden = lambda name: name.startswith(RESERVED_PREFIX)  # noqa: E731
         with self._errors("list"):
-            for key, entry in walk(
-                self._listdir, prefix, max(start_after, token or ""), delimiter, hidden
-            ):
-                if len(objects) + len(prefixes) == limit:
-                    return ListPage(objects, prefixes, last)
-                if entry is None:
-                    prefixes.append(key)
-                else:
-                    objects.append(ObjectInfo(key, entry.size, entry.mtime, entry.etag))
-                last = key
-        return ListPage(objects, prefixes, None)
+            return treewalk.list_page(
+                self._listdir,
+                prefix,
+                start_after=start_after,
+                delimiter=delimiter,
+                limit=limit,
+                token=token,
+            )
 
     def get_range(
         self, key: str, start: int = 0, length: int | None = None, *, if_match: str | None = None
     ) -> bytes:
-        if start < 0 or (length is not None and length < 0):
-            raise ValueError("negative range")
+        check_range(start, length)
         path = self._checked_path(key)
         with self._errors("get_range", key):
             if if_match is not None and _etag(self.fs.info(path)) != if_match:

@@ -31,6 +31,7 @@ from .base import (
     Store,
     UploadInfo,
     bucket_not_found,
+    check_range,
     not_found,
 )
 from .config import Profile
@@ -204,8 +205,7 @@ class OSSStore(Store):
     def get_range(
         self, key: str, start: int = 0, length: int | None = None, *, if_match: str | None = None
     ) -> bytes:
-        if start < 0 or (length is not None and length < 0):
-            raise ValueError("negative range")
+        check_range(start, length)
         if length == 0:
             self.stat(key)
             return b""

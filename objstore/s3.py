@@ -34,6 +34,7 @@ from .base import (
     Store,
     UploadInfo,
     bucket_not_found,
+    check_range,
     not_found,
 )
 from .config import Profile
@@ -230,8 +231,7 @@ class S3Store(Store):
     def get_range(
         self, key: str, start: int = 0, length: int | None = None, *, if_match: str | None = None
     ) -> bytes:
-        if start < 0 or (length is not None and length < 0):
-            raise ValueError("negative range")
+        check_range(start, length)
         if length == 0:
             self.stat(key)
             return b""

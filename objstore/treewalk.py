@@ -14,6 +14,9 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from .base import ListPage, ObjectInfo
+from .url import RESERVED_PREFIX
+
 log = logging.getLogger(__name__)
 
 
@@ -81,3 +84,35 @@ def _walk_dir(
                 yield sub, None
             continue
         yield from _walk_dir(listdir, sub, "", start_after, delimiter, hidden)
+
+
+def _bookkeeping(name: str) -> bool:
+    return name.startswith(RESERVED_PREFIX)
+
+
+def list_page(
+    listdir: ListDir,
+    prefix: str,
+    *,
+    start_after: str = "",
+    delimiter: str = "",
+    limit: int = 1000,
+    token: str | None = None,
+) -> ListPage:
+    """One page of :meth:`Store.list_page` semantics over a tree; the token is the last key.
+
+    Bookkeeping names (the reserved ``.objstore-`` prefix) are never listed.
+    """
+    limit = max(1, min(limit, 1000))
+    objects: list[ObjectInfo] = []
+    prefixes: list[str] = []
+    last = ""
+    for key, entry in walk(listdir, prefix, max(start_after, token or ""), delimiter, _bookkeeping):
+        if len(objects) + len(prefixes) == limit:
+            return ListPage(objects, prefixes, last)
+        if entry is None:
+            prefixes.append(key)
+        else:
+            objects.append(ObjectInfo(key, entry.size, entry.mtime, entry.etag))
+        last = key
+    return ListPage(objects, prefixes, None)

