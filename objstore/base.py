@@ -227,6 +227,14 @@ class Store(ABC):
         """
 
     @abstractmethod
+    def list_parts(self, key: str, upload_id: str) -> list[PartInfo]:
+        """The parts the service holds for an upload, ascending (to resume after a crash).
+
+        Raises:
+            UploadNotFound: the upload id is unknown.
+        """
+
+    @abstractmethod
     def abort_upload(self, key: str, upload_id: str) -> None:
         """Discard an upload and its parts; an unknown id is not an error."""
 
@@ -247,6 +255,24 @@ class Store(ABC):
     def get(self, key: str) -> bytes:
         """The whole object."""
         return self.get_range(key, 0, None)
+
+    def get_object(self, key: str, *, if_match: str | None = None) -> tuple[bytes, ObjectInfo]:
+        """The whole object and what the service says about it (size, ETag, checksum, metadata).
+
+        Backends that return all of it in the GET response override this to make one request.
+        """
+        info = self.stat(key)
+        return self.get_range(key, 0, None, if_match=if_match or info.etag or None), info
+
+    def copy_from(self, src: Store, src_key: str, dst_key: str) -> ObjectInfo | None:
+        """Copy ``src_key`` of another store into this one inside the service, if possible.
+
+        Returns ``None`` when the two stores cannot copy server-side (different endpoints or
+        credentials, different backends); the caller then moves the bytes itself.
+        """
+        if src is self:
+            return self.copy(src_key, dst_key)
+        return None
 
     def exists(self, key: str) -> bool:
         try:

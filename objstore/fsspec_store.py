@@ -275,6 +275,16 @@ class FsspecStore(Store):
             self.fs.rm(directory, recursive=True)
         return self.stat(key)
 
+    def list_parts(self, key: str, upload_id: str) -> list[PartInfo]:
+        directory = self._upload_dir(upload_id, key)
+        parts = []
+        with self._errors("list_parts", key):
+            for info in self.fs.ls(directory, detail=True):
+                name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+                if name.startswith("part-"):
+                    parts.append(PartInfo(int(name[5:]), _etag(info), int(info.get("size") or 0)))
+        return sorted(parts, key=lambda p: p.part_number)
+
     def abort_upload(self, key: str, upload_id: str) -> None:
         try:
             directory = self._upload_dir(upload_id, key)

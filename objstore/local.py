@@ -293,6 +293,21 @@ class LocalStore(Store):
                 os.close(fd_in)
         return ObjectInfo(dst_key, st.st_size, st.st_mtime, _etag(st), None, metadata)
 
+    def copy_from(self, src: Store, src_key: str, dst_key: str) -> ObjectInfo | None:
+        if not isinstance(src, LocalStore):
+            return None
+        source = src._path(src_key)
+        dst = self._path(dst_key)
+        with src._errors("copy", src_key):
+            metadata = src._read_metadata(source)
+            fd_in = os.open(source, os.O_RDONLY)
+        try:
+            with self._errors("copy", dst_key):
+                st = self._atomic_write(dst, lambda fd: _copy_fd(fd_in, fd), metadata)
+        finally:
+            os.close(fd_in)
+        return ObjectInfo(dst_key, st.st_size, st.st_mtime, _etag(st), None, metadata)
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         with self._errors("delete", key):
@@ -383,6 +398,15 @@ class LocalStore(Store):
             st = self._atomic_write(path, join, info["metadata"])
             shutil.rmtree(directory, ignore_errors=True)
         return ObjectInfo(key, st.st_size, st.st_mtime, _etag(st), None, dict(info["metadata"]))
+
+    def list_parts(self, key: str, upload_id: str) -> list[PartInfo]:
+        directory = self._upload_dir(upload_id, key)
+        parts = []
+        with self._errors("list_parts", key):
+            for path in sorted(directory.glob("part-*")):
+                st = path.stat()
+                parts.append(PartInfo(int(path.name[5:]), _etag(st), st.st_size))
+        return parts
 
     def abort_upload(self, key: str, upload_id: str) -> None:
         try:

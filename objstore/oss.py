@@ -288,6 +288,47 @@ class OSSStore(Store):
         )
 
     @retrying
+    def list_parts(self, key: str, upload_id: str) -> list[PartInfo]:
+        parts: list[PartInfo] = []
+        marker = ""
+        with self._errors("list_parts", key):
+            while True:
+                resp = self.bucket.list_parts(self._key(key), upload_id, marker=marker)
+                for p in resp.parts:
+                    crc = ChecksumValue(_ALGO, int(p.part_crc)) if p.part_crc is not None else None
+                    parts.append(
+                        PartInfo(int(p.part_number), str(p.etag).strip('"'), int(p.size), crc)
+                    )
+                if not resp.is_truncated:
+                    return parts
+                marker = resp.next_marker
+
+    @retrying
+    def get_object(self, key: str, *, if_match: str | None = None) -> tuple[bytes, ObjectInfo]:
+        headers = {"If-Match": f'"{if_match}"'} if if_match else None
+        with self._errors("get_object", key):
+            resp = self.bucket.get_object(self._key(key), headers=headers)
+            try:
+                data = resp.read()
+            finally:
+                resp.close()
+        crc = resp.server_crc
+        metadata = {
+            k[len(_META) :].lower(): v
+            for k, v in resp.headers.items()
+            if k.lower().startswith(_META)
+        }
+        info = ObjectInfo(
+            key,
+            int(resp.content_length if resp.content_length is not None else len(data)),
+            float(resp.last_modified or 0),
+            str(resp.etag or "").strip('"'),
+            ChecksumValue(_ALGO, int(crc)) if crc is not None else None,
+            metadata,
+        )
+        return data, info
+
+    @retrying
     def abort_upload(self, key: str, upload_id: str) -> None:
         with self._errors("abort_upload", key):
             try:
@@ -326,6 +367,25 @@ class OSSStore(Store):
             _drain(
                 self.bucket.copy_object(
                     self.bucket.bucket_name, self._key(src_key), self._key(dst_key)
+                )
+            )
+        return self.stat(dst_key)
+
+    def copy_from(self, src: Store, src_key: str, dst_key: str) -> ObjectInfo | None:
+        same = isinstance(src, OSSStore) and (
+            src.endpoint,
+            src.profile.access_key_id,
+            src.profile.secret_access_key,
+        ) == (self.endpoint, self.profile.access_key_id, self.profile.secret_access_key)
+        if not same:
+            return super().copy_from(src, src_key, dst_key)
+        assert isinstance(src, OSSStore)
+        if src.stat(src_key).size > _COPY_LIMIT:
+            return None  # cross-bucket multipart copy: let the caller stream it
+        with self._errors("copy", dst_key):
+            _drain(
+                self.bucket.copy_object(
+                    src.bucket.bucket_name, src._key(src_key), self._key(dst_key)
                 )
             )
         return self.stat(dst_key)

@@ -339,6 +339,64 @@ class S3Store(Store):
         return info if whole is not None else ObjectInfo(info.key, size, info.mtime, info.etag)
 
     @retrying
+    def list_parts(self, key: str, upload_id: str) -> list[PartInfo]:
+        parts: list[PartInfo] = []
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "UploadId": upload_id}
+        with self._errors("list_parts", key):
+            while True:
+                resp = self.client.list_parts(**args)
+                for p in resp.get("Parts", []):
+                    crc = p.get("ChecksumCRC64NVME")
+                    value = (
+                        ChecksumValue(_ALGO, checksum.decode_header(_ALGO, crc)) if crc else None
+                    )
+                    parts.append(
+                        PartInfo(
+                            int(p["PartNumber"]), str(p["ETag"]).strip('"'), int(p["Size"]), value
+                        )
+                    )
+                if not resp.get("IsTruncated"):
+                    return parts
+                args["PartNumberMarker"] = resp["NextPartNumberMarker"]
+
+    @retrying
+    def get_object(self, key: str, *, if_match: str | None = None) -> tuple[bytes, ObjectInfo]:
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._key(key),
+            "ChecksumMode": "ENABLED",
+        }
+        if if_match:
+            args["IfMatch"] = f'"{if_match}"'
+        with self._errors("get_object", key):
+            resp = self.client.get_object(**args)
+            body = resp["Body"]
+            try:
+                data = body.read()
+            finally:
+                body.close()
+        return data, self._info(key, resp)
+
+    def copy_from(self, src: Store, src_key: str, dst_key: str) -> ObjectInfo | None:
+        if not isinstance(src, S3Store) or not self._same_account(src):
+            return super().copy_from(src, src_key, dst_key)
+        info = src.stat(src_key)
+        if info.size > self.features.max_part_size:
+            return None  # cross-bucket multipart copy: let the caller stream it
+        source: Any = {"Bucket": src.bucket, "Key": src._key(src_key)}
+        with self._errors("copy", dst_key):
+            self.client.copy_object(Bucket=self.bucket, Key=self._key(dst_key), CopySource=source)
+        return self.stat(dst_key)
+
+    def _same_account(self, other: S3Store) -> bool:
+        mine, theirs = self.profile, other.profile
+        return (mine.endpoint, mine.access_key_id, mine.secret_access_key) == (
+            theirs.endpoint,
+            theirs.access_key_id,
+            theirs.secret_access_key,
+        )
+
+    @retrying
     def abort_upload(self, key: str, upload_id: str) -> None:
         with self._errors("abort_upload", key):
             try:
