@@ -99,6 +99,41 @@ def add_common_options(parser: argparse.ArgumentParser, *, subcommand: bool = Fa
     group.add_argument("--debug", action="store_true", help="show tracebacks on errors", **unset)
 
 
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1024**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+
+
+def parse_size(text: str) -> int:
+    """``"64M"``, ``"1.5GiB"``, ``"10MB"`` or ``"4096"`` as bytes (K/M/G alone are binary).
+
+    Raises:
+        argparse.ArgumentTypeError: with a message argparse prints as a usage error.
+    """
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*(?:/s)?\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"not a size: {text!r} (examples: 4096, 64M, 1.5GiB, 10MB)"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
 def setup_logging(verbosity: int) -> None:
     level = logging.WARNING - 10 * min(verbosity, 2)
     logging.basicConfig(

@@ -342,8 +342,7 @@ class LocalStore(Store):
         self._path(key)
         upload_id = uuid.uuid4().hex
         with self._errors("create_upload", key):
-            self._require_root("create_upload")
-            directory = self.root / _UPLOADS_DIR / upload_id
+            directory = self.root / _UPLOADS_DIR / upload_id  # creates the root, as put() does
             directory.mkdir(parents=True)
             info = {"key": key, "metadata": metadata or {}, "initiated": time.time()}
             (directory / "upload.json").write_text(json.dumps(info))

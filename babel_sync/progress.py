@@ -1,0 +1,127 @@
+"""Live progress of a job: thread-safe counters, and a reporter that shows them.
+
+On a terminal the reporter draws a rich display (listing rate, objects and bytes done, rate,
+ETA); otherwise it prints a plain line every few seconds, which is what logs and CI want.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from typing import TextIO
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+
+@dataclass
+class Counters:
+    """Everything a job counts. Update through :meth:`add` (thread-safe)."""
+
+    phase: str = "starting"
+    src_listed: int = 0
+    src_listed_bytes: int = 0
+    dst_listed: int = 0
+    to_copy: int = 0
+    to_copy_bytes: int = 0
+    copied: int = 0
+    copied_bytes: int = 0
+    bytes_moved: int = 0
+    skipped: int = 0
+    checked: int = 0
+    deleted: int = 0
+    failed: int = 0
+    verified: int = 0
+    mismatches: int = 0
+    started: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def snapshot(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")
+            }
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f}"
+
+
+def describe(snap: dict[str, object]) -> str:
+    """One plain progress line."""
+    elapsed = max(1e-6, time.monotonic() - float(snap["started"]))  # type: ignore[arg-type]
+    rate = float(snap["bytes_moved"]) / elapsed  # type: ignore[arg-type]
+    left = float(snap["to_copy_bytes"]) - float(snap["copied_bytes"])  # type: ignore[arg-type]
+    eta = f"{left / rate:,.0f}s" if rate > 0 and left > 0 else "-"
+    return (
+        f"{snap['phase']}: listed {snap['src_listed']:,} src / {snap['dst_listed']:,} dst; "
+        f"copied {snap['copied']:,}/{snap['to_copy']:,} objects, "
+        f"{_human(float(snap['copied_bytes']))}/{_human(float(snap['to_copy_bytes']))} "  # type: ignore[arg-type]
+        f"at {_human(rate)}/s, ETA {eta}; skipped {snap['skipped']:,}, deleted {snap['deleted']:,}, "
+        f"failed {snap['failed']:,}, verified {snap['verified']:,}, mismatches {snap['mismatches']:,}"
+    )
+
+
+class Reporter:
+    """Shows :class:`Counters` until stopped: rich on a TTY, plain lines otherwise, or nothing."""
+
+    def __init__(
+        self,
+        counters: Counters,
+        *,
+        stream: TextIO | None = None,
+        interval: float = 5.0,
+        enabled: bool = True,
+    ) -> None:
+        self.counters = counters
+        self.stream = stream or sys.stderr
+        self.interval = interval
+        self.enabled = enabled
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Reporter:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        if self.stream.isatty():
+            console = Console(file=self.stream)
+            with Live(self._table(), console=console, refresh_per_second=4, transient=True) as live:
+                while not self._stop.wait(0.25):
+                    live.update(self._table())
+            return
+        while not self._stop.wait(self.interval):
+            print(describe(self.counters.snapshot()), file=self.stream, flush=True)
+
+    def _table(self) -> Table:
+        snap = self.counters.snapshot()
+        elapsed = max(1e-6, time.monotonic() - float(snap["started"]))  # type: ignore[arg-type]
+        table = Table(show_header=False, box=None)
+        table.add_row("phase", str(snap["phase"]))
+        table.add_row(
+            "listed",
+            f"{snap['src_listed']:,} source, {snap['dst_listed']:,} destination "
+            f"({float(snap['src_listed']) / elapsed:,.0f} keys/s)",
+        )  # type: ignore[arg-type]
+        table.add_row("progress", describe(snap).split("; ", 1)[1])
+        return table
