@@ -341,13 +341,15 @@ class SyncJob:
                     self.counters.add(skipped=1, to_copy=-1, to_copy_bytes=-item.src.size)
                     return
             state = journal.get_object(item.key)
-            if (
-                state is not None and state.status == "done" and state.src_etag == item.src.etag
-            ):  # copied by an earlier, interrupted run of this job: the journal is the truth
-                self.counters.add(skipped=1, to_copy=-1, to_copy_bytes=-item.src.size)
-                return
-            result = self._copy_verified(transferer, item)
-            self.counters.add(copied=1, copied_bytes=result.size)
+            previous = None
+            if state is not None and state.src_etag == item.src.etag:
+                if state.status == "done":  # an earlier, interrupted run of this job copied it
+                    self.counters.add(skipped=1, to_copy=-1, to_copy_bytes=-item.src.size)
+                    return
+                if state.status == "copied":  # copied, but the run died before verifying it
+                    previous = CopyResult.from_state(item.key, item.src.size, state)
+            result = self._copy_verified(transferer, journal, item, previous)
+            self.counters.add(copied=1, copied_bytes=result.size, resumed_parts=result.resumed_parts)
         except ObjectNotFound as exc:
             if (
                 item.action is not Action.DELETE
@@ -360,32 +362,47 @@ class SyncJob:
         except (StorageError, OSError, ValueError) as exc:
             self._fail(item.key, str(exc))
 
-    def _copy_verified(self, transferer: Transferer, item: PlanItem) -> CopyResult:
-        """Copy, verify, and on a mismatch copy once more from the source before reporting."""
+    def _copy_verified(
+        self, transferer: Transferer, journal: Journal, item: PlanItem, previous: CopyResult | None
+    ) -> CopyResult:
+        """Copy (unless ``previous`` already did), verify, mark done in the journal.
+
+        On an integrity error or a verification mismatch the object is copied once more from
+        the source; a second mismatch is reported with the key and offsets.
+        """
         assert item.src is not None
+        result = previous
         for attempt in (1, 2):
-            try:
-                result = transferer.copy(item.key, item.src)
-            except IntegrityError as exc:
-                if attempt == 2:
-                    raise
-                log.warning("%s: %s; reading it again from the source", item.key, exc)
-                continue
+            if result is None:
+                try:
+                    result = transferer.copy(item.key, item.src)
+                except IntegrityError as exc:
+                    if attempt == 2:
+                        raise
+                    log.warning("%s: %s; reading it again from the source", item.key, exc)
+                    continue
             outcome = self._verify(result)
             if outcome is None or outcome.ok:
+                state = journal.get_object(item.key)
+                if state is not None:
+                    state.status = "done"
+                    journal.put_object(item.key, state)
                 return result
             if attempt == 1:
+                reason = outcome.mismatches[0].reason if outcome.mismatches else "mismatch"
                 log.warning(
                     "%s: verification failed (%s); copying it again from the source",
                     item.key,
-                    outcome.mismatches[0].reason if outcome.mismatches else "mismatch",
+                    reason,
                 )
                 with self._lock:
                     self._verify_stats["retried"] += 1
+                result = None
                 continue
             self.counters.add(mismatches=1)
             with self._lock:
                 self._mismatches.append(outcome.to_json())
+        assert result is not None
         return result
 
     def _verify(self, result: CopyResult) -> verify.VerifyResult | None:

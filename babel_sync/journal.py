@@ -57,7 +57,8 @@ class ObjectState:
     """What the journal knows about one object's transfer.
 
     Attributes:
-        status: ``done`` or ``uploading``.
+        status: ``uploading`` (multipart in progress), ``copied`` (all bytes at the destination,
+            not yet verified) or ``done`` (copied and verified).
         crc: CRC-64/NVME of the content, once known.
         upload_id: the open multipart upload, while uploading.
         part_size: the part size that upload uses (a resume must keep it).

@@ -232,65 +232,68 @@ def _flat_equivalent(task: ListTask) -> bool:
 
 
 class _Shape:
-    """The alphabet keys of one range use, for interpolating between keys.
+    """Coordinates for the keys of one task: arithmetic on keys in the alphabet they use.
 
     ``key_between`` works in the space of all code points, where the middle of "file-0001" and
-    "file-9999" is fine but the middle of "file-0001" and *no bound* is U+88000. Real keys use a
-    small alphabet (digits, hex, a few letters), so arithmetic in base ``len(alphabet) + 1``
-    over the characters seen on a first page lands split points among real keys. Keys map to
-    integers of ``width`` digits after a common ``base``; digit 0 is "end of key". The map is
-    monotone for keys inside the alphabet and only roughly so outside it, so callers check
-    every point against the true bounds.
+    *no bound* is U+88000, far from any real key. Real keys use a small alphabet (digits, hex, a
+    few letters), so a key after ``base`` (the task's prefix) is read as a ``width``-digit number
+    in base ``len(alphabet) + 1`` over the characters seen on the task's first page, digit 0
+    being "end of key". Densities (entries per unit) and split points are computed there. The
+    map is monotone for keys inside the alphabet and only roughly so outside it, so callers
+    check every computed point against the true bounds.
     """
 
-    def __init__(self, alphabet: str) -> None:
+    def __init__(self, alphabet: str, base: str, width: int) -> None:
         self.alphabet = alphabet
+        self.base = base
+        self.width = width
         self.radix = len(alphabet) + 1
+        self.top = self.radix**width  # the end of the base's key space (exclusive)
 
     @classmethod
-    def sample(cls, tails: list[str]) -> _Shape | None:
+    def sample(cls, base: str, keys: list[str]) -> _Shape | None:
+        tails = [k[len(base) :] for k in keys if k.startswith(base)]
         chars = sorted({ch for tail in tails for ch in tail} - {"\0"})
-        return cls("".join(chars)) if len(chars) >= 2 else None
+        if len(chars) < 2:
+            return None
+        width = min(_MAX_WIDTH, 4 + max(len(t) for t in tails))
+        return cls("".join(chars), base, width)
 
-    def value(self, key: str, base: str, width: int) -> int:
-        if not key.startswith(base):
-            return 0 if key < base else self.radix**width
-        tail = key[len(base) :]
+    def value(self, key: str) -> int:
+        if not key.startswith(self.base):
+            return 0 if key < self.base else self.top
+        tail = key[len(self.base) : len(self.base) + self.width]
         v = 0
-        for i in range(width):
-            v = v * self.radix + (
-                bisect.bisect_right(self.alphabet, tail[i]) if i < len(tail) else 0
-            )
-        return v
+        for ch in tail:
+            v = v * self.radix + bisect.bisect_right(self.alphabet, ch)
+        return v * self.radix ** (self.width - len(tail))
 
-    def key(self, value: int, base: str, width: int) -> str:
+    def key(self, value: int) -> str:
         digits = []
-        for _ in range(width):
+        for _ in range(self.width):
             value, d = divmod(value, self.radix)
             digits.append(d)
+        while digits and digits[0] == 0:  # least significant first: drop "end of key" digits
+            digits.pop(0)
         digits.reverse()
-        while digits and digits[-1] == 0:
-            digits.pop()
-        return base + "".join(self.alphabet[max(d, 1) - 1] for d in digits)
-
-
-def _width(base: str, *keys: str | None) -> int:
-    return min(_MAX_WIDTH, 2 + max((len(k) - len(base) for k in keys if k is not None), default=0))
+        return self.base + "".join(self.alphabet[max(d, 1) - 1] for d in digits)
 
 
 class _Running:
     """A task with its live bookkeeping; mutable fields are guarded by the scheduler lock."""
 
     def __init__(self, task_id: str, task: ListTask, depth: int, shape: _Shape | None = None,
-                 origin: str | None = None) -> None:  # fmt: skip
+                 ahead: int = 0) -> None:  # fmt: skip
         self.id = task_id
         self.task = task
         self.depth = depth
         self.cursor = task.start_after  # listed up to here (published for thieves)
         self.saved = task.start_after  # emitted up to here (what the state may record)
         self.shape = shape
-        self.origin = origin  # first key of the range family: the unit of geometric splits
-        self.first_key: str | None = None
+        # Entries of the same unbounded range before this one's start: how far a cut of an
+        # unbounded range reaches, so a chain of cuts grows geometrically, not page by page.
+        self.ahead = ahead
+        self.density: float | None = None  # entries per shape unit on the latest page
         self.entries = 0
         self.pages = 0
         self.more = False  # the last page said the listing continues
@@ -475,24 +478,18 @@ class ParallelLister:
         return None
 
     def _estimate(self, r: _Running) -> float:
-        """Entries ``r`` has left, from its density so far (unbounded ranges look big)."""
+        """Entries ``r`` has left at its latest density (an unbounded range looks huge)."""
         if r.estimate is None or r.estimate[:2] != (r.cursor, r.task.end):
-            r.estimate = (r.cursor, r.task.end, self._compute_estimate(r))
+            left = 0.0
+            if r.more and r.shape is not None:
+                hi = _upper(r.task.end)
+                top = r.shape.top if hi is None else r.shape.value(hi)
+                span = top - r.shape.value(r.cursor)
+                if span > 0:
+                    # Unknown density (keys longer than the shape's width): assume as much again.
+                    left = float(r.entries) if r.density is None else min(r.density * span, 1e18)
+            r.estimate = (r.cursor, r.task.end, left)
         return r.estimate[2]
-
-    def _compute_estimate(self, r: _Running) -> float:
-        if not r.more or r.shape is None or r.first_key is None or r.entries < 2:
-            return 0.0
-        hi = _upper(r.task.end)
-        base = _common_prefix(r.first_key, hi) if hi is not None else r.task.prefix
-        width = _width(base, r.first_key, r.cursor, hi)
-        first, cur = (r.shape.value(k, base, width) for k in (r.first_key, r.cursor))
-        top = r.shape.value(hi, base, width) if hi is not None else r.shape.radix**width
-        if top <= cur:
-            return 0.0
-        if cur <= first:
-            return float(r.entries)
-        return float(min(r.entries * ((top - cur) / (cur - first)), 1e18))
 
     def _steal_locked(self) -> _Running | None:
         """Split the running range with the most entries left; the caller lists the upper part."""
@@ -514,40 +511,38 @@ class ParallelLister:
                 return thief
         return None
 
-    def _split_points(self, r: _Running, ways: int) -> list[str]:
-        """Up to ``ways - 1`` increasing keys strictly between ``r``'s cursor and end."""
+    def _split_points(self, r: _Running, ways: int) -> list[tuple[str, int]]:
+        """Up to ``ways - 1`` increasing (key, ahead) cut points strictly inside ``r``'s range."""
         lo, hi = r.cursor, _upper(r.task.end)
         if hi is not None and lo >= hi:
             return []
-        points: list[str] = []
-        shape = r.shape
-        if shape is not None and (hi is not None or r.origin is not None):
-            if hi is not None:
-                base = _common_prefix(lo, hi)
-                width = _width(base, lo, hi)
-                v_lo, v_hi = shape.value(lo, base, width), shape.value(hi, base, width)
-                values = [v_lo + (v_hi - v_lo) * k // ways for k in range(1, ways)]
-            else:
-                # Unbounded: nothing says where the prefix ends. Assume the density seen so far
-                # continues and cut at 1, 3, 7... times the span the range family has listed,
-                # the last range keeping no bound (exponential search: few empty ranges).
-                assert r.origin is not None
-                base = r.task.prefix
-                width = _width(base, lo, r.origin)
-                v_lo = shape.value(lo, base, width)
-                unit = v_lo - shape.value(r.origin, base, width)
+        shape, values = r.shape, []
+        if shape is not None:
+            v_lo = shape.value(lo)
+            if hi is not None:  # bounded: equal parts
+                v_hi = shape.value(hi)
+                values = [(v_lo + (v_hi - v_lo) * k // ways, 0) for k in range(1, ways)]
+            elif r.density:
+                # Unbounded: nothing says where the prefix ends. Let the owner keep as many
+                # entries as the range has behind it (at least a page), then cut the rest at
+                # 1, 2, 4... times that and leave the last part unbounded: an exponential search
+                # that leaves few empty ranges however long the prefix turns out to be.
+                unit = max(self.page_size, r.ahead + r.entries)
                 ways = min(ways, _GEOMETRIC_MAX_WAYS)
-                top = shape.radix**width
-                values = [v_lo + unit * (2**k - 1) for k in range(1, ways)] if unit > 0 else []
-                values = [v for v in values if v < top]
-            for v in values:
-                s = shape.key(v, base, width)
-                if s > (points[-1] if points else lo) and (hi is None or s < hi):
-                    points.append(s)
+                for k in range(1, ways):
+                    ahead = unit * (2**k - 1)
+                    values.append((v_lo + int(ahead / r.density), r.ahead + r.entries + ahead))
+        points: list[tuple[str, int]] = []
+        for v, ahead in values:
+            if v >= shape.top:  # type: ignore[union-attr]  # values is empty without a shape
+                break
+            s = shape.key(v)  # type: ignore[union-attr]
+            if s > (points[-1][0] if points else lo) and (hi is None or s < hi):
+                points.append((s, ahead))
         if not points and hi is not None:
-            mid = key_between(lo, hi)  # keys outside the alphabet: plain code-point arithmetic
+            mid = key_between(lo, hi)  # outside the alphabet: plain code-point arithmetic
             if mid is not None:
-                points.append(mid)
+                points.append((mid, 0))
         return points
 
     def _split_locked(self, r: _Running, ways: int) -> list[_Running]:
@@ -557,17 +552,14 @@ class ParallelLister:
             r.unsplittable_at = r.cursor
             return []
         old_end = r.task.end
-        origin = r.origin if r.task.end is None else None
         pieces = []
-        for i, s in enumerate(points):
-            end = points[i + 1] + "\0" if i + 1 < len(points) else old_end
+        for i, (s, ahead) in enumerate(points):
+            end = points[i + 1][0] + "\0" if i + 1 < len(points) else old_end
             task = ListTask(r.task.prefix, s, end, r.task.delimited)
-            piece = _Running(
-                self._new_id(), task, r.depth, r.shape, origin if end is None else None
-            )
+            piece = _Running(self._new_id(), task, r.depth, r.shape, ahead)
             self._save_locked(piece)  # persisted before the owner gives the range up
             pieces.append(piece)
-        r.task = replace(r.task, end=points[0] + "\0")
+        r.task = replace(r.task, end=points[0][0] + "\0")
         self._save_locked(r)
         self._counts["splits"] += len(pieces)
         return pieces
@@ -643,10 +635,13 @@ class ParallelLister:
                 objects[0].key if objects else subdirs[0], subdirs[0] if subdirs else objects[0].key
             )
             last = max(objects[-1].key if objects else "", subdirs[-1] if subdirs else "")
-            if r.first_key is None:
-                r.first_key = first
-                if r.origin is None and end is None:
-                    r.origin = first
+            if r.shape is None:
+                keys = [o.key for o in objects] + subdirs
+                r.shape = _Shape.sample(r.task.prefix, keys)
+            if r.shape is not None and entries >= 2:
+                # This page's own density: robust to outliers far from where listing now is.
+                span = r.shape.value(last) - r.shape.value(first)
+                r.density = (entries - 1) / span if span > 0 else None
             r.cursor = max(r.cursor, last)
         r.entries += entries
         r.pages += 1
@@ -658,9 +653,6 @@ class ParallelLister:
         for q in subdirs:
             self._spawn_locked(r, q)
         if r.pages == 1 and r.more:
-            if r.shape is None:
-                n = len(r.task.prefix)
-                r.shape = _Shape.sample([k[n:] for k in (*(o.key for o in objects), *subdirs)])
             ways = self._ways_locked(r)
             if ways >= 2:
                 self._pending.extend(self._split_locked(r, ways))

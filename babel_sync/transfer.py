@@ -83,6 +83,14 @@ class CopyResult:
     method: str  # "server-side", "single", "multipart"
     resumed_parts: int = 0
 
+    @classmethod
+    def from_state(cls, key: str, size: int, state: ObjectState) -> CopyResult:
+        """The result of a copy an earlier run finished, rebuilt from its journal state."""
+        if state.part_size:
+            bounds = tuple(range(state.part_size, size, state.part_size))
+            return cls(key, size, state.crc, bounds, "multipart")
+        return cls(key, size, state.crc, (), "single")
+
 
 def choose_part_size(size: int, dst: Store, options: TransferOptions, rate: float | None) -> int:
     """A part size within the destination's limits that keeps parts busy for a few seconds."""
@@ -129,7 +137,7 @@ class Transferer:
         """Copy ``key`` (as listed at the source) to the same key at the destination."""
         copied = self.dst.copy_from(self.src, key, key)
         if copied is not None:
-            self.journal.put_object(key, ObjectState("done", src_etag=listed.etag))
+            self.journal.put_object(key, ObjectState("copied", src_etag=listed.etag))
             self.on_bytes(copied.size)
             return CopyResult(key, copied.size, None, (), "server-side")
         if listed.size <= self.options.multipart_threshold:
@@ -159,7 +167,7 @@ class Transferer:
             self.dst.put(key, data, metadata=self._metadata(info, value))
         finally:
             self.budget.release(listed.size)
-        self.journal.put_object(key, ObjectState("done", crc=value, src_etag=info.etag))
+        self.journal.put_object(key, ObjectState("copied", crc=value, src_etag=info.etag))
         self.on_bytes(len(data))
         return CopyResult(key, len(data), value, (), "single")
 
@@ -221,7 +229,9 @@ class Transferer:
         whole = crc.combine_parts(CANONICAL, crcs)
         self._check_native(key, info, whole, native_parts)
         self.dst.complete_upload(key, state.upload_id, parts)
-        self.journal.put_object(key, ObjectState("done", crc=whole, src_etag=info.etag))
+        self.journal.put_object(
+            key, ObjectState("copied", crc=whole, part_size=part_size, src_etag=info.etag)
+        )
         boundaries = tuple(n * part_size for n in range(1, count))
         return CopyResult(key, info.size, whole, boundaries, "multipart", resumed)
 

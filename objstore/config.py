@@ -101,7 +101,7 @@ class Profile:
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     max_pool_connections: int = 128
-    max_attempts: int = 5
+    max_attempts: int = 10
     retry_deadline: float = 60.0
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)  # may hold keys
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 import struct
 import threading
@@ -388,6 +389,10 @@ class FaultProxy(_ThreadedServer):
         # from the test thread while the loop thread pops.
         self._faults: deque[tuple[int, bytes, str] | None] = deque()
         self._lock = threading.Lock()
+        # A storm: each request fails with this probability until the budget is used up.
+        self._storm_left = 0
+        self._storm_probability = 0.0
+        self._storm_rng = random.Random(0)
         self._runner: web.ServerRunner | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -401,6 +406,17 @@ class FaultProxy(_ThreadedServer):
         """Answer the next ``count`` requests with ``status``/``body`` unforwarded."""
         with self._lock:
             self._faults.extend([(status, body, content_type)] * count)
+
+    def inject_storm(self, count: int, probability: float = 0.3, seed: int = 0) -> None:
+        """Fail each request with ``probability`` (503 SlowDown) until ``count`` have failed.
+
+        Unlike :meth:`inject`, failures are interleaved with successes, as in a real throttling
+        storm across many concurrent requests.
+        """
+        with self._lock:
+            self._storm_left = count
+            self._storm_probability = probability
+            self._storm_rng = random.Random(seed)
 
     def inject_reset(self, count: int) -> None:
         """Close the connection of the next ``count`` requests without a response."""
@@ -434,6 +450,9 @@ class FaultProxy(_ThreadedServer):
             assert request.writer is not None
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         with self._lock:
+            if not self._faults and self._storm_left and self._storm_rng.random() < self._storm_probability:
+                self._storm_left -= 1
+                self._faults.append((503, _SLOWDOWN_BODY, "application/xml"))
             faulty = bool(self._faults)
             fault = self._faults.popleft() if faulty else None
         if not faulty:
