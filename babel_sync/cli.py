@@ -120,7 +120,10 @@ def _options(args: argparse.Namespace, mode: str) -> SyncOptions:
         dry_run=args.dry_run,
         transfers=args.transfers,
         list_workers=args.list_workers,
-        transfer=TransferOptions(part_size=part_size),
+        # An explicit part size also means: anything larger than one part goes multipart.
+        transfer=TransferOptions(part_size=part_size, multipart_threshold=part_size)
+        if part_size
+        else TransferOptions(),
         bwlimit=float(parse_size(args.bwlimit)) if args.bwlimit else None,
         verify=args.verify,
         sample_blocks=args.sample_blocks,

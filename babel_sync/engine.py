@@ -349,7 +349,9 @@ class SyncJob:
                 if state.status == "copied":  # copied, but the run died before verifying it
                     previous = CopyResult.from_state(item.key, item.src.size, state)
             result = self._copy_verified(transferer, journal, item, previous)
-            self.counters.add(copied=1, copied_bytes=result.size, resumed_parts=result.resumed_parts)
+            self.counters.add(
+                copied=1, copied_bytes=result.size, resumed_parts=result.resumed_parts
+            )
         except ObjectNotFound as exc:
             if (
                 item.action is not Action.DELETE

@@ -11,8 +11,8 @@ Named databases inside the environment:
 - ``meta``: job identity and phase markers (``src_listed``, ``dst_listed``, ``complete``).
 
 LMDB commits are atomic and durable, so a ``kill -9`` between any two statements leaves the
-journal consistent; at worst the last unsynced work is redone. Writes are batched through
-:class:`ManifestWriter` because one transaction per key would be slow.
+journal consistent; at worst the last unsynced work is redone. Writes go one transaction per
+listing page (:class:`ManifestWriter`), committed before the lister saves its cursor.
 """
 
 from __future__ import annotations
@@ -153,8 +153,8 @@ class Journal:
 
     # -- manifests -----------------------------------------------------------------------
 
-    def manifest_writer(self, side: str, batch: int = 2000) -> ManifestWriter:
-        return ManifestWriter(self, side, batch)
+    def manifest_writer(self, side: str) -> ManifestWriter:
+        return ManifestWriter(self, side)
 
     def clear_manifest(self, side: str) -> None:
         with self.env.begin(write=True) as txn:
@@ -229,33 +229,30 @@ class Journal:
 
 
 class ManifestWriter:
-    """Batches manifest entries from many lister threads into few LMDB transactions."""
+    """Writes listing pages from many lister threads into a manifest, counting as it goes.
 
-    def __init__(self, journal: Journal, side: str, batch: int) -> None:
+    ``add`` commits before it returns: the lister persists a range's cursor right after its
+    ``on_objects`` callback, so an entry buffered here would be lost by a crash after the cursor
+    moved past it. One LMDB transaction per page (up to 1000 keys) is cheap.
+    """
+
+    def __init__(self, journal: Journal, side: str) -> None:
         self._journal = journal
         self._side = side
-        self._batch = batch
-        self._pending: list[ObjectInfo] = []
         self._lock = threading.Lock()
         self.count = 0
         self.bytes = 0
 
     def add(self, infos: list[ObjectInfo]) -> None:
+        if not infos:
+            return
+        self._journal.put_entries(self._side, infos)
         with self._lock:
-            self._pending.extend(infos)
             self.count += len(infos)
             self.bytes += sum(i.size for i in infos)
-            if len(self._pending) >= self._batch:
-                self._flush_locked()
 
     def flush(self) -> None:
-        with self._lock:
-            self._flush_locked()
-
-    def _flush_locked(self) -> None:
-        if self._pending:
-            self._journal.put_entries(self._side, self._pending)
-            self._pending = []
+        """Nothing is buffered; kept so callers can mark the end of a listing explicitly."""
 
 
 class JournalListingState:

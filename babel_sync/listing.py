@@ -2,44 +2,49 @@
 in flight, streaming results to a callback, with resumable per-range cursors.
 
 A serial ListObjectsV2 walk is one round trip per 1,000 keys; across regions that is hours. Here
-the key space is cut into **tasks**, each a key range listed by one worker at a time:
+the key space is cut into **tasks**, key ranges each listed by one worker at a time:
 
-- **Delimiter fan-out.** The first ``fanout_depth`` levels are listed with delimiter ``/``: each
-  common prefix becomes its own task, objects at that level are emitted by the delimited listing.
-  A level that turns out to hold many prefixes (more than ``4 * workers``) already gives enough
-  parallelism, so its children are listed flat rather than fanned out further.
-- **Range splitting.** When a task's first page is full and continues, the remainder is split
-  into sub-ranges at keys computed from the shape of the first page (its alphabet; see
-  :class:`_Shape`): evenly when the range is bounded, geometrically (1, 2, 4... pages ahead)
-  when it is not, because nothing tells us where an unbounded prefix ends.
-- **Work stealing.** An idle worker picks the running task with the most keys left (estimated
-  from its density so far), computes a split point above its published cursor, shrinks the
-  owner's end to it and lists the upper part itself.
+- **Delimiter fan-out.** The first ``fanout_depth`` levels are listed with delimiter ``/``; each
+  common prefix becomes a task of its own and objects at that level are emitted by the delimited
+  listing itself. A *wide* level (half a page or more of subdirectories on its first page) is
+  listed flat instead: a task per subdirectory costs a request per subdirectory however few keys
+  each holds, while a flat listing split by key range costs one per page of keys.
+- **Range splitting.** When a task's first page is full and continues, the rest of its range is
+  cut at keys computed in the *shape* of its keys (the characters each position uses, see
+  :class:`_Shape`; :func:`key_between` is the fallback): evenly when the range has an end,
+  geometrically (2, 4, 8... pages ahead at the density just seen) when it has none, because
+  nothing tells where an unbounded prefix ends.
+- **Work stealing.** An idle worker takes the running task with the most entries left (its
+  latest page's density times the key space left), cuts its range above the published cursor,
+  shrinks the owner's end and lists the upper part itself.
 
-**Invariant (no key dropped, none duplicated).** A task covers the keys ``k`` with its prefix and
-``start_after < k < end``. In a delimited task an "entry" is an object or a common prefix, and a
-common prefix stands for its whole subtree, which a child task lists. Tasks' ranges are pairwise
-disjoint and their union (with the child subtrees) is the whole listing, because the only ways a
-range changes are: (1) splitting at a point ``s`` strictly above the owner's cursor, after which
-the owner covers ``(cursor, s]`` (its end becomes ``s + "\\0"``, the immediate successor of
-``s``: ``k < s + "\\0"`` iff ``k <= s``) and the new task covers ``(s, old end)`` by listing with
-``start_after=s``; (2) a worker moving its cursor past entries it has emitted. Splits happen
-under the scheduler lock, a worker checks each page against its *current* end under the same
-lock, and it only publishes a cursor it is about to emit up to, so a page fetched before a steal
-never emits keys the thief owns. A delimited listing started inside a subtree (``start_after``
-below a common prefix ``q``) may see ``q`` again; ``q <= start_after`` is dropped because the
-range holding the string ``q`` spawned its task.
+**Invariant (no key dropped, none duplicated).** A task covers the entries ``e`` with its prefix
+and ``start_after < e < end``, where in a flat task an entry is a key, and in a delimited task an
+object at that level or a common prefix standing for its whole subtree (listed by a child task).
+The ranges of the tasks are pairwise disjoint and, with the child subtrees, cover the listing,
+because a range only ever changes in two ways: (1) a split at ``s`` strictly above the owner's
+cursor, after which the owner covers ``(cursor, s]`` (its end becomes ``s + "\\0"``, the
+immediate successor of ``s``: ``k < s + "\\0"`` iff ``k <= s``) and the new task ``(s, old
+end)``, listed with ``start_after=s``; (2) the owner moving its cursor past entries it emits.
+Splits happen under the scheduler lock; a worker checks each page against its *current* end
+under the same lock and publishes a cursor only up to what it then emits, so a page fetched
+before a steal never emits an entry the thief owns. A delimited listing that starts inside the
+subtree of a prefix ``q`` may return ``q`` again: ``q <= start_after`` is dropped, since the range
+holding ``q`` itself spawned its task. A delimited task becomes flat only where that covers the
+same keys (:func:`_flat_equivalent`).
 
-**Persistence.** With a :class:`ListingState`, every task is saved before it is queued, a new
-range is saved *before* its owner is saved with the shrunken end, and a cursor is saved only
-after ``on_objects`` returned for the page. A crash at any point therefore leaves ranges that
-overlap at worst (a few keys emitted twice), never a gap.
+**Persistence.** With a :class:`ListingState`, a task is saved before it is queued, a new range
+is saved *before* its owner is saved with the shrunken end, and a cursor is saved only after
+``on_objects`` returned for the page. A crash at any point leaves ranges that at worst overlap
+(a page of keys emitted twice), never a gap.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import math
+import string
 import threading
 import time
 import uuid
@@ -58,9 +63,10 @@ log = logging.getLogger(__name__)
 _MAX_CP = 0x10FFFF
 _SURROGATES = (0xD800, 0xDFFF)
 _TOP = _MAX_CP + 1  # a virtual character above every real one: "no upper bound"
-_GEOMETRIC_MAX_WAYS = 8  # unbounded splits cover 1+2+...+64 first-page spans, then a tail
+_GEOMETRIC_MAX_WAYS = 8  # an unbounded cut reaches 2+4+...+128 pages ahead, then a tail
 _MIN_STEAL_PAGES = 2  # stealing less than this costs more round trips than it saves
-_MAX_WIDTH = 128  # characters of a key that split arithmetic looks at
+_MAX_WIDTH = 64  # key characters after the task prefix that shape arithmetic looks at
+_FLOAT_CAP = 1e18
 
 
 @dataclass(frozen=True)
@@ -202,15 +208,6 @@ def key_between(lo: str, hi: str | None) -> str | None:
     return None
 
 
-def _common_prefix(a: str, b: str) -> str:
-    """The longest common prefix, by character (``os.path.commonprefix`` is meant for paths)."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return a[:i]
-
-
 def _upper(end: str | None) -> str | None:
     """The largest bound a split point must stay below (an end ``s + "\\0"`` admits ``s``)."""
     if end is not None and end.endswith("\0"):
@@ -231,94 +228,128 @@ def _flat_equivalent(task: ListTask) -> bool:
     return not any(b.startswith(task.prefix) and "/" in b[n:] for b in bounds)
 
 
-class _Shape:
-    """Coordinates for the keys of one task: arithmetic on keys in the alphabet they use.
+def _column(seen: set[str]) -> str:
+    """The characters a key position may hold, from those seen there on a page.
 
-    ``key_between`` works in the space of all code points, where the middle of "file-0001" and
-    *no bound* is U+88000, far from any real key. Real keys use a small alphabet (digits, hex, a
-    few letters), so a key after ``base`` (the task's prefix) is read as a ``width``-digit number
-    in base ``len(alphabet) + 1`` over the characters seen on the task's first page, digit 0
-    being "end of key". Densities (entries per unit) and split points are computed there. The
-    map is monotone for keys inside the alphabet and only roughly so outside it, so callers
-    check every computed point against the true bounds.
+    A page shows a few values of each position: "000"-"049" of a counter, some of the hex
+    digits. Widen each to its class (all digits; a-f or a-z; A-F or A-Z) so cuts land where the
+    rest of the range's keys are; other characters (literal parts like "shard-") stay as seen.
+    """
+    chars = set(seen)
+    if chars & set(string.digits):
+        chars |= set(string.digits)
+    for letters, hexdigits in (
+        (string.ascii_lowercase, "abcdef"),
+        (string.ascii_uppercase, "ABCDEF"),
+    ):
+        found = chars & set(letters)
+        if len(found) >= 2:
+            chars |= set(hexdigits) if found <= set(hexdigits) else set(letters)
+    return "".join(sorted(chars))
+
+
+class _Shape:
+    """Coordinates for the keys of one region of a task, for arithmetic on keys.
+
+    :func:`key_between` works in the space of all code points, where the middle of "file-0001"
+    and *no bound* is U+88000, far from any real key. Here a key is read after ``base`` (the task
+    prefix) as a mixed-radix number: position ``j`` has the digits "end of key" (0) and the
+    characters of ``columns[j]`` (1..n). Densities (entries per unit) and cut points are computed
+    in these units, so cuts land among real keys. The map is monotone for keys that fit the shape
+    and only roughly so otherwise, so callers check every point against the true bounds, and a
+    page whose keys no longer fit (the listing moved to another kind of key) re-samples it.
     """
 
-    def __init__(self, alphabet: str, base: str, width: int) -> None:
-        self.alphabet = alphabet
+    def __init__(self, base: str, columns: list[str]) -> None:
         self.base = base
-        self.width = width
-        self.radix = len(alphabet) + 1
-        self.top = self.radix**width  # the end of the base's key space (exclusive)
+        self.columns = columns
+        self.sets = [frozenset(c) for c in columns]
+        self.radixes = [len(c) + 1 for c in columns]
+        self.top = math.prod(self.radixes)  # end of the base's key space (exclusive)
 
     @classmethod
     def sample(cls, base: str, keys: list[str]) -> _Shape | None:
         tails = [k[len(base) :] for k in keys if k.startswith(base)]
-        chars = sorted({ch for tail in tails for ch in tail} - {"\0"})
-        if len(chars) < 2:
+        if len(tails) < 2:
             return None
         width = min(_MAX_WIDTH, 4 + max(len(t) for t in tails))
-        return cls("".join(chars), base, width)
+        seen: list[set[str]] = [set() for _ in range(width)]
+        for tail in tails:
+            for j, ch in enumerate(tail[:width]):
+                seen[j].add(ch)
+        anything = set().union(*seen) - {"\0"}
+        return cls(base, [_column(chars or anything) for chars in seen]) if anything else None
+
+    def fits(self, key: str) -> bool:
+        tail = key[len(self.base) :]
+        return (
+            key.startswith(self.base)
+            and len(tail) <= len(self.columns)
+            and all(ch in self.sets[j] for j, ch in enumerate(tail))
+        )
 
     def value(self, key: str) -> int:
         if not key.startswith(self.base):
             return 0 if key < self.base else self.top
-        tail = key[len(self.base) : len(self.base) + self.width]
+        tail = key[len(self.base) :]
         v = 0
-        for ch in tail:
-            v = v * self.radix + bisect.bisect_right(self.alphabet, ch)
-        return v * self.radix ** (self.width - len(tail))
+        for j, column in enumerate(self.columns):
+            digit = bisect.bisect_right(column, tail[j]) if j < len(tail) else 0
+            v = v * self.radixes[j] + digit
+        return v
 
     def key(self, value: int) -> str:
         digits = []
-        for _ in range(self.width):
-            value, d = divmod(value, self.radix)
+        for radix in reversed(self.radixes):
+            value, d = divmod(value, radix)
             digits.append(d)
-        while digits and digits[0] == 0:  # least significant first: drop "end of key" digits
-            digits.pop(0)
         digits.reverse()
-        return self.base + "".join(self.alphabet[max(d, 1) - 1] for d in digits)
+        while digits and digits[-1] == 0:  # trailing "end of key" digits
+            digits.pop()
+        return self.base + "".join(self.columns[j][max(d, 1) - 1] for j, d in enumerate(digits))
 
 
 class _Running:
     """A task with its live bookkeeping; mutable fields are guarded by the scheduler lock."""
 
     def __init__(self, task_id: str, task: ListTask, depth: int, shape: _Shape | None = None,
-                 ahead: int = 0) -> None:  # fmt: skip
+                 density: float | None = None, reach: int = 0) -> None:  # fmt: skip
         self.id = task_id
         self.task = task
         self.depth = depth
         self.cursor = task.start_after  # listed up to here (published for thieves)
         self.saved = task.start_after  # emitted up to here (what the state may record)
         self.shape = shape
-        # Entries of the same unbounded range before this one's start: how far a cut of an
-        # unbounded range reaches, so a chain of cuts grows geometrically, not page by page.
-        self.ahead = ahead
-        self.density: float | None = None  # entries per shape unit on the latest page
+        self.density = density  # entries per shape unit on the latest page (or the parent's)
+        # For an unbounded range: entries the next cut keeps ahead at least. Each cut of an
+        # unbounded range doubles it for the new unbounded tail, so a chain of cuts (tail
+        # listed, tail cut again...) grows geometrically instead of by a page per round trip.
+        self.reach = reach
+        self.filled = False  # the last page was full and wholly inside the range
         self.entries = 0
         self.pages = 0
         self.more = False  # the last page said the listing continues
         self.prefixes_found = 0
-        self.unsplittable_at: str | None = None  # cursor at which no split point was found
-        self.estimate: tuple[str, str | None, float] | None = None  # (cursor, end, entries left)
+        self.unsplittable_at: str | None = None  # cursor at which no cut point was found
 
 
 class ParallelLister:
     """Lists a store with ``workers`` threads; see the module docstring for the design.
 
-    Call order: construct, then ``run()`` once (blocking); ``stats`` and ``stop()`` may be
-    called from any thread meanwhile. ``on_objects`` is called from worker threads, concurrently,
-    each time with a key-ordered batch (one page); the caller makes it thread-safe. It returning
-    is what lets the page's cursor be persisted.
+    Call order: construct, then ``run()`` once (it blocks); ``stats`` and ``stop()`` may be
+    called from any thread meanwhile. ``on_objects`` is called from the worker threads,
+    concurrently, each time with one page's objects in key order; the caller makes it
+    thread-safe. Its return is what lets the page's cursor be persisted.
 
     Args:
         store: the (thread-safe) store to list; it retries transient errors itself.
         workers: threads; listing is latency-bound, so many more than CPU cores.
-        on_objects: receives every object once (a few twice after a resume).
-        state: persists task cursors; a run resumes the tasks ``state.pending()`` returns.
-        page_size: objects + prefixes per request (at most 1,000 on S3/OSS).
+        on_objects: receives every object once (a page again after a resume).
+        state: persists task cursors; ``run()`` resumes the tasks ``state.pending()`` returns.
+        page_size: objects + prefixes per request (at most 1,000 on S3 and OSS).
         fanout_depth: levels listed with delimiter ``/`` (0: one flat listing, split by range).
-        split_ways: ranges a task is cut into when its first page continues; ``None``: as many as
-            there are idle workers.
+        split_ways: parts a task is cut into when its first page continues; ``None``: as many
+            as there are idle workers.
     """
 
     def __init__(self, store: Store, *, workers: int = 32,
@@ -340,12 +371,12 @@ class ParallelLister:
         self._pending: deque[_Running] = deque()
         self._running: dict[str, _Running] = {}
         self._idle = 0
+        self._gen = 0  # bumped whenever a task's progress may make a steal possible
         self._stopping = False
         self._error: BaseException | None = None
         self._root = ""
         self._run_id = uuid.uuid4().hex[:8]
         self._next_id = 0
-        self._gen = 0  # bumped whenever a task's progress might make a steal possible
         self._counts = dict.fromkeys(
             ("objects", "bytes", "prefixes", "pages", "done", "splits", "steals", "over"), 0
         )
@@ -367,18 +398,20 @@ class ParallelLister:
             )  # fmt: skip
 
     def stop(self) -> None:
-        """Make ``run()`` return soon (after in-flight pages); unfinished tasks stay in the state."""
+        """Make ``run()`` return after the pages in flight; unfinished tasks stay in the state."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
 
     def run(self, prefix: str = "") -> ListingStats:
-        """List everything under ``prefix`` (or resume the state's pending tasks) and return.
+        """List everything under ``prefix``, or resume the state's unfinished tasks, and return.
+
+        ``prefix`` must be the same when resuming (it sets the fan-out depth of tasks).
 
         Raises:
             The first error a worker met (``BucketNotFound``, ``AccessDenied``, a transient error
-            the store's retries gave up on, or an exception from ``on_objects``), after every
-            worker has stopped.
+            the store's retries gave up on, or whatever ``on_objects`` raised), once every worker
+            has stopped.
         """
         with self._cond:
             if self._started:
@@ -390,7 +423,7 @@ class ParallelLister:
                 task = replace(task, start_after=max(task.start_after, cursor))
                 self._pending.append(_Running(task_id, task, self._depth(task.prefix)))
             if saved:
-                log.info("resuming listing of %s: %d unfinished ranges", self.store, len(saved))
+                log.info("resuming the listing of %s: %d unfinished ranges", self.store, len(saved))
             else:
                 self._add_locked(ListTask(prefix, "", None, self.fanout_depth > 0), 0)
         threads = [
@@ -402,7 +435,7 @@ class ParallelLister:
                 thread.start()
             for thread in threads:
                 thread.join()
-        except BaseException:  # KeyboardInterrupt in the caller's thread: stop the workers too
+        except BaseException:  # KeyboardInterrupt in the caller: stop the workers too
             self.stop()
             for thread in threads:
                 if thread.is_alive():
@@ -419,7 +452,7 @@ class ParallelLister:
         )  # fmt: skip
         return stats
 
-    # -- scheduling (all *_locked methods run with self._cond held) ---------------------------
+    # -- scheduling (the *_locked methods run with self._cond held) ----------------------------
 
     def _depth(self, prefix: str) -> int:
         return prefix[len(self._root) :].count("/") if prefix.startswith(self._root) else 0
@@ -432,12 +465,11 @@ class ParallelLister:
         if self.state is not None:
             self.state.save(r.id, r.task, r.saved)
 
-    def _add_locked(self, task: ListTask, depth: int) -> _Running:
+    def _add_locked(self, task: ListTask, depth: int) -> None:
         r = _Running(self._new_id(), task, depth)
-        self._save_locked(r)  # saved before it can be the reason a parent's cursor moves on
+        self._save_locked(r)  # saved before the parent's cursor can move past it
         self._pending.append(r)
         self._cond.notify()
-        return r
 
     def _worker(self) -> None:
         try:
@@ -465,7 +497,7 @@ class ParallelLister:
                 tried_gen = self._gen
                 stolen = self._steal_locked()
                 if stolen is not None:
-                    self._cond.notify()  # let the next idle worker look for more to steal
+                    self._cond.notify()  # the next idle worker may find more to steal
                     return stolen
             if not self._running:  # nothing queued, nothing in flight: the listing is complete
                 self._cond.notify_all()
@@ -477,89 +509,89 @@ class ParallelLister:
                 self._idle -= 1
         return None
 
-    def _estimate(self, r: _Running) -> float:
-        """Entries ``r`` has left at its latest density (an unbounded range looks huge)."""
-        if r.estimate is None or r.estimate[:2] != (r.cursor, r.task.end):
-            left = 0.0
-            if r.more and r.shape is not None:
-                hi = _upper(r.task.end)
-                top = r.shape.top if hi is None else r.shape.value(hi)
-                span = top - r.shape.value(r.cursor)
-                if span > 0:
-                    # Unknown density (keys longer than the shape's width): assume as much again.
-                    left = float(r.entries) if r.density is None else min(r.density * span, 1e18)
-            r.estimate = (r.cursor, r.task.end, left)
-        return r.estimate[2]
+    def _left(self, r: _Running) -> float | None:
+        """Entries between ``r``'s cursor and end at its latest density; None if unknown."""
+        if r.shape is None or r.density is None:
+            return None
+        hi = _upper(r.task.end)
+        span = (r.shape.top if hi is None else r.shape.value(hi)) - r.shape.value(r.cursor)
+        return max(0.0, min(r.density * min(span, 10**300), _FLOAT_CAP))
 
     def _steal_locked(self) -> _Running | None:
-        """Split the running range with the most entries left; the caller lists the upper part."""
+        """Cut the running range with the most entries left; the caller lists the first part."""
         floor = _MIN_STEAL_PAGES * self.page_size
-        candidates = [
-            (left, r)
-            for r in self._running.values()
-            if r.unsplittable_at != r.cursor and (left := self._estimate(r)) >= floor
-        ]
+        candidates = []
+        for r in self._running.values():
+            if r.more and r.unsplittable_at != r.cursor:
+                left = self._left(r)
+                left = float(r.entries) if left is None else left  # unknown: as much again
+                if left >= floor:
+                    candidates.append((left, r))
         candidates.sort(key=lambda c: c[0], reverse=True)
         for _, victim in candidates:
-            pieces = self._split_locked(victim, 2)
+            ways = 2 if victim.task.end is not None else self._idle + 2
+            pieces = self._split_locked(victim, ways)
             if pieces:
-                thief = pieces[0]
-                self._running[thief.id] = thief
+                self._pending.extend(pieces[1:])
+                self._running[pieces[0].id] = pieces[0]
                 self._counts["steals"] += 1
-                log.debug("task %s stole (%r, %r) from %s", thief.id, thief.task.start_after,
-                          thief.task.end, victim.id)  # fmt: skip
-                return thief
+                log.debug("task %s stole (%r, %r) from %s", pieces[0].id,
+                          pieces[0].task.start_after, pieces[0].task.end, victim.id)  # fmt: skip
+                return pieces[0]
         return None
 
-    def _split_points(self, r: _Running, ways: int) -> list[tuple[str, int]]:
-        """Up to ``ways - 1`` increasing (key, ahead) cut points strictly inside ``r``'s range."""
+    def _cut_points(self, r: _Running, ways: int) -> tuple[list[str], int]:
+        """Up to ``ways - 1`` increasing keys strictly between ``r``'s cursor and end, and the
+        ``reach`` of the last part if it is unbounded."""
         lo, hi = r.cursor, _upper(r.task.end)
         if hi is not None and lo >= hi:
-            return []
-        shape, values = r.shape, []
+            return [], 0
+        points: list[str] = []
+        reach = 0
+        shape = r.shape
         if shape is not None:
             v_lo = shape.value(lo)
+            values: list[int] = []
             if hi is not None:  # bounded: equal parts
                 v_hi = shape.value(hi)
-                values = [(v_lo + (v_hi - v_lo) * k // ways, 0) for k in range(1, ways)]
+                values = [v_lo + (v_hi - v_lo) * k // ways for k in range(1, ways)]
             elif r.density:
-                # Unbounded: nothing says where the prefix ends. Let the owner keep as many
-                # entries as the range has behind it (at least a page), then cut the rest at
-                # 1, 2, 4... times that and leave the last part unbounded: an exponential search
-                # that leaves few empty ranges however long the prefix turns out to be.
-                unit = max(self.page_size, r.ahead + r.entries)
+                # Unbounded: let the owner keep as many entries again as it listed (at least
+                # two pages, at least its reach) at the density just seen, then cut at 2, 4,
+                # 8... times that, the last part keeping no bound: an exponential search, few
+                # empty parts however long the prefix turns out to be.
+                keep = max(_MIN_STEAL_PAGES * self.page_size, r.entries, r.reach)
                 ways = min(ways, _GEOMETRIC_MAX_WAYS)
-                for k in range(1, ways):
-                    ahead = unit * (2**k - 1)
-                    values.append((v_lo + int(ahead / r.density), r.ahead + r.entries + ahead))
-        points: list[tuple[str, int]] = []
-        for v, ahead in values:
-            if v >= shape.top:  # type: ignore[union-attr]  # values is empty without a shape
-                break
-            s = shape.key(v)  # type: ignore[union-attr]
-            if s > (points[-1][0] if points else lo) and (hi is None or s < hi):
-                points.append((s, ahead))
+                unit = keep / r.density
+                values = [v_lo + int(min(unit * (2**k - 1), 1e300)) for k in range(1, ways)]
+                reach = keep * 2 ** (ways - 1)
+            for v in values:
+                if v >= shape.top:
+                    break
+                s = shape.key(v)
+                if s > (points[-1] if points else lo) and (hi is None or s < hi):
+                    points.append(s)
         if not points and hi is not None:
-            mid = key_between(lo, hi)  # outside the alphabet: plain code-point arithmetic
+            mid = key_between(lo, hi)  # keys that don't fit a shape: code-point arithmetic
             if mid is not None:
-                points.append((mid, 0))
-        return points
+                points.append(mid)
+        return points, reach
 
     def _split_locked(self, r: _Running, ways: int) -> list[_Running]:
         """Cut ``r``'s range above its cursor into up to ``ways`` parts; return the new ones."""
-        points = self._split_points(r, ways)
+        points, reach = self._cut_points(r, ways)
         if not points:
             r.unsplittable_at = r.cursor
             return []
-        old_end = r.task.end
         pieces = []
-        for i, (s, ahead) in enumerate(points):
-            end = points[i + 1][0] + "\0" if i + 1 < len(points) else old_end
+        for i, s in enumerate(points):
+            end = points[i + 1] + "\0" if i + 1 < len(points) else r.task.end
             task = ListTask(r.task.prefix, s, end, r.task.delimited)
-            piece = _Running(self._new_id(), task, r.depth, r.shape, ahead)
+            piece = _Running(self._new_id(), task, r.depth, r.shape, r.density,
+                             reach if end is None else 0)  # fmt: skip
             self._save_locked(piece)  # persisted before the owner gives the range up
             pieces.append(piece)
-        r.task = replace(r.task, end=points[0][0] + "\0")
+        r.task = replace(r.task, end=points[0] + "\0")
         self._save_locked(r)
         self._counts["splits"] += len(pieces)
         return pieces
@@ -570,6 +602,7 @@ class ParallelLister:
         token: str | None = None
         start_after = r.task.start_after
         delimited = r.task.delimited
+        limit = 0
         while True:
             with self._cond:
                 if self._stopping:  # the task stays in the state, resumable from r.saved
@@ -577,11 +610,12 @@ class ParallelLister:
                     return
                 if delimited != r.task.delimited:  # converted to a flat listing: start over
                     delimited, token = r.task.delimited, None
+                limit = self._limit_locked(r, limit)
             page = self.store.list_page(r.task.prefix, start_after=start_after,
                                         delimiter="/" if delimited else "",
-                                        limit=self.page_size, token=token)  # fmt: skip
+                                        limit=limit, token=token)  # fmt: skip
             with self._cond:
-                finished, objects = self._take_page_locked(r, page, start_after)
+                finished, objects = self._take_page_locked(r, page, start_after, limit)
             if objects:
                 self.on_objects(objects)
             with self._cond:
@@ -600,17 +634,31 @@ class ParallelLister:
                 self._save_locked(r)
             token = page.token
 
-    def _take_page_locked(self, r: _Running, page: ListPage, start_after: str) -> tuple[bool, list[ObjectInfo]]:  # fmt: skip
+    def _limit_locked(self, r: _Running, previous: int) -> int:
+        """Entries to ask for: a page, or a little more than a bounded range has left.
+
+        Every entry past a range's end is transferred and parsed for nothing, and each range's
+        last page would otherwise overshoot by half a page on average. A guess that was too
+        small (the page came back full) doubles, so it costs few extra requests.
+        """
+        left = self._left(r) if r.task.end is not None else None
+        if left is None:
+            return self.page_size
+        want = int(left * 1.25) + 8
+        if r.filled:
+            want = max(want, 2 * previous)
+        return max(1, min(self.page_size, want))
+
+    def _take_page_locked(self, r: _Running, page: ListPage, start_after: str, limit: int) -> tuple[bool, list[ObjectInfo]]:  # fmt: skip
         """Keep the page's entries inside ``r``'s current range, spawn prefix tasks, maybe split.
 
         Returns (task finished, objects to emit).
         """
         end = r.task.end  # read now, not before the request: a thief may have shrunk it
-        inside = lambda k: k > start_after and (end is None or k < end)  # noqa: E731
-        objects = [o for o in page.objects if inside(o.key)]
-        # A prefix at or below start_after was reached from inside its subtree: its task was
-        # spawned by the range that holds the prefix itself.
-        subdirs = [q for q in page.prefixes if inside(q)]
+        objects = [o for o in page.objects if o.key > start_after and (end is None or o.key < end)]
+        # A prefix at or below start_after was reached from inside its subtree: the range that
+        # holds the prefix itself spawned its task.
+        subdirs = [q for q in page.prefixes if q > start_after and (end is None or q < end)]
         entries = len(objects) + len(subdirs)
         self._counts["pages"] += 1
         if (
@@ -620,10 +668,7 @@ class ParallelLister:
             and 2 * len(subdirs) >= self.page_size
             and _flat_equivalent(r.task)
         ):
-            # A wide level (hundreds of subdirectories per page): a task per subdirectory
-            # costs a request per subdirectory however few keys each holds, while a flat
-            # listing split by key range costs one per page of keys. Drop this page and
-            # list the same range flat.
+            # A wide level: drop this page and list the same range flat (module docstring).
             r.task = replace(r.task, delimited=False)
             self._save_locked(r)
             self._counts["over"] += len(page.objects) + len(page.prefixes)
@@ -631,18 +676,16 @@ class ParallelLister:
             return False, []
         self._counts["over"] += len(page.objects) + len(page.prefixes) - entries
         if entries:
-            first = min(
-                objects[0].key if objects else subdirs[0], subdirs[0] if subdirs else objects[0].key
+            keys = (
+                sorted([o.key for o in objects] + subdirs) if subdirs else [o.key for o in objects]
             )
-            last = max(objects[-1].key if objects else "", subdirs[-1] if subdirs else "")
-            if r.shape is None:
-                keys = [o.key for o in objects] + subdirs
-                r.shape = _Shape.sample(r.task.prefix, keys)
+            if r.shape is None or not (r.shape.fits(keys[0]) and r.shape.fits(keys[-1])):
+                r.shape = _Shape.sample(r.task.prefix, keys) or r.shape
             if r.shape is not None and entries >= 2:
-                # This page's own density: robust to outliers far from where listing now is.
-                span = r.shape.value(last) - r.shape.value(first)
+                # This page's own density: where listing is now, not where it started.
+                span = r.shape.value(keys[-1]) - r.shape.value(keys[0])
                 r.density = (entries - 1) / span if span > 0 else None
-            r.cursor = max(r.cursor, last)
+            r.cursor = max(r.cursor, keys[-1])
         r.entries += entries
         r.pages += 1
         past_end = end is not None and (
@@ -650,6 +693,7 @@ class ParallelLister:
             or (bool(page.prefixes) and page.prefixes[-1] >= end)
         )
         r.more = page.token is not None and not past_end
+        r.filled = r.more and entries == limit
         for q in subdirs:
             self._spawn_locked(r, q)
         if r.pages == 1 and r.more:
@@ -665,8 +709,9 @@ class ParallelLister:
     def _ways_locked(self, r: _Running) -> int:
         idle = max(0, self._idle - len(self._pending))
         ways = self.split_ways if self.split_ways is not None else idle + 1
-        if r.task.end is not None:  # bounded: no piece smaller than a page
-            ways = min(ways, int(self._estimate(r) // self.page_size) + 1)
+        if r.task.end is not None:  # bounded: no part smaller than a page
+            left = self._left(r)
+            ways = min(ways, 1 + int((left or 0.0) // self.page_size))
         return ways
 
     def _spawn_locked(self, parent: _Running, prefix: str) -> None:

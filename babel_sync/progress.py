@@ -64,12 +64,12 @@ def describe(snap: dict[str, object]) -> str:
     """One plain progress line."""
     elapsed = max(1e-6, time.monotonic() - float(snap["started"]))  # type: ignore[arg-type]
     rate = float(snap["bytes_moved"]) / elapsed  # type: ignore[arg-type]
-    left = float(snap["to_copy_bytes"]) - float(snap["copied_bytes"])  # type: ignore[arg-type]
+    left = float(snap["to_copy_bytes"]) - float(snap["bytes_moved"])  # type: ignore[arg-type]
     eta = f"{left / rate:,.0f}s" if rate > 0 and left > 0 else "-"
     return (
         f"{snap['phase']}: listed {snap['src_listed']:,} src / {snap['dst_listed']:,} dst; "
         f"copied {snap['copied']:,}/{snap['to_copy']:,} objects, "
-        f"{_human(float(snap['copied_bytes']))}/{_human(float(snap['to_copy_bytes']))} "  # type: ignore[arg-type]
+        f"{_human(float(snap['bytes_moved']))}/{_human(float(snap['to_copy_bytes']))} "  # type: ignore[arg-type]
         f"at {_human(rate)}/s, ETA {eta}; skipped {snap['skipped']:,}, deleted {snap['deleted']:,}, "
         f"failed {snap['failed']:,}, verified {snap['verified']:,}, mismatches {snap['mismatches']:,}"
     )

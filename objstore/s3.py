@@ -416,7 +416,13 @@ class S3Store(Store):
         cut = len(self.prefix)
         with self._errors("list_uploads"):
             while True:
-                resp = self.client.list_multipart_uploads(**args)
+                try:
+                    resp = self.client.list_multipart_uploads(**args)
+                except botocore.exceptions.ClientError as exc:
+                    # rclone answers NoSuchUpload for a bucket that never had an upload
+                    if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                        return uploads
+                    raise
                 uploads.extend(
                     UploadInfo(u["Key"][cut:], u["UploadId"], u["Initiated"].timestamp())
                     for u in resp.get("Uploads", [])

@@ -53,7 +53,9 @@ def regions(rclone_s3, s3_proxy, oss_server, tmp_path_factory: pytest.TempPathFa
     lines = []
     for name, table in profiles.items():
         lines.append(f"[profiles.{name}]")
-        lines += [f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in table.items()]
+        lines += [
+            f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in table.items()
+        ]
     path = tmp_path_factory.mktemp("sync-config") / "objstore.toml"
     path.write_text("\n".join(lines) + "\n")
     return Regions(Config.load(path, env={}), path, rclone_s3, s3_proxy, oss_server)

@@ -37,7 +37,9 @@ def sync(regions: Regions, src: str, dst: str, opts: SyncOptions):
     return SyncJob(src, dst, opts, config=regions.config).run()
 
 
-def rclone_check(regions: Regions, tmp_path: Path, src: str, dst: str) -> subprocess.CompletedProcess[str]:
+def rclone_check(
+    regions: Regions, tmp_path: Path, src: str, dst: str
+) -> subprocess.CompletedProcess[str]:
     """rclone's own verdict that two S3 (or local) trees hold the same data."""
     conf = tmp_path / "rclone.conf"
     sections = []
@@ -57,7 +59,9 @@ def rclone_check(regions: Regions, tmp_path: Path, src: str, dst: str) -> subpro
 
     return subprocess.run(
         [rclone_binary(), "--config", str(conf), "check", remote(src), remote(dst)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -78,7 +82,9 @@ def test_s3_to_s3_moves_bytes_and_rclone_agrees(regions: Regions, dataset, tmp_p
     assert int(info.metadata["babel-crc64nvme"]) > 0  # our CRC stored for later runs and tools
 
 
-def test_rerun_copies_nothing_and_changes_are_recopied(regions: Regions, dataset, tmp_path: Path) -> None:
+def test_rerun_copies_nothing_and_changes_are_recopied(
+    regions: Regions, dataset, tmp_path: Path
+) -> None:
     src, dst = regions.bucket("a"), regions.bucket("b")
     content = dataset(regions.store(src))
     assert sync(regions, src, dst, options(tmp_path)).exit_code == ExitCode.OK
@@ -114,7 +120,9 @@ def test_local_to_s3_and_back(regions: Regions, dataset, tmp_path: Path) -> None
     assert rclone_check(regions, tmp_path, str(local), dst).returncode == 0
     back = tmp_path / "local-back"
     assert sync(regions, dst, str(back), options(tmp_path)).exit_code == ExitCode.OK
-    assert {str(p.relative_to(back)): p.read_bytes() for p in back.rglob("*") if p.is_file()} == content
+    assert {
+        str(p.relative_to(back)): p.read_bytes() for p in back.rglob("*") if p.is_file()
+    } == content
 
 
 def test_filters(regions: Regions, dataset, tmp_path: Path) -> None:
@@ -123,7 +131,11 @@ def test_filters(regions: Regions, dataset, tmp_path: Path) -> None:
     rules = KeyFilter.from_args(["tokens/**", "*.json"], ["tokens/shard-00*"])
     report = sync(regions, src, dst, options(tmp_path, key_filter=rules))
     keys = {i.key for i in regions.store(dst).iter_list()}
-    assert "meta/index.json" in keys and "top-level.txt" not in keys and "ckpt/step-1/model.bin" not in keys
+    assert (
+        "meta/index.json" in keys
+        and "top-level.txt" not in keys
+        and "ckpt/step-1/model.bin" not in keys
+    )
     assert "tokens/shard-003.bin" not in keys and "tokens/shard-013.bin" in keys
     assert report.counters["copied"] == len(keys) == 31
 
@@ -146,12 +158,27 @@ def test_delete_with_max_delete_guard(regions: Regions, dataset, tmp_path: Path)
     assert list(store.iter_list("stale/")) == []
 
 
-def test_dry_run_writes_the_plan_and_changes_nothing(regions: Regions, dataset, tmp_path: Path) -> None:
+def test_dry_run_writes_the_plan_and_changes_nothing(
+    regions: Regions, dataset, tmp_path: Path
+) -> None:
     src, dst = regions.bucket("a"), regions.bucket("b")
     content = dataset(regions.store(src))
     regions.store(dst).put("extra", b"x")
-    cmd = [sys.executable, "-m", "babel_sync.cli", "sync", src, dst, "--dry-run", "--delete",
-           "--config", str(regions.config_path), "--journal", str(tmp_path / "j"), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "babel_sync.cli",
+        "sync",
+        src,
+        dst,
+        "--dry-run",
+        "--delete",
+        "--config",
+        str(regions.config_path),
+        "--journal",
+        str(tmp_path / "j"),
+        "-q",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     planned = [json.loads(line) for line in done.stdout.splitlines()]
@@ -199,15 +226,23 @@ def test_cli_summary_and_exit_codes(regions: Regions, dataset, tmp_path: Path) -
     dataset(regions.store(src))
     base = [sys.executable, "-m", "babel_sync.cli"]
     args = ["--config", str(regions.config_path), "--journal", str(tmp_path / "j")]
-    done = subprocess.run([*base, "sync", src, dst, "--json", *args], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [*base, "sync", src, dst, "--json", *args], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["exit_code"] == 0 and summary["counters"]["copied"] == 43
     assert summary["verification"]["detection_1pct"] == pytest.approx(1 - 0.99**16)
-    missing = subprocess.run([*base, "sync", src, "s3://b@no-such-bucket-x/", *args],
-                             capture_output=True, text=True, timeout=60)
+    missing = subprocess.run(
+        [*base, "sync", src, "s3://b@no-such-bucket-x/", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert missing.returncode == ExitCode.NOT_FOUND
     assert missing.stderr.strip().splitlines() == [missing.stderr.strip()]
-    bad = subprocess.run([*base, "sync", src, "s3:/x", *args], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [*base, "sync", src, "s3:/x", *args], capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == ExitCode.USAGE and "malformed URL" in bad.stderr
     os.environ.pop("NOPE", None)

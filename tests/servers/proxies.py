@@ -450,7 +450,11 @@ class FaultProxy(_ThreadedServer):
             assert request.writer is not None
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         with self._lock:
-            if not self._faults and self._storm_left and self._storm_rng.random() < self._storm_probability:
+            if (
+                not self._faults
+                and self._storm_left
+                and self._storm_rng.random() < self._storm_probability
+            ):
                 self._storm_left -= 1
                 self._faults.append((503, _SLOWDOWN_BODY, "application/xml"))
             faulty = bool(self._faults)
