@@ -72,18 +72,17 @@ def _ls_parallel(store, args: argparse.Namespace) -> int:
 
     from .journal import Journal
 
-    with tempfile.TemporaryDirectory(prefix="babel-ls-") as tmp:
-        with Journal(tmp, {"ls": str(store.url)}) as journal:
-            writer = journal.manifest_writer("src")
-            lister = ParallelLister(store, workers=args.list_workers, on_objects=writer.add)
-            stats = lister.run(args.prefix)
-            writer.flush()
-            count = 0
-            for obj in journal.iter_manifest("src"):
-                _print_object(obj, args.json)
-                count += 1
-                if args.max and count >= args.max:
-                    break
+    with (
+        tempfile.TemporaryDirectory(prefix="babel-ls-") as tmp,
+        Journal(tmp, {"ls": str(store.url)}) as journal,
+    ):
+        writer = journal.manifest_writer("src")
+        lister = ParallelLister(store, workers=args.list_workers, on_objects=writer.add)
+        stats = lister.run(args.prefix)
+        for count, obj in enumerate(journal.iter_manifest("src"), start=1):
+            _print_object(obj, args.json)
+            if args.max and count >= args.max:
+                break
     log.info("listed %s", stats)
     return 0
 

@@ -335,7 +335,7 @@ class SyncJob:
                 return
             assert item.src is not None
             if item.action is Action.CHECK:
-                needed, reason = resolve_check(self.src.stat(item.key), self.dst.stat(item.key))
+                needed, _reason = resolve_check(self.src.stat(item.key), self.dst.stat(item.key))
                 self.counters.add(checked=1)
                 if not needed:
                     self.counters.add(skipped=1, to_copy=-1, to_copy_bytes=-item.src.size)

@@ -101,10 +101,13 @@ def resolve_check(src: ObjectInfo, dst: ObjectInfo) -> tuple[bool, str]:
     """The ladder's steps 2 and 3 on stat results: (needs copy, reason)."""
     if src.size != dst.size:
         return True, "size differs"
-    if src.checksum is not None and dst.checksum is not None:
-        if src.checksum.algorithm == dst.checksum.algorithm:
-            same = src.checksum.value == dst.checksum.value
-            return (not same), f"native {src.checksum.algorithm} {'matches' if same else 'differs'}"
+    if (
+        src.checksum is not None
+        and dst.checksum is not None
+        and src.checksum.algorithm == dst.checksum.algorithm
+    ):
+        same = src.checksum.value == dst.checksum.value
+        return (not same), f"native {src.checksum.algorithm} {'matches' if same else 'differs'}"
     src_crc, dst_crc = _stored_crc(src), _stored_crc(dst)
     if src_crc is not None and dst_crc is not None:
         same = src_crc == dst_crc

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field, fields
-from typing import TextIO
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.live import Live
@@ -45,7 +45,7 @@ class Counters:
             for name, delta in deltas.items():
                 setattr(self, name, getattr(self, name) + delta)
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
                 f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")
@@ -60,16 +60,16 @@ def _human(n: float) -> str:
     return f"{n:.1f}"
 
 
-def describe(snap: dict[str, object]) -> str:
+def describe(snap: dict[str, Any]) -> str:
     """One plain progress line."""
-    elapsed = max(1e-6, time.monotonic() - float(snap["started"]))  # type: ignore[arg-type]
-    rate = float(snap["bytes_moved"]) / elapsed  # type: ignore[arg-type]
-    left = float(snap["to_copy_bytes"]) - float(snap["bytes_moved"])  # type: ignore[arg-type]
+    elapsed = max(1e-6, time.monotonic() - float(snap["started"]))
+    rate = float(snap["bytes_moved"]) / elapsed
+    left = float(snap["to_copy_bytes"]) - float(snap["bytes_moved"])
     eta = f"{left / rate:,.0f}s" if rate > 0 and left > 0 else "-"
     return (
         f"{snap['phase']}: listed {snap['src_listed']:,} src / {snap['dst_listed']:,} dst; "
         f"copied {snap['copied']:,}/{snap['to_copy']:,} objects, "
-        f"{_human(float(snap['bytes_moved']))}/{_human(float(snap['to_copy_bytes']))} "  # type: ignore[arg-type]
+        f"{_human(float(snap['bytes_moved']))}/{_human(float(snap['to_copy_bytes']))} "
         f"at {_human(rate)}/s, ETA {eta}; skipped {snap['skipped']:,}, deleted {snap['deleted']:,}, "
         f"failed {snap['failed']:,}, verified {snap['verified']:,}, mismatches {snap['mismatches']:,}"
     )
@@ -116,13 +116,13 @@ class Reporter:
 
     def _table(self) -> Table:
         snap = self.counters.snapshot()
-        elapsed = max(1e-6, time.monotonic() - float(snap["started"]))  # type: ignore[arg-type]
+        elapsed = max(1e-6, time.monotonic() - float(snap["started"]))
         table = Table(show_header=False, box=None)
         table.add_row("phase", str(snap["phase"]))
         table.add_row(
             "listed",
             f"{snap['src_listed']:,} source, {snap['dst_listed']:,} destination "
             f"({float(snap['src_listed']) / elapsed:,.0f} keys/s)",
-        )  # type: ignore[arg-type]
+        )
         table.add_row("progress", describe(snap).split("; ", 1)[1])
         return table

@@ -5,7 +5,10 @@ This first version sets up the two regions later issues build on:
 1. starts two real S3 endpoints (``rclone serve s3``): "region-a" and "region-b";
 2. writes a generated token dataset (shards + an index) and a multipart "checkpoint" into
    region-a through objstore, checking the service's CRC-64/NVME against our own;
-3. lists both regions the way a user would (``babel-sync ls``), and shows what a user sees for
+3. syncs region-a -> region-b with ``babel-sync sync`` (bytes move between the two endpoints,
+   CRC-checked while streaming, the multipart checkpoint sample-verified), then confirms with
+   ``babel-sync check``;
+4. lists both regions the way a user would (``babel-sync ls``), and shows what a user sees for
    a mistake (a missing bucket: one line and an exit code).
 
 Everything lives under ``.demo/`` and is removed on exit (also on Ctrl-C); it can run twice in a row.
@@ -36,7 +39,7 @@ from objstore import checksum as crc  # noqa: E402
 from tests.servers.rclone_s3 import RcloneS3Server  # noqa: E402
 
 log = logging.getLogger("demo")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 110)
 
 VOCAB = 32_768
 _HIGH_BYTE_MASK = bytes(b & 0x7F for b in range(256))
@@ -98,6 +101,7 @@ def main() -> int:
         config_path = write_config(work / "objstore.toml", regions)
         config = Config.load(config_path)
         summary = populate(config, args.shards, args.shard_tokens)
+        summary.update(sync_regions(config_path, work))
         show(config_path, summary)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: cleaning up[/yellow]")
@@ -154,16 +158,47 @@ def populate(config: Config, shards: int, shard_tokens: int) -> dict[str, object
     }
 
 
+def sync_regions(config_path: Path, work: Path) -> dict[str, object]:
+    """region-a -> region-b with babel-sync, then an independent check of the result."""
+    journal = ["--journal", str(work / "journal")]
+    synced = run_cli(
+        [
+            "sync",
+            f"s3://region-a@{BUCKET}/",
+            f"s3://region-b@{BUCKET}/",
+            "--json",
+            "--part-size",
+            "8MiB",
+            *journal,
+        ],
+        config_path,
+    )
+    if synced.returncode != 0:
+        raise SystemExit(f"sync failed ({synced.returncode}): {synced.stderr.strip()}")
+    report = json.loads(synced.stdout)
+    checked = run_cli(
+        [
+            "check",
+            f"s3://region-a@{BUCKET}/",
+            f"s3://region-b@{BUCKET}/",
+            "--json",
+            "--journal",
+            str(work / "journal-check"),
+        ],
+        config_path,
+    )
+    check = json.loads(checked.stdout) if checked.stdout else {"exit_code": checked.returncode}
+    return {"sync": report, "check": check}
+
+
 def show(config_path: Path, summary: dict[str, object]) -> None:
     listing = run_cli(["ls", f"s3://region-a@{BUCKET}/", "-R", "--max", "5"], config_path)
     console.print(listing.stdout.rstrip() or listing.stderr)
     console.print(f"[dim](first 5 of {summary['shards']} shards shown)[/dim]")
     stat = run_cli(["stat", f"s3://region-a@{BUCKET}/tokens/shard-00000.bin"], config_path)
     console.print(stat.stdout.rstrip())
-    empty = run_cli(["ls", f"s3://region-b@{BUCKET}/", "-R"], config_path)
-    console.print(
-        f"region-b holds {len(empty.stdout.splitlines())} objects (sync arrives with babel-sync)"
-    )
+    mirrored = run_cli(["ls", f"s3://region-b@{BUCKET}/", "-R"], config_path)
+    console.print(f"region-b now holds {len(mirrored.stdout.splitlines())} objects")
     mistake = run_cli(["ls", "s3://region-b@no-such-bucket/"], config_path)
     console.print(mistake.stderr.strip(), style="red", soft_wrap=True)
     console.print(f"(exit code {mistake.returncode}: a mistake is one line, not a traceback)")
@@ -185,7 +220,31 @@ def show(config_path: Path, summary: dict[str, object]) -> None:
         "match" if ok else ("not reported" if summary["ckpt_crc_reported"] is None else "MISMATCH")
     )
     table.add_row("checkpoint CRC-64/NVME: ours vs service", verdict)
+    sync = summary["sync"]
+    counters = sync["counters"]  # type: ignore[index]
+    verification = sync["verification"]  # type: ignore[index]
+    table.add_row(
+        "synced region-a -> region-b",
+        f"{counters['copied']} objects, {counters['bytes_moved']:,} bytes",
+    )
+    table.add_row(
+        "sync time",
+        f"{sync['seconds']:.2f} s ({counters['bytes_moved'] / max(sync['seconds'], 1e-9) / 1e6:,.1f} MB/s)",
+    )  # type: ignore[index]
+    table.add_row(
+        "verified (runtime CRC + sampled)",
+        f"{counters['verified']}/{counters['copied']}, {verification['sampled']} sampled "
+        f"(seed {verification['seed']}, p(detect 1%)={verification['detection_1pct']:.2f})",
+    )
+    table.add_row("mismatches / failures", f"{counters['mismatches']} / {counters['failed']}")
+    check = summary["check"]
+    table.add_row(
+        "babel-sync check region-a vs region-b",
+        "match" if check.get("exit_code") == 0 else f"exit {check.get('exit_code')}",
+    )  # type: ignore[union-attr]
     console.print(table)
+    if counters["mismatches"] or counters["failed"] or check.get("exit_code") != 0:  # type: ignore[union-attr]
+        raise SystemExit("the demo sync did not verify")
     if not ok and summary["ckpt_crc_reported"] is not None:
         raise SystemExit("checkpoint CRC mismatch")
 

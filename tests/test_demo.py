@@ -24,4 +24,6 @@ def test_demo_runs_end_to_end_and_cleans_up() -> None:
     assert "shard CRC-64/NVME confirmed by region-a" in done.stdout
     assert "6/6" in done.stdout
     assert "bucket does not exist: 'no-such-bucket'" in done.stdout
+    assert "synced region-a -> region-b" in done.stdout and "8 objects" in done.stdout
+    assert "babel-sync check region-a vs region-b" in done.stdout and "│ match" in done.stdout
     assert not (REPO / ".demo").exists()

@@ -85,7 +85,7 @@ def finish(args: list[str]) -> dict:
 @pytest.fixture
 def slow_s3(rclone_s3: RcloneS3Server) -> Iterator[DelayProxy]:
     """The session S3 server behind a thin link: 8 MiB/s per connection, 20 ms round trips."""
-    host, port = rclone_s3.endpoint.rsplit(":", 1)
+    _, port = rclone_s3.endpoint.rsplit(":", 1)
     with DelayProxy("127.0.0.1", int(port), 0.02, rate_bytes_per_s=8 * MiB) as proxy:
         yield proxy
 
@@ -186,7 +186,7 @@ def test_kill_during_listing_resumes_from_cursors(tmp_path: Path) -> None:
         path.write_bytes(key.encode())
     (root / "dstbkt").mkdir()
     with RcloneS3Server(root) as server:
-        host, port = server.endpoint.rsplit(":", 1)
+        _, port = server.endpoint.rsplit(":", 1)
         with DelayProxy("127.0.0.1", int(port), 0.2) as slow:
             config = write_config(
                 tmp_path / "c.toml",
