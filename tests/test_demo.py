@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,5 +26,5 @@ def test_demo_runs_end_to_end_and_cleans_up() -> None:
     assert "6/6" in done.stdout
     assert "bucket does not exist: 'no-such-bucket'" in done.stdout
     assert "synced region-a -> region-b" in done.stdout and "8 objects" in done.stdout
-    assert "babel-sync check region-a vs region-b" in done.stdout and "│ match" in done.stdout
+    assert re.search(r"check region-a vs region-b\s*│\s*match", done.stdout)
     assert not (REPO / ".demo").exists()
