@@ -350,7 +350,10 @@ class SyncJob:
                     previous = CopyResult.from_state(item.key, item.src.size, state)
             result = self._copy_verified(transferer, journal, item, previous)
             self.counters.add(
-                copied=1, copied_bytes=result.size, resumed_parts=result.resumed_parts
+                copied=1,
+                copied_bytes=result.size,
+                resumed_parts=result.resumed_parts,
+                server_side=int(result.method == "server-side"),
             )
         except ObjectNotFound as exc:
             if (

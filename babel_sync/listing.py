@@ -89,7 +89,18 @@ class ListTask:
 
 @dataclass(frozen=True)
 class ListingStats:
-    """A snapshot of listing progress (for a progress bar and the run's summary)."""
+    """A snapshot of listing progress (for a progress bar and the run's summary).
+
+    Attributes:
+        objects, bytes: objects emitted so far and their total size.
+        prefixes: common prefixes found (each became a task).
+        pages: list requests made.
+        tasks_pending, tasks_running, tasks_done: tasks queued, being listed, finished.
+        splits: ranges created by cutting a running task (first-page splits and steals).
+        steals: times an idle worker took part of a running task's range.
+        overfetched: entries a request returned past its range's end, dropped.
+        elapsed_s: seconds since ``run()`` started (until it returned).
+    """
 
     objects: int = 0
     bytes: int = 0
@@ -100,7 +111,7 @@ class ListingStats:
     tasks_done: int = 0
     splits: int = 0
     steals: int = 0
-    overfetched: int = 0  # entries fetched past a range end (shrunk by a steal) and dropped
+    overfetched: int = 0
     elapsed_s: float = 0.0
 
 
@@ -497,7 +508,6 @@ class ParallelLister:
                 tried_gen = self._gen
                 stolen = self._steal_locked()
                 if stolen is not None:
-                    self._cond.notify()  # the next idle worker may find more to steal
                     return stolen
             if not self._running:  # nothing queued, nothing in flight: the listing is complete
                 self._cond.notify_all()
@@ -533,6 +543,7 @@ class ParallelLister:
             pieces = self._split_locked(victim, ways)
             if pieces:
                 self._pending.extend(pieces[1:])
+                self._cond.notify(len(pieces))  # idle workers for the rest, and to steal on
                 self._running[pieces[0].id] = pieces[0]
                 self._counts["steals"] += 1
                 log.debug("task %s stole (%r, %r) from %s", pieces[0].id,
@@ -626,7 +637,8 @@ class ParallelLister:
                     self._counts["done"] += 1
                     if self.state is not None:
                         self.state.done(r.id)
-                    self._cond.notify_all()
+                    if not self._running and not self._pending:
+                        self._cond.notify_all()  # the listing is complete: release everyone
                     return
                 # Persist only what on_objects has taken; the page's prefixes were saved as
                 # tasks already, so the cursor may pass them too.

@@ -37,6 +37,7 @@ class Counters:
     verified: int = 0
     mismatches: int = 0
     resumed_parts: int = 0
+    server_side: int = 0
     started: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -136,9 +136,8 @@ class Transferer:
     def copy(self, key: str, listed: ObjectInfo) -> CopyResult:
         """Copy ``key`` (as listed at the source) to the same key at the destination."""
         copied = self.dst.copy_from(self.src, key, key)
-        if copied is not None:
+        if copied is not None:  # no bytes moved through this machine
             self.journal.put_object(key, ObjectState("copied", src_etag=listed.etag))
-            self.on_bytes(copied.size)
             return CopyResult(key, copied.size, None, (), "server-side")
         if listed.size <= self.options.multipart_threshold:
             return self._copy_single(key, listed)

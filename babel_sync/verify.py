@@ -89,14 +89,14 @@ class VerifyResult:
     key: str
     size_src: int
     size_dst: int
-    blocks_checked: int
-    bytes_read: int
-    seed: int | None
-    mismatches: tuple[Mismatch, ...]
-    detection_1pct: float | None
-    detection_10pct: float | None
-    src_crc: int | None
-    dst_crc: int | None
+    blocks_checked: int = 0
+    bytes_read: int = 0
+    seed: int | None = None
+    mismatches: tuple[Mismatch, ...] = ()
+    detection_1pct: float | None = None
+    detection_10pct: float | None = None
+    src_crc: int | None = None
+    dst_crc: int | None = None
     crc_algorithm: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -516,17 +516,7 @@ def _finish(
     mismatches: Sequence[Mismatch],
     **fields: Any,
 ) -> VerifyResult:
-    """Build and log the result; unnamed fields default to "nothing read"."""
-    values: dict[str, Any] = {
-        "blocks_checked": 0,
-        "bytes_read": 0,
-        "seed": None,
-        "detection_1pct": None,
-        "detection_10pct": None,
-        "src_crc": None,
-        "dst_crc": None,
-    }
-    values.update(fields)
+    """Build and log the result; unnamed fields keep their "nothing read" defaults."""
     result = VerifyResult(
         ok=not mismatches,
         mode=mode,
@@ -534,7 +524,7 @@ def _finish(
         size_src=src_info.size,
         size_dst=dst_info.size,
         mismatches=tuple(mismatches),
-        **values,
+        **fields,
     )
     log.log(
         logging.INFO if result.ok else logging.WARNING,

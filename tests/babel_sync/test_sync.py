@@ -246,3 +246,13 @@ def test_cli_summary_and_exit_codes(regions: Regions, dataset, tmp_path: Path) -
     )
     assert bad.returncode == ExitCode.USAGE and "malformed URL" in bad.stderr
     os.environ.pop("NOPE", None)
+
+
+def test_same_endpoint_copies_server_side(regions: Regions, dataset, tmp_path: Path) -> None:
+    src, dst = regions.bucket("a"), regions.bucket("a")  # one endpoint, one account
+    content = dataset(regions.store(src))
+    report = sync(regions, src, dst, options(tmp_path))
+    assert report.exit_code == ExitCode.OK, report.to_json()
+    assert report.counters["server_side"] == len(content)
+    assert report.counters["bytes_moved"] == 0  # nothing went through this machine
+    assert read_all(regions.store(dst)) == content
