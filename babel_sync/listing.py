@@ -33,10 +33,11 @@ subtree of a prefix ``q`` may return ``q`` again: ``q <= start_after`` is droppe
 holding ``q`` itself spawned its task. A delimited task becomes flat only where that covers the
 same keys (:func:`_flat_equivalent`).
 
-**Persistence.** With a :class:`ListingState`, a task is saved before it is queued, a new range
-is saved *before* its owner is saved with the shrunken end, and a cursor is saved only after
-``on_objects`` returned for the page. A crash at any point leaves ranges that at worst overlap
-(a page of keys emitted twice), never a gap.
+**Persistence.** With a :class:`ListingState`, a new range is saved *before* its owner is saved
+with the shrunken end; a cursor is saved only after ``on_objects`` returned for its page, and
+the tasks of the subdirectories on that page are saved just before it (not earlier: a page
+listed again after a resume would spawn them twice). A crash at any point leaves ranges that at
+worst overlap by a page of keys (or, between two saves, a subtree), never a gap.
 """
 
 from __future__ import annotations
@@ -626,12 +627,19 @@ class ParallelLister:
                                         delimiter="/" if delimited else "",
                                         limit=limit, token=token)  # fmt: skip
             with self._cond:
-                finished, objects = self._take_page_locked(r, page, start_after, limit)
+                finished, objects, subdirs = self._take_page_locked(r, page, start_after, limit)
             if objects:
                 self.on_objects(objects)
             with self._cond:
                 self._counts["objects"] += len(objects)
                 self._counts["bytes"] += sum(o.size for o in objects)
+                # Subdirectory tasks are saved together with the cursor that passes them,
+                # after on_objects took the page: saved any earlier, a page whose cursor is
+                # never saved (on_objects raised, the process died) would be listed again on
+                # resume and spawn the same subtrees a second time. Saved before the cursor,
+                # a crash between the two saves costs a duplicate, never a lost subtree.
+                for q in subdirs:
+                    self._spawn_locked(r, q)
                 if finished:
                     del self._running[r.id]
                     self._counts["done"] += 1
@@ -640,8 +648,6 @@ class ParallelLister:
                     if not self._running and not self._pending:
                         self._cond.notify_all()  # the listing is complete: release everyone
                     return
-                # Persist only what on_objects has taken; the page's prefixes were saved as
-                # tasks already, so the cursor may pass them too.
                 r.saved = r.cursor
                 self._save_locked(r)
             token = page.token
@@ -661,10 +667,10 @@ class ParallelLister:
             want = max(want, 2 * previous)
         return max(1, min(self.page_size, want))
 
-    def _take_page_locked(self, r: _Running, page: ListPage, start_after: str, limit: int) -> tuple[bool, list[ObjectInfo]]:  # fmt: skip
-        """Keep the page's entries inside ``r``'s current range, spawn prefix tasks, maybe split.
+    def _take_page_locked(self, r: _Running, page: ListPage, start_after: str, limit: int) -> tuple[bool, list[ObjectInfo], list[str]]:  # fmt: skip
+        """Keep the page's entries inside ``r``'s current range, advance its cursor, maybe split.
 
-        Returns (task finished, objects to emit).
+        Returns (task finished, objects to emit, subdirectories to spawn tasks for).
         """
         end = r.task.end  # read now, not before the request: a thief may have shrunk it
         objects = [o for o in page.objects if o.key > start_after and (end is None or o.key < end)]
@@ -685,7 +691,7 @@ class ParallelLister:
             self._save_locked(r)
             self._counts["over"] += len(page.objects) + len(page.prefixes)
             log.debug("listing %r flat: %d subdirectories on one page", r.task.prefix, len(subdirs))
-            return False, []
+            return False, [], []
         self._counts["over"] += len(page.objects) + len(page.prefixes) - entries
         if entries:
             keys = (
@@ -706,8 +712,6 @@ class ParallelLister:
         )
         r.more = page.token is not None and not past_end
         r.filled = r.more and entries == limit
-        for q in subdirs:
-            self._spawn_locked(r, q)
         if r.pages == 1 and r.more:
             ways = self._ways_locked(r)
             if ways >= 2:
@@ -716,7 +720,7 @@ class ParallelLister:
         if r.more:
             self._gen += 1
             self._cond.notify()  # an idle worker may steal from r now
-        return not r.more, objects
+        return not r.more, objects, subdirs
 
     def _ways_locked(self, r: _Running) -> int:
         idle = max(0, self._idle - len(self._pending))

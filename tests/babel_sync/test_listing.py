@@ -235,6 +235,24 @@ def test_resume_from_saved_cursors(
     assert not state.pending()
 
 
+def test_resume_after_failing_on_a_page_with_subdirectories(
+    local_tree: tuple[Store, list[str]],
+) -> None:
+    """The root page (top-level objects and 200+ subdirectories) fails in on_objects: the resumed
+    listing must spawn each subdirectory once, not once from the state and once again."""
+    store, keys = local_tree
+    state = MemoryListingState()
+
+    def fail(objects: list[ObjectInfo]) -> None:
+        raise Abort
+
+    lister = ParallelLister(store, workers=1, page_size=1000, on_objects=fail, state=state)
+    with pytest.raises(Abort):
+        lister.run()
+    got, _ = list_parallel(store, workers=8, page_size=1000, state=state)
+    assert_exact(got, keys)
+
+
 def test_resume_tasks_from_a_journal(local_tree: tuple[Store, list[str]]) -> None:
     """A state holding hand-written ranges (as a journal would) resumes exactly those."""
     store, keys = local_tree
