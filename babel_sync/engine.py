@@ -269,9 +269,11 @@ class SyncJob:
                 mode=self.options.compare,
             )
 
-        deletes = sum(1 for item in items() if item.action is Action.DELETE)
         limit = self.options.max_delete
-        if limit is not None and deletes > limit:
+        if not delete or limit is None:
+            return items
+        deletes = sum(1 for item in items() if item.action is Action.DELETE)  # a cheap local pass
+        if deletes > limit:
             raise CommandError(
                 f"refusing to delete {deletes} objects at the destination (--max-delete {limit}); "
                 "check the URLs and filters, or raise the limit",
@@ -510,7 +512,7 @@ class SyncJob:
         the journal's open uploads are kept so the next run resumes them.
         """
         created = float(journal.get_meta("created") or 0) - 60  # allow for clock skew
-        active = {k: s.upload_id for k, s in journal.iter_objects() if s.status == "uploading"}
+        active = journal.open_uploads()
         try:
             uploads = self.dst.list_uploads("")
         except StorageError as exc:

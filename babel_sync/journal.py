@@ -222,10 +222,15 @@ class Journal:
             state.parts[part_number] = (etag, size, crc)
             txn.put(key.encode(), state.encode())
 
-    def iter_objects(self) -> Iterator[tuple[str, ObjectState]]:
+    def open_uploads(self) -> dict[str, str]:
+        """key -> upload id of every object with a multipart upload in progress."""
+        found = {}
         with self.env.begin(db=self._dbs["objects"]) as txn:
-            items = [(bytes(k).decode(), ObjectState.decode(bytes(v))) for k, v in txn.cursor()]
-        yield from items
+            for k, v in txn.cursor():
+                state = ObjectState.decode(bytes(v))
+                if state.status == "uploading":
+                    found[bytes(k).decode()] = state.upload_id
+        return found
 
 
 class ManifestWriter:

@@ -317,11 +317,11 @@ def test_s3_store_with_prefix(s3_tree: tuple[str, Config, list[str]]) -> None:
     inside = [k.removeprefix("data/") for k in keys if k.startswith("data/")]
     with open_store(f"s3://p@{bucket}/data/", config) as store:
         assert sorted(o.key for o in list_serial(store)) == sorted(inside)
-        got, stats = list_parallel(store, workers=8, page_size=7)
+        got, _ = list_parallel(store, workers=8, page_size=7)
         assert_exact(got, inside)
-        got, _ = list_parallel(store, "p00", workers=8, page_size=3, fanout_depth=0)
+        got, stats = list_parallel(store, "p00", workers=8, page_size=3, fanout_depth=0)
         assert_exact(got, [k for k in inside if k.startswith("p00")])
-    assert stats.splits + stats.steals > 0
+    assert stats.splits + stats.steals > 0  # ranges cut under a URL prefix too
 
 
 def test_s3_missing_bucket_fails_fast(rclone_s3) -> None:
