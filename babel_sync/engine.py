@@ -269,11 +269,14 @@ class SyncJob:
                 mode=self.options.compare,
             )
 
+        # One cheap pass over the local manifests: totals for progress and ETA, and the
+        # --max-delete guard, before anything is changed.
+        deletes = 0
+        for item in items():
+            self._count_planned(item)
+            deletes += item.action is Action.DELETE
         limit = self.options.max_delete
-        if not delete or limit is None:
-            return items
-        deletes = sum(1 for item in items() if item.action is Action.DELETE)  # a cheap local pass
-        if deletes > limit:
+        if delete and limit is not None and deletes > limit:
             raise CommandError(
                 f"refusing to delete {deletes} objects at the destination (--max-delete {limit}); "
                 "check the URLs and filters, or raise the limit",
@@ -287,7 +290,6 @@ class SyncJob:
         for item in items():
             if item.action is not Action.SKIP and out is not None:
                 out.write(json.dumps(item.to_json()) + "\n")
-            self._count_planned(item)
 
     def _count_planned(self, item: PlanItem) -> None:
         if item.action in (Action.COPY, Action.CHECK) and item.src is not None:
@@ -317,7 +319,6 @@ class SyncJob:
             window = threading.BoundedSemaphore(opts.transfers * 4)
             pending: list[Future[None]] = []
             for item in items():
-                self._count_planned(item)
                 if item.action is Action.SKIP:
                     continue
                 window.acquire()
@@ -382,7 +383,9 @@ class SyncJob:
         for attempt in (1, 2):
             if result is None:
                 try:
-                    result = transferer.copy(item.key, item.src)
+                    result = transferer.copy(
+                        item.key, item.src, verified=not self._post_verifies(item.src.size)
+                    )
                 except IntegrityError as exc:
                     if attempt == 2:
                         raise
@@ -390,10 +393,11 @@ class SyncJob:
                     continue
             outcome = self._verify(result)
             if outcome is None or outcome.ok:
-                state = journal.get_object(item.key)
-                if state is not None:
-                    state.status = "done"
-                    journal.put_object(item.key, state)
+                if outcome is not None:  # verified after the copy: now it is done
+                    state = journal.get_object(item.key)
+                    if state is not None:
+                        state.status = "done"
+                        journal.put_object(item.key, state)
                 return result
             if attempt == 1:
                 reason = outcome.mismatches[0].reason if outcome.mismatches else "mismatch"
@@ -412,14 +416,22 @@ class SyncJob:
         assert result is not None
         return result
 
+    def _post_verifies(self, size: int) -> bool:
+        """Whether an object of ``size`` gets a verification pass after its copy.
+
+        Single-request copies had every byte CRC-checked on the way (or never left the
+        service); sampling is for the structure of multipart objects.
+        """
+        mode = self.options.verify
+        return mode == "full" or (
+            mode == "sample" and size > self.options.transfer.multipart_threshold
+        )
+
     def _verify(self, result: CopyResult) -> verify.VerifyResult | None:
         mode = self.options.verify
         if mode == "none":
             return None
-        small = result.size <= self.options.transfer.multipart_threshold
-        if mode == "runtime" or (mode == "sample" and small):
-            # Single-request copies had every byte CRC-checked on the way (or never left the
-            # service); sampling is for the structure of multipart objects.
+        if not self._post_verifies(result.size):
             self.counters.add(verified=1)
             return None
         if mode == "full":
