@@ -12,11 +12,14 @@ the key space is cut into **tasks**, key ranges each listed by one worker at a t
 - **Range splitting.** When a task's first page is full and continues, the rest of its range is
   cut at keys computed in the *shape* of its keys (the characters each position uses, see
   :class:`_Shape`; :func:`key_between` is the fallback): evenly when the range has an end,
-  geometrically (2, 4, 8... pages ahead at the density just seen) when it has none, because
-  nothing tells where an unbounded prefix ends.
+  geometrically when it has none, because nothing tells where an unbounded prefix ends: the
+  owner keeps K entries' worth at the density just seen, a new range takes the next 2K, a tail
+  the rest, and every cut of a tail grows K fourfold (an exponential search: few empty ranges).
+  A flat page that ends a listing proves the prefix has no keys past it: ranges starting there
+  finish without a request and later cuts stay below it.
 - **Work stealing.** An idle worker takes the running task with the most entries left (its
-  latest page's density times the key space left), cuts its range above the published cursor,
-  shrinks the owner's end and lists the upper part itself.
+  latest page's density times the key space left), cuts its range above what the owner's
+  request in flight will return, shrinks the owner's end and lists the upper part itself.
 
 **Invariant (no key dropped, none duplicated).** A task covers the entries ``e`` with its prefix
 and ``start_after < e < end``, where in a flat task an entry is a key, and in a delimited task an
@@ -64,7 +67,7 @@ log = logging.getLogger(__name__)
 _MAX_CP = 0x10FFFF
 _SURROGATES = (0xD800, 0xDFFF)
 _TOP = _MAX_CP + 1  # a virtual character above every real one: "no upper bound"
-_GEOMETRIC_MAX_WAYS = 8  # an unbounded cut reaches 2+4+...+128 pages ahead, then a tail
+_GEOMETRIC_MAX_WAYS = 3  # an unbounded cut: the owner keeps K, a part takes 2K, a tail the rest
 _MIN_STEAL_PAGES = 2  # stealing less than this costs more round trips than it saves
 _MAX_WIDTH = 64  # key characters after the task prefix that shape arithmetic looks at
 _FLOAT_CAP = 1e18
@@ -338,6 +341,8 @@ class _Running:
         # listed, tail cut again...) grows geometrically instead of by a page per round trip.
         self.reach = reach
         self.filled = False  # the last page was full and wholly inside the range
+        self.position = task.start_after  # where the server's listing is (last key returned)
+        self.inflight = 0  # entries the request in flight asks for (0: none in flight)
         self.entries = 0
         self.pages = 0
         self.more = False  # the last page said the listing continues
@@ -384,6 +389,9 @@ class ParallelLister:
         self._running: dict[str, _Running] = {}
         self._idle = 0
         self._gen = 0  # bumped whenever a task's progress may make a steal possible
+        # prefix -> a key past which a flat listing of the prefix found nothing (the page said
+        # the listing is over). Ranges starting there need no request; cuts stay below it.
+        self._known_end: dict[str, str] = {}
         self._stopping = False
         self._error: BaseException | None = None
         self._root = ""
@@ -504,6 +512,9 @@ class ParallelLister:
             if self._pending:
                 r = self._pending.popleft()
                 self._running[r.id] = r
+                if self._exhausted_locked(r):  # nothing past its start: no request needed
+                    self._finish_locked(r)
+                    continue
                 return r
             if tried_gen != self._gen:  # a steal can only succeed after some task progressed
                 tried_gen = self._gen
@@ -520,13 +531,31 @@ class ParallelLister:
                 self._idle -= 1
         return None
 
+    def _hi_locked(self, r: _Running) -> str | None:
+        """The bound cut points stay below: the range's end, or where its prefix is known to end."""
+        hi = _upper(r.task.end)
+        known = None if r.task.delimited else self._known_end.get(r.task.prefix)
+        return known if known is not None and (hi is None or known < hi) else hi
+
+    def _exhausted_locked(self, r: _Running) -> bool:
+        known = None if r.task.delimited else self._known_end.get(r.task.prefix)
+        return known is not None and r.cursor >= known
+
+    def _finish_locked(self, r: _Running) -> None:
+        del self._running[r.id]
+        self._counts["done"] += 1
+        if self.state is not None:
+            self.state.done(r.id)
+        if not self._running and not self._pending:
+            self._cond.notify_all()  # the listing is complete: release everyone
+
     def _left(self, r: _Running) -> float | None:
         """Entries between ``r``'s cursor and end at its latest density; None if unknown."""
         if r.shape is None or r.density is None:
             return None
-        hi = _upper(r.task.end)
+        hi = self._hi_locked(r)
         span = (r.shape.top if hi is None else r.shape.value(hi)) - r.shape.value(r.cursor)
-        return max(0.0, min(r.density * min(span, 10**300), _FLOAT_CAP))
+        return max(0.0, min(r.density * min(span, 10**300), _FLOAT_CAP) - r.inflight)
 
     def _steal_locked(self) -> _Running | None:
         """Cut the running range with the most entries left; the caller lists the first part."""
@@ -555,23 +584,27 @@ class ParallelLister:
     def _cut_points(self, r: _Running, ways: int) -> tuple[list[str], int]:
         """Up to ``ways - 1`` increasing keys strictly between ``r``'s cursor and end, and the
         ``reach`` of the last part if it is unbounded."""
-        lo, hi = r.cursor, _upper(r.task.end)
+        lo, hi = r.cursor, self._hi_locked(r)
         if hi is not None and lo >= hi:
             return [], 0
         points: list[str] = []
         reach = 0
         shape = r.shape
         if shape is not None:
-            v_lo = shape.value(lo)
+            # Cut above what the owner's request in flight will return anyway: a thief taking
+            # that part would make the owner's whole page overfetch.
+            v_lo = shape.value(lo) + (int(r.inflight / r.density) if r.density else 0)
             values: list[int] = []
             if hi is not None:  # bounded: equal parts
                 v_hi = shape.value(hi)
+                if v_hi <= v_lo:
+                    return [], 0  # what is left will come back with the page in flight
                 values = [v_lo + (v_hi - v_lo) * k // ways for k in range(1, ways)]
             elif r.density:
-                # Unbounded: let the owner keep as many entries again as it listed (at least
-                # two pages, at least its reach) at the density just seen, then cut at 2, 4,
-                # 8... times that, the last part keeping no bound: an exponential search, few
-                # empty parts however long the prefix turns out to be.
+                # Unbounded: the owner keeps K entries at the density just seen (as many again
+                # as it listed, two pages, its reach: the most), the next parts take 2K, 4K...,
+                # the last keeps no bound: an exponential search, few empty parts however long
+                # the prefix turns out to be.
                 keep = max(_MIN_STEAL_PAGES * self.page_size, r.entries, r.reach)
                 ways = min(ways, _GEOMETRIC_MAX_WAYS)
                 unit = keep / r.density
@@ -622,7 +655,7 @@ class ParallelLister:
                     return
                 if delimited != r.task.delimited:  # converted to a flat listing: start over
                     delimited, token = r.task.delimited, None
-                limit = self._limit_locked(r, limit)
+                limit = r.inflight = self._limit_locked(r, limit)
             page = self.store.list_page(r.task.prefix, start_after=start_after,
                                         delimiter="/" if delimited else "",
                                         limit=limit, token=token)  # fmt: skip
@@ -640,13 +673,8 @@ class ParallelLister:
                 # a crash between the two saves costs a duplicate, never a lost subtree.
                 for q in subdirs:
                     self._spawn_locked(r, q)
-                if finished:
-                    del self._running[r.id]
-                    self._counts["done"] += 1
-                    if self.state is not None:
-                        self.state.done(r.id)
-                    if not self._running and not self._pending:
-                        self._cond.notify_all()  # the listing is complete: release everyone
+                if finished or self._exhausted_locked(r):
+                    self._finish_locked(r)
                     return
                 r.saved = r.cursor
                 self._save_locked(r)
@@ -662,8 +690,8 @@ class ParallelLister:
         left = self._left(r) if r.task.end is not None else None
         if left is None:
             return self.page_size
-        want = int(left * 1.25) + 8
-        if r.filled:
+        want = int(left * 1.1) + 16
+        if r.filled and previous < self.page_size:  # our last guess was short: grow it
             want = max(want, 2 * previous)
         return max(1, min(self.page_size, want))
 
@@ -673,6 +701,7 @@ class ParallelLister:
         Returns (task finished, objects to emit, subdirectories to spawn tasks for).
         """
         end = r.task.end  # read now, not before the request: a thief may have shrunk it
+        r.inflight = 0
         objects = [o for o in page.objects if o.key > start_after and (end is None or o.key < end)]
         # A prefix at or below start_after was reached from inside its subtree: the range that
         # holds the prefix itself spawned its task.
@@ -711,6 +740,12 @@ class ParallelLister:
             or (bool(page.prefixes) and page.prefixes[-1] >= end)
         )
         r.more = page.token is not None and not past_end
+        if page.objects:
+            r.position = page.objects[-1].key
+        if page.token is None and not r.task.delimited:
+            # The server has nothing under this prefix past what it just returned.
+            known = self._known_end.get(r.task.prefix)
+            self._known_end[r.task.prefix] = r.position if known is None else min(known, r.position)
         r.filled = r.more and entries == limit
         if r.pages == 1 and r.more:
             ways = self._ways_locked(r)

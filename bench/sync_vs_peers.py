@@ -489,6 +489,17 @@ def _version(cmd: list[str]) -> str:
     return out.strip().splitlines()[0] if out.strip() else "unknown"
 
 
+def source_revision() -> str:
+    """The commit babel-sync runs from, with ``+dirty`` when its packages have local edits."""
+    head = _version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    status = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "babel_sync", "objstore"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    return head + ("+dirty" if status.strip() else "")
+
+
 def environment(args: argparse.Namespace, bin_dir: Path) -> dict[str, Any]:
     versions = {
         "rclone": _version([rclone_binary(), "version"]).removeprefix("rclone "),
@@ -499,6 +510,7 @@ def environment(args: argparse.Namespace, bin_dir: Path) -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = "not installed"
+    versions["babel-sync source"] = source_revision()
     return {
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
@@ -576,9 +588,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--datasets", default="a,b,c", help="which of a,b,c (default all)")
     parser.add_argument("--big-count", type=int, default=4, help="large objects in (a) (4)")
-    parser.add_argument("--big-size", type=parse_size, default=256 << 20, help="(256MiB)")
-    parser.add_argument("--small-count", type=int, default=5000, help="small objects in (b)")
-    parser.add_argument("--small-size", type=parse_size, default=16 << 10, help="(16KiB)")
+    parser.add_argument(
+        "--big-size", type=parse_size, default=256 << 20, help="size of each large object (256MiB)"
+    )
+    parser.add_argument("--small-count", type=int, default=5000, help="small objects in (b) (5000)")
+    parser.add_argument(
+        "--small-size", type=parse_size, default=16 << 10, help="size of each small object (16KiB)"
+    )
     parser.add_argument("--small-prefixes", type=int, default=8, help="prefixes for (b) (8)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per tool, best kept (1)")
     parser.add_argument(
@@ -597,7 +613,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per command (900)")
     parser.add_argument(
-        "--dir", type=Path, default=Path(tempfile.gettempdir()), help="where the data goes"
+        "--dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()),
+        help="where the temporary data goes (system temp dir)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: commands run")
