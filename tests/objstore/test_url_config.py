@@ -665,3 +665,20 @@ def test_other_components_sections_are_allowed_when_declared(tmp_path: Path) -> 
         Config.load(path, env={})
     config = Config.load(path, env={}, sections=["worker"])
     assert config.profile("p").endpoint == "http://x"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-22T10:44:35.000Z",
+        "2026-11-22T10:44:35Z",
+        "Sun, 22 Nov 2026 10:44:35 GMT",
+        "1795344275",
+    ],
+)
+def test_fast_timestamp_parser_agrees_with_botocore(text: str) -> None:
+    import botocore.parsers
+
+    from objstore.s3 import fast_timestamp
+
+    assert fast_timestamp(text) == botocore.parsers.DEFAULT_TIMESTAMP_PARSER(text)
