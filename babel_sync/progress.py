@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from objstore.cli import human_bytes
+
 
 @dataclass
 class Counters:
@@ -53,14 +55,6 @@ class Counters:
             }
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f}"
-
-
 def describe(snap: dict[str, Any]) -> str:
     """One plain progress line."""
     elapsed = max(1e-6, time.monotonic() - float(snap["started"]))
@@ -70,8 +64,8 @@ def describe(snap: dict[str, Any]) -> str:
     return (
         f"{snap['phase']}: listed {snap['src_listed']:,} src / {snap['dst_listed']:,} dst; "
         f"copied {snap['copied']:,}/{snap['to_copy']:,} objects, "
-        f"{_human(float(snap['bytes_moved']))}/{_human(float(snap['to_copy_bytes']))} "
-        f"at {_human(rate)}/s, ETA {eta}; skipped {snap['skipped']:,}, deleted {snap['deleted']:,}, "
+        f"{human_bytes(float(snap['bytes_moved']))}/{human_bytes(float(snap['to_copy_bytes']))} "
+        f"at {human_bytes(rate)}/s, ETA {eta}; skipped {snap['skipped']:,}, deleted {snap['deleted']:,}, "
         f"failed {snap['failed']:,}, verified {snap['verified']:,}, mismatches {snap['mismatches']:,}"
     )
 

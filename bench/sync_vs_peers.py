@@ -63,6 +63,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from objstore.cli import human_bytes, parse_size  # noqa: E402
 from tests.servers.rclone_s3 import RcloneS3Server, rclone_binary  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -77,25 +78,6 @@ SRC_KEYS = ("AKIABENCHSOURCE00001", "benchSourceSecretKeyForRegionA0000000001")
 DST_KEYS = ("AKIABENCHDEST0000002", "benchDestSecretKeyForRegionB00000000002")
 # Variables that would steer a tool to other endpoints or credentials than the ones given here.
 _FOREIGN_ENV = re.compile(r"^(AWS_|RCLONE_|S3_|OBJSTORE_|BABEL_SYNC_)")
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
-_UNITS |= {"g": 1 << 30, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-
-
-def parse_size(text: str) -> int:
-    """'256MiB', '16KiB', '1G' (binary), '1GB' (decimal) or a plain byte count."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}; e.g. 256MiB, 16KiB, 1000000")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 # -- data sets ---------------------------------------------------------------------------------
@@ -449,7 +431,7 @@ def print_tables(env: dict[str, Any], summaries: list[dict[str, Any]]) -> None:
         target = s["target_ratio"]
         print()
         print(
-            f"({s['dataset']}) {s['description']}: {s['objects']:,} objects, {human(s['bytes'])} "
+            f"({s['dataset']}) {s['description']}: {s['objects']:,} objects, {human_bytes(s['bytes'])} "
             f"[{SRC_BUCKET}/{s['prefix']}] - target babel-sync <= {target:g}x best peer "
             f"({s['best_peer'] or 'none succeeded'})"
         )
@@ -571,7 +553,11 @@ def bench_all(args: argparse.Namespace, names: list[str], tools: list[str]) -> l
         summaries = []
         for ds in datasets(src, names):
             log.info(
-                "(%s) %s: %d objects, %s", ds.name, ds.description, ds.objects, human(ds.bytes)
+                "(%s) %s: %d objects, %s",
+                ds.name,
+                ds.description,
+                ds.objects,
+                human_bytes(ds.bytes),
             )
             runs: dict[str, list[Run]] = {tool: [] for tool in tools}
             for rep in range(1, args.repeat + 1):

@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import sys
@@ -50,30 +49,12 @@ sys.path.insert(0, str(ROOT))
 from babel_sync.verify import VerifyResult, verify_full, verify_sampled  # noqa: E402
 from objstore import ChecksumValue, Config, Store, open_store  # noqa: E402
 from objstore.checksum import Checksum  # noqa: E402
+from objstore.cli import human_bytes, parse_size  # noqa: E402
 from tests.servers.rclone_s3 import RcloneS3Server  # noqa: E402
 
 TARGET = 0.05
 PATTERN = 64 << 20
 MIN_SIZE = 256 << 20
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
-_UNITS |= {"g": 1 << 30, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-
-
-def parse_size(text: str) -> int:
-    """'4GiB', '64MiB', '512M' (binary), '1GB' (decimal) or a plain byte count."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}; e.g. 4GiB, 64MiB, 1000000")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def parts(total: int, part_size: int, pattern: bytes) -> Iterator[bytearray]:
@@ -229,15 +210,15 @@ def fit_size(size: int, backends: list[str], base: Path) -> int:
         fitted //= 2
     if fitted < MIN_SIZE:
         print(
-            f"not enough disk in {base}: {human(free)} free, {human(need(MIN_SIZE))} needed "
-            f"even at {human(MIN_SIZE)}; skipping",
+            f"not enough disk in {base}: {human_bytes(free)} free, {human_bytes(need(MIN_SIZE))} needed "
+            f"even at {human_bytes(MIN_SIZE)}; skipping",
             file=sys.stderr,
         )
         return 0
     if fitted != size:
         print(
-            f"reducing --size from {human(size)} to {human(fitted)}: {human(free)} free in "
-            f"{base}, {human(need(size))} needed",
+            f"reducing --size from {human_bytes(size)} to {human_bytes(fitted)}: {human_bytes(free)} free in "
+            f"{base}, {human_bytes(need(size))} needed",
             file=sys.stderr,
         )
     return fitted
@@ -245,8 +226,8 @@ def fit_size(size: int, backends: list[str], base: Path) -> int:
 
 def print_table(env: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     print(
-        f"verify benchmark: object {human(env['size'])}, parts of {human(env['part_size'])}, "
-        f"sampled {env['samples']} x {human(env['block_size'])} blocks, "
+        f"verify benchmark: object {human_bytes(env['size'])}, parts of {human_bytes(env['part_size'])}, "
+        f"sampled {env['samples']} x {human_bytes(env['block_size'])} blocks, "
         f"cache {'warm' if env['warm'] else 'cold'}, rclone --buffer-size "
         f"{env['rclone_buffer_size']}, {env['cpus']} CPUs, python {env['python']}"
     )
@@ -270,7 +251,7 @@ def print_table(env: dict[str, Any], rows: list[dict[str, Any]]) -> None:
                 r["backend"],
                 r["mode"] + ("" if r["ok"] else " NOT OK"),
                 f"{r['seconds']:.3f}",
-                human(r["bytes_read"]),
+                human_bytes(r["bytes_read"]),
                 f"{r['gb_per_s']:.2f}",
                 f"{r['detection_1pct']:.3f}" if sampled else "any change",
                 f"{r['detection_10pct']:.3f}" if sampled else "any change",
@@ -336,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     try:
         for name in backends:
-            print(f"writing 2 x {human(args.size)} to {name}...", file=sys.stderr, flush=True)
+            print(f"writing 2 x {human_bytes(args.size)} to {name}...", file=sys.stderr, flush=True)
             if name == "local":
                 store, files = make_local(base, args.size, args.part_size, pattern)
             else:

@@ -21,11 +21,9 @@ from typing import Any
 
 import fsspec
 
-from . import treewalk
 from .base import (
     Body,
     Features,
-    ListPage,
     ObjectInfo,
     PartInfo,
     Store,
@@ -43,8 +41,8 @@ from .errors import (
     UploadNotFound,
 )
 from .retry import RetryPolicy
-from .treewalk import Entry
-from .url import RESERVED_PREFIX, StoreURL, check_key, check_prefix
+from .treewalk import Entry, TreeListing
+from .url import RESERVED_PREFIX, StoreURL, check_key
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +71,7 @@ def _etag(info: dict[str, Any]) -> str:
     return f"{_mtime(info):.6f}-{int(info.get('size') or 0):x}"
 
 
-class FsspecStore(Store):
+class FsspecStore(TreeListing, Store):
     """A directory of an fsspec filesystem as a store."""
 
     features = Features(
@@ -156,27 +154,6 @@ class FsspecStore(Store):
                     Entry(name, False, int(info.get("size") or 0), _mtime(info), _etag(info))
                 )
         return entries
-
-    def list_page(
-        self,
-        prefix: str = "",
-        *,
-        start_after: str = "",
-        delimiter: str = "",
-        limit: int = 1000,
-        token: str | None = None,
-    ) -> ListPage:
-        check_prefix(prefix, url=str(self.url))
-        self._require_root("list")
-        with self._errors("list"):
-            return treewalk.list_page(
-                self._listdir,
-                prefix,
-                start_after=start_after,
-                delimiter=delimiter,
-                limit=limit,
-                token=token,
-            )
 
     def get_range(
         self, key: str, start: int = 0, length: int | None = None, *, if_match: str | None = None

@@ -25,11 +25,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import treewalk
 from .base import (
     Body,
     Features,
-    ListPage,
     ObjectInfo,
     PartInfo,
     Store,
@@ -48,8 +46,8 @@ from .errors import (
     UploadNotFound,
 )
 from .retry import RetryPolicy
-from .treewalk import Entry
-from .url import RESERVED_PREFIX, StoreURL, check_key, check_prefix
+from .treewalk import Entry, TreeListing
+from .url import RESERVED_PREFIX, StoreURL, check_key
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +62,7 @@ def _etag(st: os.stat_result) -> str:
     return f"{st.st_mtime_ns:x}-{st.st_size:x}"
 
 
-class LocalStore(Store):
+class LocalStore(TreeListing, Store):
     """A directory as a store. See the module docstring for the on-disk layout.
 
     Args:
@@ -177,27 +175,6 @@ class LocalStore(Store):
         except (FileNotFoundError, NotADirectoryError):
             return []
         return entries
-
-    def list_page(
-        self,
-        prefix: str = "",
-        *,
-        start_after: str = "",
-        delimiter: str = "",
-        limit: int = 1000,
-        token: str | None = None,
-    ) -> ListPage:
-        check_prefix(prefix, url=str(self.url))
-        self._require_root("list")
-        with self._errors("list"):
-            return treewalk.list_page(
-                self._listdir,
-                prefix,
-                start_after=start_after,
-                delimiter=delimiter,
-                limit=limit,
-                token=token,
-            )
 
     def get_range(
         self, key: str, start: int = 0, length: int | None = None, *, if_match: str | None = None

@@ -10,12 +10,13 @@ reads rather than a walk of everything before it. Both the local and the fsspec 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .base import ListPage, ObjectInfo
-from .url import RESERVED_PREFIX
+from .url import RESERVED_PREFIX, StoreURL, check_prefix
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +117,43 @@ def list_page(
             objects.append(ObjectInfo(key, entry.size, entry.mtime, entry.etag))
         last = key
     return ListPage(objects, prefixes, None)
+
+
+class TreeListing:
+    """``Store.list_page`` for backends that keep objects in a directory tree (local, fsspec).
+
+    The backend supplies ``_listdir`` (one directory's entries), ``_require_root`` and its
+    ``_errors`` translation context.
+    """
+
+    url: StoreURL
+
+    def _listdir(self, dir_key: str) -> list[Entry]:
+        raise NotImplementedError
+
+    def _require_root(self, operation: str) -> None:
+        raise NotImplementedError
+
+    def _errors(self, operation: str, key: str = "") -> contextlib.AbstractContextManager[None]:
+        raise NotImplementedError
+
+    def list_page(
+        self,
+        prefix: str = "",
+        *,
+        start_after: str = "",
+        delimiter: str = "",
+        limit: int = 1000,
+        token: str | None = None,
+    ) -> ListPage:
+        check_prefix(prefix, url=str(self.url))
+        self._require_root("list")
+        with self._errors("list"):
+            return list_page(
+                self._listdir,
+                prefix,
+                start_after=start_after,
+                delimiter=delimiter,
+                limit=limit,
+                token=token,
+            )
