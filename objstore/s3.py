@@ -19,14 +19,15 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import boto3
 import botocore.config
 import botocore.exceptions
 import botocore.parsers
+import urllib3
 
-from . import checksum
+from . import checksum, s3_data
 from .base import (
     Body,
     ChecksumValue,
@@ -114,8 +115,17 @@ class S3Store(Store):
             config=config,
         )
 
+        # Object GET/HEAD/PUT go through the lean data path where addressing allows it.
+        self._data = (
+            s3_data.S3DataPath(profile, url.bucket)
+            if profile.endpoint and profile.addressing_style == "path"
+            else None
+        )
+
     def close(self) -> None:
         self.client.close()
+        if self._data is not None:
+            self._data.close()
 
     # -- keys and errors -----------------------------------------------------------------
 
@@ -133,19 +143,17 @@ class S3Store(Store):
         except botocore.exceptions.ClientError as exc:
             err = exc.response.get("Error", {})
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-            code = str(err.get("Code", ""))
-            if status == 404 and code in ("404", "NotFound", ""):
-                # HEAD responses have no body: find out whether the bucket itself is missing.
-                if not self._bucket_exists():
-                    raise bucket_not_found(self.url, operation) from exc
-                raise not_found(self.url, key, operation) from exc
-            cls = classify(status, code)
-            if cls is ObjectNotFound:
-                raise not_found(self.url, key, operation) from exc
-            if code == "NoSuchBucket":
-                raise bucket_not_found(self.url, operation) from exc
-            message = describe(status, code, str(err.get("Message", "")))
-            raise cls(message, url=where, operation=operation) from exc
+            self._raise_http(
+                status, str(err.get("Code", "")), str(err.get("Message", "")), operation, key, exc
+            )
+        except s3_data.HTTPError as exc:
+            self._raise_http(exc.status, exc.code, exc.message, operation, key, exc)
+        except urllib3.exceptions.HTTPError as exc:  # the lean data path's network failures
+            raise EndpointUnreachable(
+                f"cannot reach {self.profile.endpoint}: {network_reason(exc)}",
+                url=where,
+                operation=operation,
+            ) from exc
         except (
             botocore.exceptions.EndpointConnectionError,
             botocore.exceptions.ConnectTimeoutError,
@@ -170,6 +178,22 @@ class S3Store(Store):
             raise InvalidCredentials(
                 f"no credentials for profile {self.profile.name!r}", url=where, operation=operation
             ) from exc
+
+    def _raise_http(
+        self, status: int, code: str, message: str, operation: str, key: str, exc: Exception
+    ) -> NoReturn:
+        if status == 404 and code in ("404", "NotFound", ""):
+            # HEAD responses have no body: find out whether the bucket itself is missing.
+            if not self._bucket_exists():
+                raise bucket_not_found(self.url, operation) from exc
+            raise not_found(self.url, key, operation) from exc
+        cls = classify(status, code)
+        if cls is ObjectNotFound:
+            raise not_found(self.url, key, operation) from exc
+        if code == "NoSuchBucket":
+            raise bucket_not_found(self.url, operation) from exc
+        where = self.url.child(key) if key else str(self.url)
+        raise cls(describe(status, code, message), url=where, operation=operation) from exc
 
     def _bucket_exists(self) -> bool:
         if self._bucket_checked:
@@ -201,9 +225,15 @@ class S3Store(Store):
     @retrying
     def stat(self, key: str) -> ObjectInfo:
         with self._errors("stat", key):
-            head = self.client.head_object(
-                Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED"
-            )
+            if self._data is not None:
+                resp = self._data.request(
+                    "HEAD", self._key(key), {"x-amz-checksum-mode": "ENABLED"}
+                )
+                head: Mapping[str, Any] = s3_data.boto_fields(resp.headers)
+            else:
+                head = self.client.head_object(
+                    Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED"
+                )
             self._bucket_checked = True
         return self._info(key, head)
 
@@ -260,6 +290,17 @@ class S3Store(Store):
             args["Range"] = f"bytes={start}-{end}"
         if if_match:
             args["IfMatch"] = f'"{if_match}"'
+        if self._data is not None:
+            headers = {"Range": args["Range"]} if "Range" in args else {}
+            if if_match:
+                headers["If-Match"] = args["IfMatch"]
+            with self._errors("get_range", key):
+                try:
+                    return bytes(self._data.request("GET", args["Key"], headers).data)
+                except s3_data.HTTPError as exc:
+                    if exc.code == "InvalidRange" or exc.status == 416:
+                        return b""  # start at or past the end: a short read, as for a file
+                    raise
         with self._errors("get_range", key):
             try:
                 resp = self.client.get_object(**args)
@@ -278,6 +319,13 @@ class S3Store(Store):
     @retrying
     def put(self, key: str, data: Body, *, metadata: dict[str, str] | None = None) -> ObjectInfo:
         crc = checksum.compute(_ALGO, data)
+        if self._data is not None:
+            headers = {"x-amz-checksum-crc64nvme": checksum.encode_header(_ALGO, crc)}
+            headers.update({f"x-amz-meta-{k}": v for k, v in (metadata or {}).items()})
+            with self._errors("put", key):
+                sent = self._data.request("PUT", self._key(key), headers, bytes(data))
+            fields = s3_data.boto_fields(sent.headers)
+            return self._written(key, fields, crc, len(memoryview(data).cast("B")), metadata)
         with self._errors("put", key):
             resp = self.client.put_object(
                 Bucket=self.bucket,
@@ -387,6 +435,13 @@ class S3Store(Store):
         }
         if if_match:
             args["IfMatch"] = f'"{if_match}"'
+        if self._data is not None:
+            headers = {"x-amz-checksum-mode": "ENABLED"}
+            if if_match:
+                headers["If-Match"] = args["IfMatch"]
+            with self._errors("get_object", key):
+                got = self._data.request("GET", args["Key"], headers)
+            return bytes(got.data), self._info(key, s3_data.boto_fields(got.headers))
         with self._errors("get_object", key):
             resp = self.client.get_object(**args)
             body = resp["Body"]
