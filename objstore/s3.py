@@ -259,6 +259,8 @@ class S3Store(Store):
             args["ContinuationToken"] = token
         elif start_after:
             args["StartAfter"] = self.prefix + start_after
+        if self._data is not None:
+            return self._list_page_lean(args)
         with self._errors("list"):
             resp = self.client.list_objects_v2(**args)
             self._bucket_checked = True
@@ -275,6 +277,29 @@ class S3Store(Store):
         prefixes = [p["Prefix"][cut:] for p in resp.get("CommonPrefixes", [])]
         next_token = resp.get("NextContinuationToken") if resp.get("IsTruncated") else None
         return ListPage(objects, prefixes, next_token)
+
+    def _list_page_lean(self, args: dict[str, Any]) -> ListPage:
+        assert self._data is not None
+        query = {
+            "list-type": "2",
+            "encoding-type": "url",
+            "prefix": args["Prefix"],
+            "max-keys": str(args["MaxKeys"]),
+        }
+        for name, param in (("delimiter", "Delimiter"), ("continuation-token", "ContinuationToken"),
+                            ("start-after", "StartAfter")):  # fmt: skip
+            if param in args:
+                query[name] = args[param]
+        with self._errors("list"):
+            got = s3_data.parse_list_v2(self._data.request("GET", "", query=query).data)
+            self._bucket_checked = True
+        cut = len(self.prefix)
+        contents: Any = got["contents"]
+        objects = [ObjectInfo(k[cut:], size, mtime, etag) for k, size, mtime, etag in contents]
+        prefixes = [p[cut:] for p in got["prefixes"]]  # type: ignore[attr-defined]
+        return ListPage(
+            objects, prefixes, str(got["token"]) if got["truncated"] and got["token"] else None
+        )
 
     @retrying
     def get_range(
