@@ -8,6 +8,7 @@ permission, 5 endpoint unreachable, 6 verification mismatch.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
@@ -183,18 +184,6 @@ def _print_report(report: SyncReport, args: argparse.Namespace) -> None:
         print(f"  MISMATCH {mismatch}", file=sys.stderr)
 
 
-def cmd_sync(args: argparse.Namespace) -> int:
-    return _run_job(args, "sync")
-
-
-def cmd_copy(args: argparse.Namespace) -> int:
-    return _run_job(args, "copy")
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    return _run_job(args, "check")
-
-
 def _add_job_options(p: argparse.ArgumentParser, *, mirror: bool) -> None:
     p.add_argument("src", help="source URL, e.g. s3://region-a@bucket/prefix/")
     p.add_argument("dst", help="destination URL, e.g. oss://region-b@bucket/prefix/")
@@ -268,25 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(parser)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    sync = sub.add_parser("sync", help="make DST mirror SRC", description="Make DST mirror SRC.")
-    _add_job_options(sync, mirror=True)
-    sync.set_defaults(func=cmd_sync)
-
-    copy = sub.add_parser(
-        "copy",
-        help="copy new and changed objects, never delete",
-        description="Copy new and changed objects from SRC to DST; never delete.",
-    )
-    _add_job_options(copy, mirror=False)
-    copy.set_defaults(func=cmd_copy)
-
-    check = sub.add_parser(
-        "check",
-        help="verify DST matches SRC, change nothing",
-        description="Verify that DST matches SRC (sampled or full CRC); change nothing.",
-    )
-    _add_job_options(check, mirror=False)
-    check.set_defaults(func=cmd_check)
+    jobs = (
+        ("sync", "make DST mirror SRC", "Make DST mirror SRC.", True),
+        ("copy", "copy new and changed objects, never delete",
+         "Copy new and changed objects from SRC to DST; never delete.", False),
+        ("check", "verify DST matches SRC, change nothing",
+         "Verify that DST matches SRC (sampled or full CRC); change nothing.", False),
+    )  # fmt: skip
+    for mode, summary, description, mirror in jobs:
+        job = sub.add_parser(mode, help=summary, description=description)
+        _add_job_options(job, mirror=mirror)
+        job.set_defaults(func=functools.partial(_run_job, mode=mode))
 
     ls = sub.add_parser(
         "ls", help="list objects under a URL", description="List objects under a store URL."
