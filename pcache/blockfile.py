@@ -1,0 +1,169 @@
+"""The on-disk format of one cached block: a fixed header, then the data.
+
+A block file is :data:`HEADER_SIZE` bytes of header (so the data stays page aligned) followed by
+the data. The header holds a magic, the format version, flags (0), the block number, the data
+length, the CRC32C of the data, the block's identity (its index key, at most 511 bytes) and a
+CRC32C of the header itself. :func:`read_block` checks all of it and the data's CRC against what
+the index says, so a file that is short, long, torn, bit-flipped or another block's never passes.
+
+Files are written to a temp path (:func:`write_block_file`), then renamed into place by the
+block store. Stateless and thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from pathlib import Path
+
+from objstore import checksum
+
+log = logging.getLogger(__name__)
+
+#: Bytes of the header before the data in every block file.
+HEADER_SIZE = 4096
+#: The largest identity (index key) a header holds.
+MAX_IDENTITY = 511
+_MAGIC = b"PCBLK\x00\r\n"
+_FORMAT = 1
+_HDR = struct.Struct("<8sHHQQIIH")  # magic, format, flags, index, length, crc, header crc, id len
+_HCRC_OFFSET = 32
+
+
+class CorruptBlock(Exception):
+    """A block file does not hold the block the index promises."""
+
+
+def footprint(length: int) -> int:
+    """Bytes a block of ``length`` data bytes occupies on disk (what puts reserve)."""
+    return HEADER_SIZE + length
+
+
+def read_block(
+    path: Path,
+    key: bytes,
+    index: int,
+    length: int,
+    crc: int,
+    out: memoryview | None,
+) -> bytes:
+    """Read and verify one block file; the data (or b"" when read into ``out``).
+
+    ``out``, when given, receives the data in place (it must hold ``length`` bytes).
+
+    Raises:
+        CorruptBlock: the file is not exactly this block (size, header, CRC32C).
+        OSError: the file cannot be opened or read (FileNotFoundError when it is gone).
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size != HEADER_SIZE + length:
+            raise CorruptBlock(f"file is {size} bytes, expected {HEADER_SIZE + length}")
+        header = os.pread(fd, HEADER_SIZE, 0)
+        check_header(header, key, index, length, crc)
+        if out is None:
+            data = _pread_full(fd, length, HEADER_SIZE)
+            got = checksum.compute("crc32c", data)
+        else:
+            target = out[:length]
+            _preadv_full(fd, target, HEADER_SIZE)
+            data = b""
+            got = checksum.compute("crc32c", target)
+        if got != crc:
+            raise CorruptBlock(f"CRC32C {got:08x} != {crc:08x}")
+        return data
+    finally:
+        os.close(fd)
+
+
+def pack_header(key: bytes, index: int, length: int, crc: int) -> bytearray:
+    """The header of a block (``key`` is its identity, at most :data:`MAX_IDENTITY` bytes)."""
+    if len(key) > MAX_IDENTITY:
+        raise ValueError(f"block identity of {len(key)} bytes exceeds {MAX_IDENTITY}")
+    buf = bytearray(HEADER_SIZE)
+    _HDR.pack_into(buf, 0, _MAGIC, _FORMAT, 0, index, length, crc, 0, len(key))
+    end = _HDR.size + len(key)
+    buf[_HDR.size : end] = key
+    struct.pack_into("<I", buf, _HCRC_OFFSET, checksum.compute("crc32c", memoryview(buf)[:end]))
+    return buf
+
+
+def check_header(header: bytes, key: bytes, index: int, length: int, crc: int) -> None:
+    if len(header) != HEADER_SIZE:
+        raise CorruptBlock("short header")
+    magic, fmt, flags, h_index, h_length, h_crc, h_hcrc, id_len = _HDR.unpack_from(header)
+    if magic != _MAGIC or fmt != _FORMAT or flags != 0 or id_len > MAX_IDENTITY:
+        raise CorruptBlock("bad magic or format")
+    end = _HDR.size + id_len
+    raw = bytearray(header[:end])
+    raw[_HCRC_OFFSET : _HCRC_OFFSET + 4] = b"\x00\x00\x00\x00"
+    if checksum.compute("crc32c", raw) != h_hcrc:
+        raise CorruptBlock("header CRC mismatch")
+    if header[_HDR.size : end] != key or h_index != index:
+        raise CorruptBlock("header names another block")
+    if h_length != length or h_crc != crc:
+        raise CorruptBlock("header length/CRC differ from the index")
+
+
+def write_block_file(path: Path, header: bytearray, data: memoryview, durable: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        bufs = [memoryview(header), data]
+        while bufs:
+            n = os.writev(fd, bufs)
+            while n and bufs:
+                if n >= len(bufs[0]):
+                    n -= len(bufs[0])
+                    bufs.pop(0)
+                else:
+                    bufs[0] = bufs[0][n:]
+                    n = 0
+            bufs = [b for b in bufs if len(b)]
+        if durable:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        unlink_quietly(path)
+        raise
+    os.close(fd)
+
+
+def _pread_full(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        chunk = os.pread(fd, length - got, offset + got)
+        if not chunk:
+            raise CorruptBlock(f"short read: {got} of {length} bytes")
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _preadv_full(fd: int, target: memoryview, offset: int) -> None:
+    got = 0
+    while got < len(target):
+        n = os.preadv(fd, [target[got:]], offset + got)
+        if n <= 0:
+            raise CorruptBlock(f"short read: {got} of {len(target)} bytes")
+        got += n
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

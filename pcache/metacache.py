@@ -1,0 +1,152 @@
+"""File-level metadata cache: stat results and directory listings with a TTL.
+
+A stat is trusted for ``ttl`` seconds, a "does not exist" (negative entry) for ``negative_ttl``;
+in immutable mode (datasets that never change) nothing expires. Listings are cached per
+(namespace, prefix). :meth:`MetadataCache.invalidate` drops everything under a path, which is what
+``pcache invalidate`` and the worker's own writes use. Thread-safe; sizes are bounded (oldest
+entries dropped first).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from objstore.base import ListPage, ObjectInfo
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Missing:
+    """The cached answer "this object does not exist"."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING = Missing()
+
+
+@dataclass
+class _Entry(Generic[T]):
+    value: T
+    expires: float
+
+
+class _TTLMap(Generic[T]):
+    def __init__(self, max_entries: int) -> None:
+        self._data: OrderedDict[tuple[str, str], _Entry[T]] = OrderedDict()
+        self._max = max_entries
+
+    def get(self, key: tuple[str, str], now: float) -> T | None:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        if entry.expires < now:
+            del self._data[key]
+            return None
+        return entry.value
+
+    def put(self, key: tuple[str, str], value: T, expires: float) -> None:
+        self._data[key] = _Entry(value, expires)
+        self._data.move_to_end(key)
+        while len(self._data) > self._max:
+            self._data.popitem(last=False)
+
+    def drop_where(self, doomed: Callable[[tuple[str, str]], bool]) -> int:
+        keys = [k for k in self._data if doomed(k)]
+        for k in keys:
+            del self._data[k]
+        return len(keys)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class MetadataCache:
+    """Stat and listing cache with TTLs, negative entries and an immutable mode.
+
+    Args:
+        ttl: seconds a positive stat or a listing is trusted.
+        negative_ttl: seconds a "does not exist" is trusted.
+        immutable: nothing expires (the data never changes under the cache).
+        max_entries: bound per map.
+    """
+
+    def __init__(
+        self,
+        ttl: float = 30.0,
+        negative_ttl: float = 5.0,
+        *,
+        immutable: bool = False,
+        max_entries: int = 1_000_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.immutable = immutable
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._stats: _TTLMap[ObjectInfo | Missing] = _TTLMap(max_entries)
+        self._listings: _TTLMap[ListPage] = _TTLMap(max(1, max_entries // 100))
+        self.hits = 0
+        self.misses = 0
+
+    def _expiry(self, seconds: float) -> float:
+        return float("inf") if self.immutable else self._clock() + seconds
+
+    def get_stat(self, namespace: str, key: str) -> ObjectInfo | Missing | None:
+        """The cached stat, :data:`MISSING`, or ``None`` when the cache does not know."""
+        with self._lock:
+            value = self._stats.get((namespace, key), self._clock())
+            if value is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            return value
+
+    def put_stat(self, namespace: str, key: str, info: ObjectInfo | Missing) -> None:
+        ttl = self.negative_ttl if isinstance(info, Missing) else self.ttl
+        if ttl <= 0 and not self.immutable:
+            return
+        with self._lock:
+            self._stats.put((namespace, key), info, self._expiry(ttl))
+
+    def get_listing(self, namespace: str, prefix: str) -> ListPage | None:
+        with self._lock:
+            value = self._listings.get((namespace, prefix), self._clock())
+            if value is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            return value
+
+    def put_listing(self, namespace: str, prefix: str, page: ListPage) -> None:
+        if self.ttl <= 0 and not self.immutable:
+            return
+        with self._lock:
+            self._listings.put((namespace, prefix), page, self._expiry(self.ttl))
+
+    def invalidate(self, namespace: str, path: str = "") -> int:
+        """Forget every stat under ``path`` and every listing that could contain it."""
+        with self._lock:
+            dropped = self._stats.drop_where(lambda k: k[0] == namespace and k[1].startswith(path))
+            # a listing of any parent directory may mention the path
+            parts = path.split("/")
+            parents = {""} | {"/".join(parts[:i]) + "/" for i in range(1, len(parts))}
+            return dropped + self._listings.drop_where(
+                lambda k: k[0] == namespace and (k[1] in parents or k[1].startswith(path))
+            )
+
+    def sizes(self) -> dict[str, int]:
+        with self._lock:
+            return {"stats": len(self._stats), "listings": len(self._listings)}

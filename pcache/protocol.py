@@ -1,0 +1,145 @@
+"""The worker's HTTP protocol, shared by the worker, its peers and the client.
+
+Every request carries ``Authorization: Bearer <token>`` (the cluster's shared token); only
+``/healthz`` is open. Errors travel as ``{"error": "...", "kind": "..."}`` with a status code
+from one table (:data:`STATUS_BY_KIND`), and :func:`error_from_response` turns them back into the
+same exception classes on the other side, so a missing object is a ``FileNotFoundError`` to a
+client whether it came from the backing store, a peer or the local worker.
+
+Routes (``{ns}`` is a namespace from the worker's ``backends``, ``{key}`` an object key)::
+
+    GET  /healthz                         liveness, no token
+    GET  /v1/info                         node id, block size, namespaces, cluster members
+    GET  /v1/stat/{ns}/{key}              object metadata (metadata cache)
+    GET  /v1/list/{ns}?prefix=&delimiter= a whole listing (metadata cache)
+    GET  /v1/block/{ns}/{key}?version=&index=&size=[&peer=1][&cached_only=1]
+    POST /v1/prefetch                     {ns, key, version, size, indexes}: load into the cache
+    POST /v1/shm/read                     {ns, key, version, size, offset, length, segment, segment_offset}
+    POST /v1/shm/release                  {segment}
+    POST /v1/write/{ns}/{key}             open a write session -> {session}
+    PUT  /v1/session/{id}?offset=N        body: bytes at offset
+    POST /v1/session/{id}/shm             {offset, length, segment, segment_offset}
+    POST /v1/session/{id}/commit          {durable: "local"|"remote"} -> stat
+    DELETE /v1/session/{id}               abort
+    POST /v1/flush/{ns}/{key}             wait until remote-durable
+    DELETE /v1/object/{ns}/{key}          delete from the backing store
+    POST /v1/invalidate                   {ns, path, cluster}
+    GET  /v1/status                       disks, counters, write-back backlog, peers
+    GET  /metrics                         Prometheus
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import Any
+
+from objstore.base import ObjectInfo
+from objstore.errors import (
+    AccessDenied,
+    EndpointUnreachable,
+    InsufficientStorage,
+    InvalidKey,
+    ObjectNotFound,
+    PreconditionFailed,
+    StorageError,
+    TransientError,
+)
+
+log = logging.getLogger(__name__)
+
+TOKEN_HEADER = "Authorization"
+SOURCE_HEADER = "X-Pcache-Source"
+VERSION_HEADER = "X-Pcache-Version"
+
+# error kind -> HTTP status; the client maps statuses back through ERROR_BY_KIND
+STATUS_BY_KIND: dict[str, int] = {
+    "not_found": 404,
+    "bad_request": 400,
+    "unauthorized": 401,
+    "access_denied": 403,
+    "stale": 409,
+    "no_space": 507,
+    "unavailable": 503,
+    "bad_gateway": 502,
+    "timeout": 504,
+    "internal": 500,
+}
+
+
+class PcacheError(StorageError):
+    """An error reported by a worker that maps to no more specific class."""
+
+
+class Unauthorized(AccessDenied):
+    """The worker refused the token (missing or wrong)."""
+
+
+class StaleVersion(PreconditionFailed):
+    """The object changed since its version was looked up; look it up again."""
+
+
+ERROR_BY_KIND: dict[str, type[StorageError]] = {
+    "not_found": ObjectNotFound,
+    "bad_request": InvalidKey,
+    "unauthorized": Unauthorized,
+    "access_denied": AccessDenied,
+    "stale": StaleVersion,
+    "no_space": InsufficientStorage,
+    "unavailable": TransientError,
+    "bad_gateway": EndpointUnreachable,
+    "timeout": TransientError,
+    "internal": PcacheError,
+}
+
+
+def kind_of(exc: BaseException) -> str:
+    """The error kind a worker reports for an exception."""
+    if isinstance(exc, Unauthorized):
+        return "unauthorized"
+    if isinstance(exc, PreconditionFailed):
+        return "stale"
+    if isinstance(exc, FileNotFoundError | KeyError):
+        return "not_found"
+    if isinstance(exc, PermissionError):
+        return "access_denied"
+    if isinstance(exc, InvalidKey | ValueError):
+        return "bad_request"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "no_space"
+    if isinstance(exc, EndpointUnreachable):
+        return "bad_gateway"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, TransientError):
+        return "unavailable"
+    return "internal"
+
+
+def error_body(exc: BaseException) -> tuple[int, dict[str, str]]:
+    kind = kind_of(exc)
+    message = str(exc) if not isinstance(exc, KeyError) else f"unknown name {exc.args[0]!r}"
+    return STATUS_BY_KIND[kind], {"error": message or type(exc).__name__, "kind": kind}
+
+
+def error_from_response(status: int, body: Any, url: str = "") -> StorageError:
+    """The exception a worker's error response stands for."""
+    kind = body.get("kind") if isinstance(body, dict) else None
+    message = body.get("error") if isinstance(body, dict) else None
+    if kind not in ERROR_BY_KIND:
+        kind = next((k for k, s in STATUS_BY_KIND.items() if s == status), "internal")
+    cls = ERROR_BY_KIND[kind]
+    return cls(message or f"worker answered HTTP {status}", url=url)
+
+
+def info_to_json(info: ObjectInfo) -> dict[str, Any]:
+    return {"key": info.key, "size": info.size, "mtime": info.mtime, "etag": info.etag}
+
+
+def info_from_json(data: dict[str, Any]) -> ObjectInfo:
+    return ObjectInfo(data["key"], int(data["size"]), float(data["mtime"]), data.get("etag", ""))
+
+
+def block_key(namespace: str, key: str, index: int) -> str:
+    """The name worker selection hashes for one block (stable across versions)."""
+    return f"{namespace}/{key}#{index}"

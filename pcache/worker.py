@@ -1,0 +1,597 @@
+"""``pcache worker``: the node's cache daemon (aiohttp).
+
+It owns the node's cache disks (:mod:`pcache.blockstore`), answers clients and peers with the
+protocol of :mod:`pcache.protocol`, reads misses through :mod:`pcache.fetch`, stages writes in
+:mod:`pcache.writeback`, caches metadata in :mod:`pcache.metacache`, and exports Prometheus
+metrics (:mod:`pcache.metrics`). Every long-lived part starts and stops in the app's
+``cleanup_ctx``; one middleware checks the token and turns every exception into a JSON error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from aiohttp import web
+
+from objstore import open_store
+from objstore.base import ListPage, ObjectInfo, Store
+from objstore.errors import ObjectNotFound
+from objstore.url import check_key, check_prefix
+
+from . import metrics as metrics_mod
+from .blockstore import BlockStore, CacheDir
+from .config import WorkerConfig
+from .fetch import BlockFetcher, PeerClient
+from .membership import Membership
+from .metacache import MISSING, MetadataCache, Missing
+from .protocol import (
+    SOURCE_HEADER,
+    TOKEN_HEADER,
+    VERSION_HEADER,
+    StaleVersion,
+    Unauthorized,
+    error_body,
+    info_to_json,
+)
+from .selection import Node, WorkerSelector
+from .shm import SegmentMap
+from .writeback import WriteBack
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPEN_PATHS = frozenset({"/healthz"})
+MAX_BODY = 64 << 20
+
+
+class Worker:
+    """The state behind one worker's HTTP app; created and closed by :func:`create_app`."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.started = time.time()
+        self.stores: dict[str, Store] = {
+            name: open_store(url, config.profiles) for name, url in config.backends.items()
+        }
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.blocks = BlockStore(
+            [CacheDir(d.path, d.capacity) for d in config.cache_dirs],
+            config.state_dir / "index",
+            block_size=config.block_size,
+        )
+        self.meta = MetadataCache(
+            config.metadata_ttl, config.negative_ttl, immutable=config.immutable
+        )
+        self.membership = (
+            Membership.from_file(config.membership_file)
+            if config.membership_file
+            else Membership(
+                [Node(p.id, p.address, p.weight) for p in config.peers]
+                or [Node(config.node_id, config.address)]
+            )
+        )
+        nodes = self._nodes_with_self(self.membership.nodes())
+        self.selector = WorkerSelector(nodes, local_id=config.node_id)
+        self.peers = PeerClient(config.token.reveal(), config.request_timeout)
+        self.fetcher = BlockFetcher(
+            self.blocks,
+            self.stores,
+            self.selector,
+            config.node_id,
+            self.peers,
+            fetch_concurrency=config.fetch_concurrency,
+        )
+        self.writeback = WriteBack(
+            self.blocks,
+            self.stores,
+            config.state_dir,
+            part_size=config.upload_part_size,
+            concurrency=config.upload_concurrency,
+            on_uploaded=self._uploaded,
+        )
+        self.segments = SegmentMap()
+        self.metrics = metrics_mod.WorkerMetrics(self)
+        self._sequential: dict[tuple[str, str], int] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def _nodes_with_self(self, nodes: list[Node]) -> list[Node]:
+        if any(n.node_id == self.config.node_id for n in nodes):
+            return nodes
+        return [*nodes, Node(self.config.node_id, self.config.address)]
+
+    def refresh_membership(self) -> None:
+        self.selector.set_nodes(self._nodes_with_self(self.membership.nodes()))
+
+    def _uploaded(self, namespace: str, key: str, info: ObjectInfo) -> None:
+        self.meta.invalidate(namespace, key)
+        self.blocks.drop_object(namespace, key, keep_version=info.version)
+
+    def store(self, namespace: str) -> Store:
+        try:
+            return self.stores[namespace]
+        except KeyError:
+            raise ObjectNotFound(
+                f"unknown namespace {namespace!r} (this worker serves: "
+                f"{', '.join(sorted(self.stores))})"
+            ) from None
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.to_thread(self.writeback.close)
+        await self.peers.close()
+        self.segments.close()
+        self.blocks.close()
+        for store in self.stores.values():
+            store.close()
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    async def stat(self, namespace: str, key: str) -> ObjectInfo:
+        """Current metadata: a pending write-back wins, then the cache, then the store."""
+        store = self.store(namespace)
+        check_key(key)
+        pending = self.writeback.pending(namespace, key)
+        if pending is not None:
+            return pending.info()
+        cached = self.meta.get_stat(namespace, key)
+        if isinstance(cached, Missing):
+            raise ObjectNotFound(f"no such object: {key!r}", url=str(store.url.child(key)))
+        if cached is not None:
+            return cached
+        try:
+            info = await asyncio.to_thread(store.stat, key)
+        except ObjectNotFound:
+            self.meta.put_stat(namespace, key, MISSING)
+            raise
+        self.meta.put_stat(namespace, key, info)
+        return info
+
+    async def listing(self, namespace: str, prefix: str, delimiter: str) -> ListPage:
+        store = self.store(namespace)
+        check_prefix(prefix)
+        cache_key = f"{prefix}\x00{delimiter}"
+        page = self.meta.get_listing(namespace, cache_key)
+        if page is None:
+            objects: list[ObjectInfo] = []
+            prefixes: list[str] = []
+            for part in await asyncio.to_thread(
+                lambda: list(store.iter_pages(prefix, delimiter=delimiter))
+            ):
+                objects.extend(part.objects)
+                prefixes.extend(part.prefixes)
+            page = ListPage(objects, prefixes, None)
+            self.meta.put_listing(namespace, cache_key, page)
+            for info in objects:
+                self.meta.put_stat(namespace, info.key, info)
+        pending = self.writeback.pending_under(namespace, prefix)
+        if not pending:
+            return page
+        # writes not yet uploaded are part of what this node sees
+        extra = {p.key: p.info() for p in pending}
+        objects = [o for o in page.objects if o.key not in extra]
+        prefixes = list(page.prefixes)
+        for key, info in extra.items():
+            rest = key[len(prefix) :]
+            if delimiter and delimiter in rest:
+                sub = prefix + rest.split(delimiter, 1)[0] + delimiter
+                if sub not in prefixes:
+                    prefixes.append(sub)
+            else:
+                objects.append(info)
+        return ListPage(sorted(objects, key=lambda o: o.key), sorted(prefixes), None)
+
+    # -- data ----------------------------------------------------------------------------------
+
+    async def read_block(
+        self, namespace: str, info: ObjectInfo, index: int, *, ask_peers: bool = True
+    ) -> tuple[bytes, str]:
+        if info.version.startswith("wb-"):
+            pending = self.writeback.pending(namespace, info.key)
+            if pending is not None and pending.version == info.version:
+                start = index * self.blocks.block_size
+                length = min(self.blocks.block_size, pending.size - start)
+                data = await asyncio.to_thread(self.writeback.read, pending, start, length)
+                return data, "local"
+            # uploaded while a reader held it open: the same bytes now live in the store
+            uploaded = self.writeback.uploaded_as(info.version)
+            if uploaded is None:
+                raise StaleVersion(f"{info.key!r} was replaced since it was opened")
+            info = ObjectInfo(info.key, info.size, 0.0, etag=uploaded.etag)
+        return await self.fetcher.get(namespace, info, index, ask_peers=ask_peers)
+
+    def readahead(self, namespace: str, info: ObjectInfo, last_index: int) -> None:
+        """Load the blocks after ``last_index`` in the background on sequential access."""
+        ident = (namespace, info.key)
+        previous = self._sequential.get(ident)
+        self._sequential[ident] = last_index
+        if len(self._sequential) > 10_000:
+            self._sequential.clear()
+        if previous is None or last_index <= previous or not self.config.readahead_blocks:
+            return
+        nblocks = -(-info.size // self.blocks.block_size)
+        for index in range(
+            last_index + 1, min(nblocks, last_index + 1 + self.config.readahead_blocks)
+        ):
+            task = asyncio.create_task(self._prefetch_quietly(namespace, info, index))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _prefetch_quietly(self, namespace: str, info: ObjectInfo, index: int) -> None:
+        try:
+            await self.read_block(namespace, info, index)
+        except Exception as exc:  # readahead is a hint; the real read reports errors
+            log.debug("readahead of %s#%d failed: %s", info.key, index, exc)
+
+
+# -- HTTP layer ------------------------------------------------------------------------------
+
+WORKER: web.AppKey[Worker] = web.AppKey("worker", Worker)
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place for authentication and error mapping."""
+    try:
+        if request.path not in OPEN_PATHS:
+            expected = request.app[WORKER].config.token.reveal()
+            given = request.headers.get(TOKEN_HEADER, "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+                raise Unauthorized("missing or wrong pcache token")
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        status, body = error_body(exc)
+        if status >= 500 and status != 507:
+            log.warning("%s %s failed: %s", request.method, request.path, exc)
+        return web.json_response(body, status=status)
+
+
+def _key(request: web.Request) -> tuple[Worker, str, str]:
+    worker = request.app[WORKER]
+    return worker, request.match_info["ns"], check_key(request.match_info["key"])
+
+
+def _int(request: web.Request, name: str, default: int | None = None) -> int:
+    value = request.query.get(name)
+    if value is None:
+        if default is None:
+            raise ValueError(f"missing query parameter {name!r}")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"query parameter {name!r} must be an integer") from None
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True, "node_id": request.app[WORKER].config.node_id})
+
+
+async def info(request: web.Request) -> web.Response:
+    worker = request.app[WORKER]
+    worker.refresh_membership()
+    return web.json_response(
+        {
+            "node_id": worker.config.node_id,
+            "address": worker.config.address,
+            "block_size": worker.blocks.block_size,
+            "namespaces": sorted(worker.stores),
+            "backends": {name: str(store.url) for name, store in worker.stores.items()},
+            "nodes": [
+                {"id": n.node_id, "address": n.address, "weight": n.weight}
+                for n in worker.selector.candidates("")
+            ],
+            "immutable": worker.config.immutable,
+            "metadata_ttl": worker.config.metadata_ttl,
+        }
+    )
+
+
+async def stat(request: web.Request) -> web.Response:
+    worker, namespace, key = _key(request)
+    return web.json_response(info_to_json(await worker.stat(namespace, key)))
+
+
+async def listing(request: web.Request) -> web.Response:
+    worker = request.app[WORKER]
+    page = await worker.listing(
+        request.match_info["ns"],
+        request.query.get("prefix", ""),
+        request.query.get("delimiter", ""),
+    )
+    return web.json_response(
+        {"objects": [info_to_json(o) for o in page.objects], "prefixes": page.prefixes}
+    )
+
+
+def _info_from_query(request: web.Request, key: str) -> ObjectInfo:
+    version = request.query.get("version", "")
+    if not version:
+        raise ValueError("missing query parameter 'version'")
+    return ObjectInfo(key, _int(request, "size"), 0.0, etag=version)
+
+
+async def block(request: web.Request) -> web.Response:
+    worker, namespace, key = _key(request)
+    worker.store(namespace)
+    info = _info_from_query(request, key)
+    index = _int(request, "index")
+    from_peer = request.query.get("peer") == "1"
+    if request.query.get("cached_only") == "1":
+        data = await worker.fetcher.cached(namespace, info, index)
+        if data is None:
+            raise ObjectNotFound(f"block {index} of {key!r} is not cached here")
+        source = "local"
+    else:
+        # a peer's request is answered from here (cache or backend), never forwarded again
+        # no readahead here: clients spread a file's blocks over the workers and read ahead
+        # themselves; the worker reads ahead for shared-memory reads, where it is the only reader
+        data, source = await worker.read_block(namespace, info, index, ask_peers=not from_peer)
+    worker.metrics.served(from_peer, len(data))
+    return web.Response(
+        body=data,
+        content_type="application/octet-stream",
+        headers={SOURCE_HEADER: source, VERSION_HEADER: info.version},
+    )
+
+
+async def prefetch(request: web.Request) -> web.Response:
+    worker = request.app[WORKER]
+    body = await request.json()
+    namespace = body["ns"]
+    worker.store(namespace)
+    info = ObjectInfo(check_key(body["key"]), int(body["size"]), 0.0, etag=body["version"])
+    sources: dict[str, int] = {}
+
+    async def one(index: int) -> None:
+        _, source = await worker.read_block(namespace, info, int(index))
+        sources[source] = sources.get(source, 0) + 1
+
+    await asyncio.gather(*(one(i) for i in body["indexes"]))
+    return web.json_response({"blocks": len(body["indexes"]), "sources": sources})
+
+
+async def shm_read(request: web.Request) -> web.Response:
+    """Copy a byte range of an object into a client's shared-memory segment."""
+    worker = request.app[WORKER]
+    body = await request.json()
+    namespace = body["ns"]
+    worker.store(namespace)
+    info = ObjectInfo(check_key(body["key"]), int(body["size"]), 0.0, etag=body["version"])
+    offset, length = int(body["offset"]), int(body["length"])
+    length = max(0, min(length, info.size - offset))
+    target = worker.segments.view(body["segment"], int(body["segment_offset"]), length)
+    bs = worker.blocks.block_size
+    first, last = offset // bs, (offset + length - 1) // bs if length else offset // bs - 1
+    sources: dict[str, int] = {}
+
+    async def one(index: int) -> None:
+        start = max(offset, index * bs)
+        end = min(offset + length, (index + 1) * bs)
+        dest = target[start - offset : end - offset]
+        copied = None
+        if not info.version.startswith("wb-"):  # pending writes are read by read_block
+            copied = await asyncio.to_thread(
+                worker.blocks.read_into,
+                worker.fetcher.block_id(namespace, info, index),
+                dest,
+                start - index * bs,
+            )
+        if copied == len(dest):
+            source = "local"
+            worker.fetcher._count("local", len(dest))
+        else:
+            data, source = await worker.read_block(namespace, info, index)
+            dest[:] = data[start - index * bs : end - index * bs]
+        sources[source] = sources.get(source, 0) + 1
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(first, last + 1)))
+    finally:
+        target.release()
+    if length:
+        worker.readahead(namespace, info, last)
+    return web.json_response({"length": length, "sources": sources})
+
+
+async def shm_release(request: web.Request) -> web.Response:
+    body = await request.json()
+    request.app[WORKER].segments.forget(str(body["segment"]))
+    return web.json_response({"ok": True})
+
+
+async def write_open(request: web.Request) -> web.Response:
+    worker, namespace, key = _key(request)
+    worker.store(namespace)
+    session = await asyncio.to_thread(worker.writeback.open, namespace, key)
+    return web.json_response({"session": session.id})
+
+
+async def session_write(request: web.Request) -> web.Response:
+    worker = request.app[WORKER]
+    session = worker.writeback.session(request.match_info["id"])
+    offset = _int(request, "offset")
+    data = await request.read()
+    await asyncio.to_thread(session.write, offset, data)
+    return web.json_response({"written": len(data)})
+
+
+async def session_shm(request: web.Request) -> web.Response:
+    worker = request.app[WORKER]
+    session = worker.writeback.session(request.match_info["id"])
+    body = await request.json()
+    view = worker.segments.view(body["segment"], int(body["segment_offset"]), int(body["length"]))
+    try:
+        await asyncio.to_thread(session.write, int(body["offset"]), view)
+    finally:
+        view.release()
+    return web.json_response({"written": int(body["length"])})
+
+
+async def session_commit(request: web.Request) -> web.Response:
+    worker = request.app[WORKER]
+    session = worker.writeback.session(request.match_info["id"])
+    body = await request.json() if request.can_read_body else {}
+    durable = body.get("durable", "local")
+    if durable not in ("local", "remote"):
+        raise ValueError("durable must be 'local' or 'remote'")
+    record = await asyncio.to_thread(worker.writeback.commit, session)
+    worker.meta.invalidate(record.namespace, record.key)
+    if durable == "remote":
+        await asyncio.to_thread(worker.writeback.wait_durable, record.namespace, record.key)
+        return web.json_response(info_to_json(await worker.stat(record.namespace, record.key)))
+    return web.json_response(info_to_json(record.info()))
+
+
+async def session_abort(request: web.Request) -> web.Response:
+    worker = request.app[WORKER]
+    session = worker.writeback.session(request.match_info["id"])
+    await asyncio.to_thread(worker.writeback.abort, session)
+    return web.json_response({"aborted": session.id})
+
+
+async def flush(request: web.Request) -> web.Response:
+    worker, namespace, key = _key(request)
+    timeout = float(request.query.get("timeout", "0")) or None
+    done = await asyncio.to_thread(worker.writeback.wait_durable, namespace, key, timeout)
+    if not done:
+        raise TimeoutError(f"{key!r} is not durable yet (upload still running)")
+    return web.json_response(info_to_json(await worker.stat(namespace, key)))
+
+
+async def delete_object(request: web.Request) -> web.Response:
+    worker, namespace, key = _key(request)
+    store = worker.store(namespace)
+    # a pending upload would bring the object back after the delete: let it land first
+    await asyncio.to_thread(worker.writeback.wait_durable, namespace, key, 600.0)
+    await asyncio.to_thread(store.delete, key)
+    worker.meta.invalidate(namespace, key)
+    await asyncio.to_thread(worker.blocks.drop_object, namespace, key)
+    return web.json_response({"deleted": key})
+
+
+async def invalidate(request: web.Request) -> web.Response:
+    worker = request.app[WORKER]
+    body = await request.json()
+    namespace, path = body["ns"], body.get("path", "")
+    worker.store(namespace)
+    check_prefix(path)
+    entries = worker.meta.invalidate(namespace, path)
+    blocks = 0
+    if body.get("blocks", True):
+        blocks = await asyncio.to_thread(worker.blocks.drop_prefix, namespace, path)
+    result: dict[str, Any] = {
+        "node_id": worker.config.node_id,
+        "metadata_entries": entries,
+        "blocks": blocks,
+    }
+    if body.get("cluster"):
+        peers = []
+        for node in worker.selector.candidates(""):
+            if node.node_id == worker.config.node_id:
+                continue
+            try:
+                async with worker.peers._client().post(
+                    f"{node.address}/v1/invalidate",
+                    json={**body, "cluster": False},
+                ) as response:
+                    peers.append(await response.json())
+            except Exception as exc:  # one dead peer must not fail the whole invalidation
+                peers.append({"node_id": node.node_id, "error": str(exc)})
+        result["peers"] = peers
+    return web.json_response(result)
+
+
+async def status(request: web.Request) -> web.Response:
+    worker = request.app[WORKER]
+    worker.refresh_membership()
+    return web.json_response(worker.metrics.status(), dumps=lambda o: json.dumps(o, default=str))
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body, content_type = request.app[WORKER].metrics.render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+def create_app(config: WorkerConfig) -> web.Application:
+    """The worker's aiohttp application; its state opens and closes with the app."""
+    app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        # disk and store calls run in threads; the default pool (cores + 4) would starve fetches
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max(64, 2 * config.fetch_concurrency), "pcache-io")
+        )
+        worker = await asyncio.to_thread(Worker, config)
+        app[WORKER] = worker
+        resumed = await asyncio.to_thread(worker.writeback.start)
+        log.info(
+            "worker %s serving %s on %s (%d pending upload(s) resumed)",
+            config.node_id,
+            ", ".join(sorted(worker.stores)),
+            config.listen,
+            resumed,
+        )
+        try:
+            yield
+        finally:
+            await worker.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    key = "{key:.+}"
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/v1/info", info)
+    app.router.add_get(f"/v1/stat/{{ns}}/{key}", stat)
+    app.router.add_get("/v1/list/{ns}", listing)
+    app.router.add_get(f"/v1/block/{{ns}}/{key}", block)
+    app.router.add_post("/v1/prefetch", prefetch)
+    app.router.add_post("/v1/shm/read", shm_read)
+    app.router.add_post("/v1/shm/release", shm_release)
+    app.router.add_post(f"/v1/write/{{ns}}/{key}", write_open)
+    app.router.add_put("/v1/session/{id}", session_write)
+    app.router.add_post("/v1/session/{id}/shm", session_shm)
+    app.router.add_post("/v1/session/{id}/commit", session_commit)
+    app.router.add_delete("/v1/session/{id}", session_abort)
+    app.router.add_post(f"/v1/flush/{{ns}}/{key}", flush)
+    app.router.add_delete(f"/v1/object/{{ns}}/{key}", delete_object)
+    app.router.add_post("/v1/invalidate", invalidate)
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/metrics", metrics_endpoint)
+    return app
+
+
+def run_worker(config: WorkerConfig) -> None:
+    """Serve until SIGTERM/SIGINT; the app's cleanup closes everything in order."""
+    host, _, port = config.listen.rpartition(":")
+    app = create_app(config)
+
+    async def main() -> None:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"pcache worker {config.node_id} listening on {config.listen}", flush=True)
+        await stop.wait()
+        log.info("worker %s stopping", config.node_id)
+        await runner.cleanup()
+
+    asyncio.run(main())
