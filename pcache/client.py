@@ -30,7 +30,7 @@ import urllib3
 
 from objstore import Config, open_store
 from objstore.base import ObjectInfo, Store
-from objstore.errors import ObjectNotFound, StorageError, TransientError
+from objstore.errors import EndpointUnreachable, ObjectNotFound, StorageError
 from objstore.url import check_key
 
 from . import shm
@@ -52,7 +52,7 @@ INFO_TTL_S = 10.0
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
-class WorkerUnavailable(TransientError):
+class WorkerUnavailable(EndpointUnreachable):
     """No worker answered (connection refused, timeout)."""
 
 
