@@ -153,7 +153,7 @@ def main() -> int:
                         drop_caches()
                         best = min(best, timed(fn))
                         # let write-back drain so runs do not overlap
-                        for i in range(1000):
+                        for _ in range(1000):
                             if client.status()["writeback"]["objects"] == 0:
                                 break
                             time.sleep(0.1)

@@ -9,7 +9,10 @@ This first version sets up the two regions later issues build on:
    CRC-checked while streaming, the multipart checkpoint sample-verified), then confirms with
    ``babel-sync check``;
 4. lists both regions the way a user would (``babel-sync ls``), and shows what a user sees for
-   a mistake (a missing bucket: one line and an exit code).
+   a mistake (a missing bucket: one line and an exit code);
+5. starts two pcache workers ("node1", "node2") over region-b, warms the synced dataset into
+   their caches with ``pcache warmup`` (each block on the node worker selection picks), and reads
+   it back through the pcache client (cache hits, compared byte for byte with region-b).
 
 Everything lives under ``.demo/`` and is removed on exit (also on Ctrl-C); it can run twice in a row.
 """
@@ -36,6 +39,7 @@ from rich.table import Table  # noqa: E402
 
 from objstore import Config, open_store  # noqa: E402
 from objstore import checksum as crc  # noqa: E402
+from tests.servers.pcache_cluster import PcacheCluster  # noqa: E402
 from tests.servers.rclone_s3 import RcloneS3Server  # noqa: E402
 
 log = logging.getLogger("demo")
@@ -102,6 +106,7 @@ def main() -> int:
         config = Config.load(config_path)
         summary = populate(config, args.shards, args.shard_tokens)
         summary.update(sync_regions(config_path, work))
+        summary.update(cache_region_b(work, regions["region-b"]))
         show(config_path, summary)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: cleaning up[/yellow]")
@@ -191,6 +196,70 @@ def sync_regions(config_path: Path, work: Path) -> dict[str, object]:
     return {"sync": report, "check": check}
 
 
+def cache_region_b(work: Path, region_b: RcloneS3Server) -> dict[str, object]:
+    """Two pcache workers over region-b: warm the dataset, then read it through the cache."""
+    from objstore.config import Secret
+    from pcache.client import PcacheClient
+    from pcache.config import ClientConfig
+
+    cluster = PcacheCluster(
+        work / "pcache",
+        {"region-b": region_b.profile()},
+        {"datasets": f"s3://region-b@{BUCKET}/"},
+        nodes=2,
+        capacity=256 * 1024 * 1024,
+        block_size="1MiB",
+    )
+    with cluster:
+        console.print(
+            f"[green]started[/green] pcache workers {', '.join(n.node_id for n in cluster.nodes)} "
+            "over region-b"
+        )
+        env = cluster.env(cluster.nodes[0])
+        console.print("[dim]$ pcache warmup datasets/tokens/[/dim]")
+        warm = subprocess.run(
+            [sys.executable, "-m", "pcache.cli", "warmup", "datasets/tokens/", "--json"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if warm.returncode != 0:
+            raise SystemExit(f"pcache warmup failed: {warm.stderr.strip()}")
+        warmed = json.loads(warm.stdout)
+        client = PcacheClient(
+            ClientConfig(worker=cluster.nodes[0].address, token=Secret(cluster.token))
+        )
+        store = open_store(
+            f"s3://region-b@{BUCKET}/",
+            Config.from_mapping({"profiles": {"region-b": region_b.profile()}}, env={}),
+        )
+        objects, _ = client.ls("datasets/tokens/", recursive=True)
+        started = time.perf_counter()
+        read_bytes = 0
+        identical = 0
+        for info in objects:
+            data = client.read(f"datasets/{info.key}")
+            read_bytes += len(data)
+            identical += data == store.get(info.key)
+        elapsed = time.perf_counter() - started - 0.0
+        per_node = {n.node_id: client.status(n.address)["blocks"]["blocks"] for n in cluster.nodes}
+        client.close()
+    return {
+        "cache": {
+            "warmed_objects": warmed["objects"],
+            "warmed_bytes": warmed["bytes"],
+            "blocks_by_source": warmed["blocks_by_source"],
+            "blocks_per_node": per_node,
+            "read_sources": dict(client.sources),
+            "read_objects": len(objects),
+            "identical": identical,
+            "read_rate": read_bytes / max(elapsed, 1e-9),
+        }
+    }
+
+
 def show(config_path: Path, summary: dict[str, object]) -> None:
     listing = run_cli(["ls", f"s3://region-a@{BUCKET}/", "-R", "--max", "5"], config_path)
     console.print(listing.stdout.rstrip() or listing.stderr)
@@ -242,7 +311,23 @@ def show(config_path: Path, summary: dict[str, object]) -> None:
         "babel-sync check region-a vs region-b",
         "match" if check.get("exit_code") == 0 else f"exit {check.get('exit_code')}",
     )  # type: ignore[union-attr]
+    cache = summary["cache"]
+    table.add_row(
+        "pcache warmup of region-b (2 workers)",
+        f"{cache['warmed_objects']} objects, {cache['warmed_bytes']:,} bytes",  # type: ignore[index]
+    )
+    table.add_row(
+        "cached blocks per node",
+        ", ".join(f"{k}: {v}" for k, v in cache["blocks_per_node"].items()),  # type: ignore[index]
+    )
+    table.add_row(
+        "read through pcache (identical to region-b)",
+        f"{cache['identical']}/{cache['read_objects']}, blocks by tier "  # type: ignore[index]
+        + ", ".join(f"{k}: {v}" for k, v in sorted(cache["read_sources"].items())),  # type: ignore[index]
+    )
     console.print(table)
+    if cache["identical"] != cache["read_objects"]:  # type: ignore[index]
+        raise SystemExit("data read through pcache differs from region-b")
     if counters["mismatches"] or counters["failed"] or check.get("exit_code") != 0:  # type: ignore[union-attr]
         raise SystemExit("the demo sync did not verify")
     if not ok and summary["ckpt_crc_reported"] is not None:

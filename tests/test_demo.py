@@ -27,4 +27,7 @@ def test_demo_runs_end_to_end_and_cleans_up() -> None:
     assert "bucket does not exist: 'no-such-bucket'" in done.stdout
     assert "synced region-a -> region-b" in done.stdout and "8 objects" in done.stdout
     assert re.search(r"check region-a vs region-b\s*│\s*match", done.stdout)
+    assert "pcache warmup of region-b (2 workers)" in done.stdout
+    assert re.search(r"read through pcache \(identical to region-b\)\s*│\s*7/7", done.stdout)
+    assert "backend" not in done.stdout.split("read through pcache")[1].split("\n")[0]
     assert not (REPO / ".demo").exists()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from objstore.cli import ExitCode
-from pcache.config import WorkerConfig
 from objstore.errors import ConfigError
+from pcache.config import WorkerConfig
 from tests.pcache.conftest import MiB
 
 ROOT = Path(__file__).resolve().parents[2]
