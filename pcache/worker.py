@@ -528,6 +528,23 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return response
 
 
+SESSION_IDLE_S = 3600.0
+
+
+async def _housekeeping(worker: Worker) -> None:
+    """Once a second: pick up membership changes; now and then, reap abandoned writes."""
+    ticks = 0
+    while True:
+        await asyncio.sleep(1.0)
+        ticks += 1
+        try:
+            worker.refresh_membership()
+            if ticks % 60 == 0:
+                await asyncio.to_thread(worker.writeback.reap_idle, SESSION_IDLE_S)
+        except Exception as exc:  # housekeeping must never die
+            log.warning("housekeeping failed: %s", exc)
+
+
 def create_app(config: WorkerConfig) -> web.Application:
     """The worker's aiohttp application; its state opens and closes with the app."""
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
@@ -547,9 +564,12 @@ def create_app(config: WorkerConfig) -> web.Application:
             config.listen,
             resumed,
         )
+        housekeeping = asyncio.create_task(_housekeeping(worker))
         try:
             yield
         finally:
+            housekeeping.cancel()
+            await asyncio.gather(housekeeping, return_exceptions=True)
             await worker.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -237,6 +237,22 @@ class WriteBack:
             self._sessions[session.id] = session
         return session
 
+    def reap_idle(self, max_idle_s: float) -> int:
+        """Abort write sessions nobody touched for ``max_idle_s`` (a client that died mid-write);
+        their staging files and reserved capacity are released."""
+        now = time.monotonic()
+        with self._cond:
+            idle = [s for s in self._sessions.values() if now - s.last_used > max_idle_s]
+        for session in idle:
+            log.warning(
+                "aborting write of %s/%s: idle for %.0fs",
+                session.namespace,
+                session.key,
+                max_idle_s,
+            )
+            self.abort(session)
+        return len(idle)
+
     def session(self, session_id: str) -> Session:
         with self._cond:
             session = self._sessions.get(session_id)

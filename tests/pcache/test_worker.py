@@ -354,3 +354,27 @@ def test_metadata_ttl_and_invalidate(make_cluster) -> None:
     assert result["metadata_entries"] >= 2
     assert client.read("data/meta.txt") == b"two!"
     assert client.read("data/later.txt") == b"x"
+
+
+def test_membership_file_changes_at_run_time(make_cluster, tmp_path: Path) -> None:
+    members = tmp_path / "members.toml"
+    cluster, _ = make_cluster(1, start=False, membership_file=str(members))
+    node = cluster.nodes[0]
+    members.write_text(f'[[nodes]]\nid = "node1"\naddress = "{node.address}"\n')
+    cluster.start()
+    client = make_cluster.client(cluster)
+    assert [n["id"] for n in client.info(refresh=True)["nodes"]] == ["node1"]
+    members.write_text(
+        f'[[nodes]]\nid = "node1"\naddress = "{node.address}"\n'
+        '[[nodes]]\nid = "node9"\naddress = "http://127.0.0.1:9"\nweight = 2.0\n'
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        ids = sorted(n["id"] for n in client.info(refresh=True)["nodes"])
+        if ids == ["node1", "node9"]:
+            break
+        time.sleep(0.2)
+    assert ids == ["node1", "node9"]
+    members.write_text("this is not toml [[[")  # a broken edit keeps the last good list
+    time.sleep(1.5)
+    assert sorted(n["id"] for n in client.info(refresh=True)["nodes"]) == ["node1", "node9"]
