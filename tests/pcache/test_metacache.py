@@ -1,0 +1,67 @@
+"""The metadata cache: TTLs, negative entries, immutable mode, invalidation of parents."""
+
+from __future__ import annotations
+
+from objstore.base import ListPage, ObjectInfo
+from pcache.metacache import MISSING, MetadataCache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_ttl_and_negative_entries() -> None:
+    clock = Clock()
+    cache = MetadataCache(ttl=30, negative_ttl=5, clock=clock)
+    info = ObjectInfo("a/b.bin", 10, 0.0, "e1")
+    cache.put_stat("ns", "a/b.bin", info)
+    cache.put_stat("ns", "a/missing", MISSING)
+    clock.now = 4.9
+    assert cache.get_stat("ns", "a/b.bin") == info
+    assert cache.get_stat("ns", "a/missing") is MISSING
+    clock.now = 5.1
+    assert cache.get_stat("ns", "a/missing") is None  # negative entries expire sooner
+    assert cache.get_stat("ns", "a/b.bin") == info
+    clock.now = 30.1
+    assert cache.get_stat("ns", "a/b.bin") is None
+    assert cache.get_stat("other", "a/b.bin") is None
+
+
+def test_immutable_mode_never_expires() -> None:
+    clock = Clock()
+    cache = MetadataCache(ttl=1, negative_ttl=1, immutable=True, clock=clock)
+    cache.put_stat("ns", "k", ObjectInfo("k", 1, 0.0))
+    cache.put_listing("ns", "dir/", ListPage([], ["dir/sub/"], None))
+    clock.now = 1e9
+    assert cache.get_stat("ns", "k") is not None
+    assert cache.get_listing("ns", "dir/") is not None
+
+
+def test_invalidate_drops_path_and_parent_listings() -> None:
+    cache = MetadataCache(ttl=60, negative_ttl=60)
+    for key in ("d/x/1", "d/x/2", "d/y/1", "e/1"):
+        cache.put_stat("ns", key, ObjectInfo(key, 1, 0.0))
+    for prefix in ("", "d/", "d/x/", "d/y/", "e/"):
+        cache.put_listing("ns", prefix, ListPage([], [], None))
+    cache.invalidate("ns", "d/x/")
+    assert cache.get_stat("ns", "d/x/1") is None and cache.get_stat("ns", "d/x/2") is None
+    assert cache.get_stat("ns", "d/y/1") is not None and cache.get_stat("ns", "e/1") is not None
+    assert cache.get_listing("ns", "d/x/") is None
+    assert cache.get_listing("ns", "d/") is None and cache.get_listing("ns", "") is None
+    assert cache.get_listing("ns", "d/y/") is not None and cache.get_listing("ns", "e/") is not None
+
+
+def test_zero_ttl_caches_nothing_and_size_is_bounded() -> None:
+    assert MetadataCache(ttl=0, negative_ttl=0).get_stat("ns", "k") is None
+    off = MetadataCache(ttl=0, negative_ttl=0)
+    off.put_stat("ns", "k", ObjectInfo("k", 1, 0.0))
+    assert off.get_stat("ns", "k") is None
+    small = MetadataCache(max_entries=100)
+    for i in range(1000):
+        small.put_stat("ns", f"k{i}", ObjectInfo(f"k{i}", 1, 0.0))
+    assert small.sizes()["stats"] == 100
+    assert small.get_stat("ns", "k999") is not None and small.get_stat("ns", "k0") is None
