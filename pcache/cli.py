@@ -179,6 +179,18 @@ def cmd_put(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .mount import mount_command
+
+    return mount_command(args)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from .mount import umount_command
+
+    return umount_command(args.mountpoint)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pcache",
@@ -242,6 +254,30 @@ def build_parser() -> argparse.ArgumentParser:
         default="remote",
         help="return once on the cache disk (local) or in the backing store (remote, default)",
     )
+
+    mount = command(
+        "mount", "mount a namespace (or a prefix of it) with FUSE", cmd_mount, client=False
+    )
+    mount.add_argument("source", metavar="NS[/PREFIX]", help="e.g. datasets or datasets/tokens")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    mount.add_argument(
+        "--worker",
+        metavar="URL",
+        help="local worker (default: $PCACHE_WORKER or the config's listen)",
+    )
+    mount.add_argument(
+        "--foreground", action="store_true", help="stay in the foreground (default: daemon)"
+    )
+    mount.add_argument("--read-only", action="store_true", help="refuse all changes (EROFS)")
+    mount.add_argument(
+        "--immutable",
+        action="store_true",
+        help="objects never change: long kernel cache timeouts, page cache kept across opens",
+    )
+    mount.add_argument("--log-file", metavar="FILE", help="the mount's log (daemon default: /tmp)")
+
+    umount = command("umount", "unmount a pcache mount", cmd_umount, client=False)
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
     return parser
 
 

@@ -326,21 +326,23 @@ class PcacheClient:
             view[start - offset : end - offset] = data[start - index * bs : end - index * bs]
         return len(view)
 
-    def _segment(self) -> shm.SharedBuffer:
-        segment = getattr(self._tls, "segment", None)
-        if segment is None:
-            segment = shm.SharedBuffer(SHM_CHUNK)
-            self._tls.segment = segment
+    def _segment_pair(self) -> tuple[shm.SharedBuffer, shm.SharedBuffer]:
+        """This thread's two segments: one is filled by the worker while the other is copied."""
+        pair = getattr(self._tls, "segments", None)
+        if pair is None:
+            pair = (shm.SharedBuffer(SHM_CHUNK), shm.SharedBuffer(SHM_CHUNK))
+            self._tls.segments = pair
             with self._lock:
-                self._segments.append(segment)
-        return segment
+                self._segments.extend(pair)
+        return pair
 
     def _read_shm(self, namespace: str, info: ObjectInfo, offset: int, view: memoryview) -> int:
-        segment = self._segment()
-        done = 0
-        while done < len(view):
-            chunk = min(SHM_CHUNK, len(view) - done)
-            result = self._local(
+        segments = self._segment_pair()
+        chunks = [(at, min(SHM_CHUNK, len(view) - at)) for at in range(0, len(view), SHM_CHUNK)]
+
+        def fetch(i: int) -> dict[str, Any]:
+            at, length = chunks[i]
+            result: dict[str, Any] = self._local(
                 "POST",
                 "/v1/shm/read",
                 payload={
@@ -348,21 +350,29 @@ class PcacheClient:
                     "key": info.key,
                     "version": info.version,
                     "size": info.size,
-                    "offset": offset + done,
-                    "length": chunk,
-                    "segment": segment.name,
+                    "offset": offset + at,
+                    "length": length,
+                    "segment": segments[i % 2].name,
                     "segment_offset": 0,
                 },
             )
+            return result
+
+        pending = self._pool.submit(fetch, 0)
+        for i, (at, length) in enumerate(chunks):
+            result = pending.result()
+            if i + 1 < len(chunks):  # the other segment was copied out last round: refill it
+                pending = self._pool.submit(fetch, i + 1)
             got = int(result["length"])
-            view[done : done + got] = segment.view[:got]
-            for source, count in result["sources"].items():
-                with self._lock:
+            view[at : at + got] = segments[i % 2].view[:got]
+            with self._lock:
+                for source, count in result["sources"].items():
                     self.sources[source] = self.sources.get(source, 0) + count
-            if got < chunk:
-                return done + got
-            done += got
-        return done
+            if got < length:
+                if i + 1 < len(chunks):
+                    pending.result()  # never leave a write into our segment running
+                return at + got
+        return len(view)
 
     def open(self, path: str, mode: str = "rb") -> PcacheReader | PcacheWriter:
         if mode in ("rb", "r"):
@@ -580,70 +590,98 @@ class PcacheWriter(io.RawIOBase):
         self._session = client._local(
             "POST", f"/v1/write/{quote(self.namespace)}/{quote(self.key)}"
         )["session"]
-        self._pos = 0
+        self._sent = 0  # bytes handed to the worker (or in flight to it)
         self._shm = client._shm_ok
-        self._buffer = bytearray()
-        self._buffer_at = 0
+        # shared memory: two segments of our own; one fills while the worker writes the other
+        self._segs: list[shm.SharedBuffer] = []
+        self._fill = 0
+        self._inflight: list[Future[Any] | None] = [None, None]
+        self._current = 0
+        self._buffer = bytearray()  # HTTP mode
         self.result: ObjectInfo | None = None
 
     def writable(self) -> bool:
         return True
 
     def tell(self) -> int:
-        return self._pos + len(self._buffer)
+        return self._sent + self._fill + len(self._buffer)
 
     def write(self, data: Any) -> int:
         if self.closed:
             raise ValueError("write to a closed file")
         view = memoryview(data).cast("B")
-        self._buffer += view
-        if len(self._buffer) >= SHM_CHUNK:
-            self._send()
+        if self._shm and not self._segs and len(view) >= self._client.config.shm_threshold:
+            self._segs = [shm.SharedBuffer(SHM_CHUNK), shm.SharedBuffer(SHM_CHUNK)]
+        if not self._segs:
+            self._buffer += view
+            if len(self._buffer) >= SHM_CHUNK:
+                self._put_buffer()
+            return len(view)
+        done = 0
+        while done < len(view):
+            segment = self._segs[self._current]
+            n = min(len(view) - done, segment.size - self._fill)
+            segment.view[self._fill : self._fill + n] = view[done : done + n]
+            self._fill += n
+            done += n
+            if self._fill == segment.size:
+                self._ship()
         return len(view)
 
-    def _send(self) -> None:
+    def _ship(self) -> None:
+        """Hand the current segment to the worker in the background and switch segments."""
+        if not self._fill:
+            return
+        index, length, offset = self._current, self._fill, self._sent
+        segment = self._segs[index]
+        self._inflight[index] = self._client._pool.submit(
+            self._client._local,
+            "POST",
+            f"/v1/session/{self._session}/shm",
+            payload={
+                "offset": offset,
+                "length": length,
+                "segment": segment.name,
+                "segment_offset": 0,
+            },
+        )
+        self._sent += length
+        self._fill = 0
+        self._current = 1 - index
+        self._wait(self._current)  # the segment we fill next must be free
+
+    def _wait(self, index: int) -> None:
+        future, self._inflight[index] = self._inflight[index], None
+        if future is not None:
+            future.result()
+
+    def _put_buffer(self) -> None:
         if not self._buffer:
             return
-        data = memoryview(self._buffer)
-        if self._shm and len(data) >= self._client.config.shm_threshold:
-            segment = self._client._segment()
-            done = 0
-            while done < len(data):
-                n = min(len(data) - done, segment.size)
-                segment.view[:n] = data[done : done + n]
-                try:
-                    self._client._local(
-                        "POST",
-                        f"/v1/session/{self._session}/shm",
-                        payload={
-                            "offset": self._pos + done,
-                            "length": n,
-                            "segment": segment.name,
-                            "segment_offset": 0,
-                        },
-                    )
-                except shm.SegmentError:
-                    self._client._shm_ok = self._shm = False
-                    break
-                except StorageError as exc:
-                    if "segment" not in str(exc):
-                        raise
-                    self._client._shm_ok = self._shm = False
-                    break
-                done += n
-            else:
-                self._pos += len(data)
-                data.release()
-                self._buffer = bytearray()
-                return
-            data.release()
-            self._buffer = self._buffer[done:]
-            self._pos += done
         self._client._local(
-            "PUT", f"/v1/session/{self._session}?offset={self._pos}", body=bytes(self._buffer)
+            "PUT", f"/v1/session/{self._session}?offset={self._sent}", body=bytes(self._buffer)
         )
-        self._pos += len(self._buffer)
+        self._sent += len(self._buffer)
         self._buffer = bytearray()
+
+    def _send(self) -> None:
+        if self._segs:
+            self._ship()
+            self._wait(0)
+            self._wait(1)
+        self._put_buffer()
+
+    def _release_segments(self) -> None:
+        for future in self._inflight:
+            if future is not None:
+                future.cancel()
+        for segment in self._segs:
+            try:
+                self._client._local("POST", "/v1/shm/release", payload={"segment": segment.name})
+            except StorageError:
+                pass
+            segment.close()
+        self._segs = []
 
     def flush(self) -> None:
         pass  # data reaches the worker in chunks and at commit; durability is commit()'s job
@@ -663,8 +701,14 @@ class PcacheWriter(io.RawIOBase):
 
     def abort(self) -> None:
         try:
+            for index in (0, 1):
+                try:
+                    self._wait(index)
+                except Exception:  # aborting anyway
+                    pass
             self._client._local("DELETE", f"/v1/session/{self._session}")
         finally:
+            self._release_segments()
             super().close()
 
     def close(self) -> None:
@@ -673,6 +717,7 @@ class PcacheWriter(io.RawIOBase):
         try:
             self.commit()
         finally:
+            self._release_segments()
             super().close()
 
     def __exit__(self, exc_type: Any, *rest: Any) -> None:

@@ -1,0 +1,332 @@
+"""``pcache mount`` and ``pcache umount``: checks, daemonising, the trio main loop, clean unmount.
+
+``pcache mount NS[/PREFIX] MOUNTPOINT`` checks the mount point and the worker, then (unless
+``--foreground``) starts itself again in the foreground in a new session, with its output in a log
+file, and returns once the mount is live. The foreground process runs pyfuse3 under trio with the
+handlers of :mod:`pcache.fuse_ops`; SIGTERM/SIGINT, ``pcache umount`` and ``fusermount3 -u`` all
+end it with the file system unmounted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from objstore.cli import CommandError, ExitCode
+
+from .client import PcacheClient, split_path
+from .config import CONFIG_ENV, ClientConfig
+
+log = logging.getLogger(__name__)
+
+FUSE_DEVICE = "/dev/fuse"
+START_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    """What ``pcache mount`` was asked for.
+
+    Attributes:
+        source: ``NS`` or ``NS/PREFIX`` (a ``pcache://`` prefix is accepted).
+        mountpoint: an existing empty directory.
+        read_only: refuse all changes (``EROFS``).
+        immutable: the objects never change: long cache timeouts, ``keep_cache``.
+        log_file: where the daemon writes its log (foreground: stderr unless given).
+    """
+
+    source: str
+    mountpoint: Path
+    read_only: bool = False
+    immutable: bool = False
+    log_file: Path | None = None
+
+    @property
+    def namespace(self) -> str:
+        return split_path(self.source)[0]
+
+    @property
+    def prefix(self) -> str:
+        prefix = split_path(self.source)[1].strip("/")
+        return prefix + "/" if prefix else ""
+
+
+# -- checks ----------------------------------------------------------------------------------------
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and i + 4 <= len(field):
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def is_mounted(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a mount point, including a FUSE mount whose daemon died."""
+    target = os.path.abspath(path)
+    try:
+        with open("/proc/self/mountinfo") as file:
+            for line in file:
+                fields = line.split()
+                if len(fields) > 4 and _unescape_mountinfo(fields[4]) == target:
+                    return True
+    except OSError:
+        pass
+    return os.path.ismount(target)
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    """Refuse (``ExitCode.USAGE``) what cannot be mounted on."""
+    if not os.path.exists(FUSE_DEVICE):
+        raise CommandError(f"{FUSE_DEVICE} is missing: FUSE is not available here", ExitCode.USAGE)
+    if is_mounted(mountpoint):
+        raise CommandError(f"{mountpoint} is already a mount point", ExitCode.USAGE)
+    if not mountpoint.exists():
+        raise CommandError(f"mount point {mountpoint} does not exist", ExitCode.USAGE)
+    if not mountpoint.is_dir():
+        raise CommandError(f"mount point {mountpoint} is not a directory", ExitCode.USAGE)
+    try:
+        if any(mountpoint.iterdir()):
+            raise CommandError(f"mount point {mountpoint} is not empty", ExitCode.USAGE)
+    except PermissionError:
+        raise CommandError(
+            f"mount point {mountpoint}: permission denied", ExitCode.ACCESS
+        ) from None
+
+
+def check_source(client: PcacheClient, options: MountOptions) -> None:
+    """The worker answers and serves the namespace (else one clear line)."""
+    namespaces = client.info().get("namespaces", [])
+    if options.namespace not in namespaces:
+        raise CommandError(
+            f"unknown namespace {options.namespace!r} (the worker serves: "
+            f"{', '.join(namespaces) or 'none'})",
+            ExitCode.NOT_FOUND,
+        )
+
+
+def fuse_options(options: MountOptions) -> set[str]:
+    import pyfuse3
+
+    result = set(pyfuse3.default_options)  # default_permissions
+    # no max_read: libfuse refuses it unless the init handler sets conn->max_read too, which
+    # pyfuse3's does not; read sizes then follow the kernel's readahead window
+    result |= {"fsname=pcache", "subtype=pcache"}
+    if options.read_only:
+        result.add("ro")
+    return result
+
+
+# -- foreground ------------------------------------------------------------------------------------
+
+
+def run_foreground(client: PcacheClient, options: MountOptions) -> None:
+    """Mount and serve until unmounted or signalled; always leaves nothing mounted."""
+    import pyfuse3
+    import trio
+
+    from .fuse_ops import PcacheOperations
+
+    ops = PcacheOperations(
+        client,
+        options.namespace,
+        options.prefix,
+        read_only=options.read_only,
+        immutable=options.immutable,
+    )
+    try:
+        pyfuse3.init(ops, str(options.mountpoint), fuse_options(options))
+    except RuntimeError as exc:
+        raise CommandError(f"cannot mount {options.mountpoint}: {exc}") from None
+    log.info(
+        "mounted %s on %s (pid %d%s%s)",
+        options.source,
+        options.mountpoint,
+        os.getpid(),
+        ", read-only" if options.read_only else "",
+        ", immutable" if options.immutable else "",
+    )
+    unmounted = False
+    try:
+        trio.run(_serve)
+        unmounted = not is_mounted(options.mountpoint)
+    finally:
+        ops.abort_writes()
+        try:
+            pyfuse3.close(unmount=not unmounted)
+        except Exception as exc:
+            log.warning("unmount of %s: %s", options.mountpoint, exc)
+        log.info("unmounted %s", options.mountpoint)
+
+
+async def _serve() -> None:
+    import pyfuse3
+    import trio
+
+    async with trio.open_nursery() as nursery:
+
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for signum in sigs:
+                    log.info("%s: unmounting", signal.Signals(signum).name)
+                    pyfuse3.terminate()
+                    await trio.sleep(10)  # handlers in flight get this long to finish
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(stop_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+# -- daemon ----------------------------------------------------------------------------------------
+
+
+def default_log_file(mountpoint: Path) -> Path:
+    name = str(mountpoint.resolve()).strip("/").replace("/", "_") or "root"
+    return Path(tempfile.gettempdir()) / f"pcache-mount-{os.getuid()}-{name}.log"
+
+
+def spawn_daemon(argv: list[str], options: MountOptions) -> str:
+    """Start ``pcache mount ... --foreground`` detached; return once the mount is live."""
+    log_file = options.log_file or default_log_file(options.mountpoint)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    start = log_file.stat().st_size if log_file.exists() else 0
+    command = [
+        sys.executable,
+        "-m",
+        "pcache.cli",
+        *argv,
+        "--foreground",
+        "--log-file",
+        str(log_file),
+    ]
+    with open(log_file, "ab") as out:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if is_mounted(options.mountpoint):
+            return f"mounted {options.source} on {options.mountpoint} (pid {process.pid}, log {log_file})"
+        code = process.poll()
+        if code is not None:
+            with open(log_file, "rb") as file:
+                file.seek(start)
+                lines = [ln for ln in file.read().decode(errors="replace").splitlines() if ln]
+            reason = lines[-1] if lines else f"exited with status {code}"
+            reason = reason.split("error: ", 1)[-1]
+            known = code in {int(c) for c in ExitCode}
+            raise CommandError(
+                f"mount failed: {reason}", ExitCode(code) if known else ExitCode.FAILED
+            )
+        time.sleep(0.05)
+    process.terminate()
+    raise CommandError(
+        f"mount of {options.mountpoint} not live after {START_TIMEOUT_S:.0f}s (log: {log_file})"
+    )
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+def _setup_log_file(path: Path, verbosity: int) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)
+    for name in ("urllib3", "botocore", "boto3", "pyfuse3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _daemon_argv(args: Any, options: MountOptions) -> list[str]:
+    """The command line the daemon repeats (paths made absolute: it may start elsewhere)."""
+    argv = ["mount", options.source, str(options.mountpoint)]
+    if getattr(args, "config", None):
+        argv += ["--config", os.path.abspath(args.config)]
+    if args.worker:
+        argv += ["--worker", args.worker]
+    if options.read_only:
+        argv.append("--read-only")
+    if options.immutable:
+        argv.append("--immutable")
+    argv += ["-v"] * (getattr(args, "verbose", 0) or 0)
+    return argv
+
+
+def mount_command(args: Any) -> int:
+    """``pcache mount`` (see the module docstring)."""
+    options = MountOptions(
+        source=args.source,
+        mountpoint=Path(os.path.abspath(args.mountpoint)),
+        read_only=args.read_only,
+        immutable=args.immutable,
+        log_file=Path(os.path.abspath(args.log_file)) if args.log_file else None,
+    )
+    try:
+        options.namespace  # noqa: B018 (validates the source)
+    except ValueError as exc:
+        raise CommandError(str(exc), ExitCode.USAGE) from None
+    check_mountpoint(options.mountpoint)
+    config_file = getattr(args, "config", None)
+    config = ClientConfig.load(config_file)
+    if args.worker:
+        config = dataclasses.replace(config, worker=args.worker)
+    if config_file and not os.environ.get(CONFIG_ENV):
+        # the client's last-resort direct reads need the profiles of the same file
+        os.environ[CONFIG_ENV] = os.path.abspath(config_file)
+    if not args.foreground:
+        with PcacheClient(config) as client:
+            check_source(client, options)
+        print(spawn_daemon(_daemon_argv(args, options), options))
+        return ExitCode.OK
+    if options.log_file:
+        _setup_log_file(options.log_file, getattr(args, "verbose", 0))
+    client = PcacheClient(config)
+    try:
+        check_source(client, options)
+        run_foreground(client, options)
+    finally:
+        client.close()
+    return ExitCode.OK
+
+
+def umount_command(mountpoint: str) -> int:
+    """``pcache umount``: one clear line when not mounted or busy."""
+    target = os.path.abspath(mountpoint)
+    if not is_mounted(target):
+        raise CommandError(f"{target} is not mounted", ExitCode.USAGE)
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [tool, "-u", target] if tool else ["umount", target]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        message = (result.stderr.strip().splitlines() or ["unmount failed"])[-1]
+        if "busy" in message.lower():
+            raise CommandError(
+                f"{target} is busy (a process has a file or its working directory there); "
+                "close them, or detach it with `umount -l`"
+            )
+        raise CommandError(f"cannot unmount {target}: {message}")
+    return ExitCode.OK
