@@ -612,11 +612,18 @@ class PcacheWriter(io.RawIOBase):
         view = memoryview(data).cast("B")
         if self._shm and not self._segs and len(view) >= self._client.config.shm_threshold:
             self._segs = [shm.SharedBuffer(SHM_CHUNK), shm.SharedBuffer(SHM_CHUNK)]
+            if self._buffer:  # small writes so far: they go first, into the segment
+                buffered, self._buffer = self._buffer, bytearray()
+                self._fill_segments(memoryview(buffered))
         if not self._segs:
             self._buffer += view
             if len(self._buffer) >= SHM_CHUNK:
                 self._put_buffer()
             return len(view)
+        self._fill_segments(view)
+        return len(view)
+
+    def _fill_segments(self, view: memoryview) -> None:
         done = 0
         while done < len(view):
             segment = self._segs[self._current]
@@ -626,7 +633,6 @@ class PcacheWriter(io.RawIOBase):
             done += n
             if self._fill == segment.size:
                 self._ship()
-        return len(view)
 
     def _ship(self) -> None:
         """Hand the current segment to the worker in the background and switch segments."""

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 FILE, DIR = "file", "dir"
 COPY_CHUNK = 8 << 20
+WRITE_CHUNK = 8 << 20  # FUSE writes (128 KiB-1 MiB) are gathered into pieces this large
 NAME_MAX = 255
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -194,6 +195,12 @@ class _WriteHandle:
     committed: ObjectInfo | None = None
     failed: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
+    pending: bytearray = field(default_factory=bytearray)  # not yet handed to the writer
+
+    def feed(self, data: bytes | bytearray, threshold: int) -> None:
+        """Hand ``data`` to the writer (runs in a worker thread)."""
+        del threshold  # the writer takes any mix of sizes
+        self.writer.write(data)
 
 
 @dataclass
@@ -378,11 +385,12 @@ class PcacheOperations(pyfuse3.Operations):
             raise fail(errno.EROFS)
 
     async def _invalidate_cluster(self, path: str) -> None:
-        """Tell every node's metadata cache that ``path`` changed (best effort)."""
+        """Tell every node's metadata cache that ``path`` changed (best effort); the worker
+        also drops the listings of its parent directories."""
+        target = f"{self.namespace}/{self._key(path)}"
         try:
             await self._run(
-                functools.partial(self.client.invalidate, cluster=True, blocks=False),
-                self._client_path(path),
+                functools.partial(self.client.invalidate, cluster=True, blocks=False), target
             )
         except Exception as exc:
             log.warning("could not invalidate %s on the other nodes: %s", path, exc)
@@ -428,6 +436,7 @@ class PcacheOperations(pyfuse3.Operations):
     ) -> Any:
         node = self.inodes.node(inode)
         if fields.update_size:
+            log.debug("setattr %s: size %d", node.path, attr.st_size)
             self._check_writable()
             if node.kind == DIR:
                 raise fail(errno.EISDIR)
@@ -616,7 +625,8 @@ class PcacheOperations(pyfuse3.Operations):
         await self._run(self._copy, self._client_path(old), self._client_path(new))
         await self._run(self.client.delete, self._client_path(old))
         await self._invalidate_cluster(new)
-        await self._invalidate_cluster(old)
+        if old.rpartition("/")[0] != new.rpartition("/")[0]:
+            await self._invalidate_cluster(old)
         self._keep_dir(old.rpartition("/")[0])
         self.inodes.unlink(new)
         self.inodes.move(old, new)
@@ -718,7 +728,14 @@ class PcacheOperations(pyfuse3.Operations):
                 raise fail(errno.EOPNOTSUPP)
             if handle.committed is not None:
                 await self._reopen(handle)
-            await self._run(handle.writer.write, buf)
+            handle.pending += buf
+            if len(handle.pending) >= WRITE_CHUNK:
+                data, handle.pending = handle.pending, bytearray()
+                try:
+                    await self._run(handle.feed, data, self.client.config.shm_threshold)
+                except BaseException:
+                    await self._abort(handle)
+                    raise
             handle.size += len(buf)
             handle.mtime = time.time()
             return len(buf)
@@ -728,38 +745,51 @@ class PcacheOperations(pyfuse3.Operations):
         session holding what was committed, so the next commit has the whole file."""
         path = self._client_path(handle.path)
 
-        def reopen() -> PcacheWriter:
-            writer = PcacheWriter(self.client, path, durable="remote")
+        threshold = self.client.config.shm_threshold
+
+        def reopen() -> None:
+            handle.writer = PcacheWriter(self.client, path, durable="remote")
             try:
                 with PcacheReader(self.client, path) as reader:
                     while chunk := reader.read(COPY_CHUNK):
-                        writer.write(chunk)
+                        handle.feed(chunk, threshold)
+                if handle.writer.tell() != handle.size:
+                    raise pyfuse3.FUSEError(errno.ESTALE)  # replaced by someone meanwhile
             except BaseException:
-                writer.abort()
+                handle.writer.abort()
                 raise
-            return writer
 
-        writer = await self._run(reopen)
-        if writer.tell() != handle.size:
-            writer.abort()
-            raise fail(errno.ESTALE)  # someone replaced the object meanwhile
-        handle.writer, handle.committed = writer, None
+        await self._run(reopen)
+        handle.committed = None
 
     async def _commit(self, handle: _WriteHandle) -> None:
         if handle.failed:
             raise fail(errno.EIO)
         if handle.committed is not None:
             return
+        data, handle.pending = handle.pending, bytearray()
+        threshold = self.client.config.shm_threshold
+
+        def commit() -> ObjectInfo:
+            handle.feed(data, threshold)
+            return handle.writer.commit("remote")
+
         try:
-            handle.committed = await self._run(handle.writer.commit, "remote")
+            handle.committed = await self._run(commit)
         except BaseException:
-            handle.failed = True
-            try:
-                await self._run(handle.writer.abort)
-            except Exception as exc:
-                log.info("abort of %s failed: %s", handle.path, exc)
+            await self._abort(handle)
             raise
         await self._invalidate_cluster(handle.path)
+
+    async def _abort(self, handle: _WriteHandle) -> None:
+        """Give up a failed write: nothing partial is ever committed."""
+        handle.failed = True
+        if handle.writer is None or handle.writer.closed:
+            return
+        try:
+            await self._run(handle.writer.abort)
+        except Exception as exc:
+            log.info("abort of %s failed: %s", handle.path, exc)
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
@@ -786,7 +816,9 @@ class PcacheOperations(pyfuse3.Operations):
         elif isinstance(handle, _WriteHandle):
             try:
                 async with handle.lock:
-                    if not handle.failed:
+                    if handle.failed:
+                        await self._abort(handle)
+                    else:
                         await self._commit(handle)
             finally:
                 if self._writing.get(handle.path) is handle:

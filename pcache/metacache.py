@@ -121,20 +121,24 @@ class MetadataCache:
         with self._lock:
             self._stats.put((namespace, key), info, self._expiry(ttl))
 
-    def get_listing(self, namespace: str, prefix: str) -> ListPage | None:
+    def get_listing(self, namespace: str, prefix: str, delimiter: str = "/") -> ListPage | None:
         with self._lock:
-            value = self._listings.get((namespace, prefix), self._clock())
+            value = self._listings.get((namespace, f"{prefix}\x00{delimiter}"), self._clock())
             if value is None:
                 self.misses += 1
             else:
                 self.hits += 1
             return value
 
-    def put_listing(self, namespace: str, prefix: str, page: ListPage) -> None:
+    def put_listing(
+        self, namespace: str, prefix: str, page: ListPage, delimiter: str = "/"
+    ) -> None:
         if self.ttl <= 0 and not self.immutable:
             return
         with self._lock:
-            self._listings.put((namespace, prefix), page, self._expiry(self.ttl))
+            self._listings.put(
+                (namespace, f"{prefix}\x00{delimiter}"), page, self._expiry(self.ttl)
+            )
 
     def invalidate(self, namespace: str, path: str = "") -> int:
         """Forget every stat under ``path`` and every listing that could contain it."""
@@ -143,9 +147,12 @@ class MetadataCache:
             # a listing of any parent directory may mention the path
             parts = path.split("/")
             parents = {""} | {"/".join(parts[:i]) + "/" for i in range(1, len(parts))}
-            return dropped + self._listings.drop_where(
-                lambda k: k[0] == namespace and (k[1] in parents or k[1].startswith(path))
-            )
+
+            def affected(k: tuple[str, str]) -> bool:
+                prefix = k[1].partition("\x00")[0]
+                return k[0] == namespace and (prefix in parents or prefix.startswith(path))
+
+            return dropped + self._listings.drop_where(affected)
 
     def sizes(self) -> dict[str, int]:
         with self._lock:

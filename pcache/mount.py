@@ -252,9 +252,12 @@ def spawn_daemon(argv: list[str], options: MountOptions) -> str:
 
 
 def _setup_log_file(path: Path, verbosity: int) -> None:
+    """Log to ``path`` only: a daemon's stderr is the same file, and lines must not double."""
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)
     for name in ("urllib3", "botocore", "boto3", "pyfuse3"):

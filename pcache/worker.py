@@ -159,8 +159,7 @@ class Worker:
     async def listing(self, namespace: str, prefix: str, delimiter: str) -> ListPage:
         store = self.store(namespace)
         check_prefix(prefix)
-        cache_key = f"{prefix}\x00{delimiter}"
-        page = self.meta.get_listing(namespace, cache_key)
+        page = self.meta.get_listing(namespace, prefix, delimiter)
         if page is None:
             objects: list[ObjectInfo] = []
             prefixes: list[str] = []
@@ -170,7 +169,7 @@ class Worker:
                 objects.extend(part.objects)
                 prefixes.extend(part.prefixes)
             page = ListPage(objects, prefixes, None)
-            self.meta.put_listing(namespace, cache_key, page)
+            self.meta.put_listing(namespace, prefix, page, delimiter)
             for info in objects:
                 self.meta.put_stat(namespace, info.key, info)
         pending = self.writeback.pending_under(namespace, prefix)

@@ -378,3 +378,32 @@ def test_membership_file_changes_at_run_time(make_cluster, tmp_path: Path) -> No
     members.write_text("this is not toml [[[")  # a broken edit keeps the last good list
     time.sleep(1.5)
     assert sorted(n["id"] for n in client.info(refresh=True)["nodes"]) == ["node1", "node9"]
+
+
+def test_writer_mixed_write_sizes(make_cluster, payload) -> None:
+    cluster, store = make_cluster(1)
+    client = make_cluster.client(cluster, shm_threshold=MiB)
+    pieces = [payload(1000), payload(2 * MiB), payload(10), payload(40 * MiB + 1), payload(5)]
+    with client.open("data/mixed.bin", "wb") as writer:
+        for piece in pieces:
+            writer.write(piece)
+        assert writer.tell() == sum(map(len, pieces))
+    client.flush("data/mixed.bin")
+    assert store.get("mixed.bin") == b"".join(pieces)
+
+
+def test_listings_see_own_writes_despite_ttl(make_cluster) -> None:
+    cluster, store = make_cluster(1, metadata_ttl=300.0)
+    store.put("dir/a.txt", b"a")
+    client = make_cluster.client(cluster)
+    assert [o.key for o in client.ls("data/dir/")[0]] == ["dir/a.txt"]
+    assert [o.key for o in client.ls("data/", recursive=True)[0]] == ["dir/a.txt"]
+    client.put("data/dir/b.txt", b"b", durable="remote")
+    assert [o.key for o in client.ls("data/dir/")[0]] == ["dir/a.txt", "dir/b.txt"]
+    assert [o.key for o in client.ls("data/", recursive=True)[0]] == ["dir/a.txt", "dir/b.txt"]
+    client.delete("data/dir/a.txt")
+    assert [o.key for o in client.ls("data/dir/")[0]] == ["dir/b.txt"]
+    store.put("dir/c.txt", b"c")  # behind the cache's back: visible after invalidate
+    assert [o.key for o in client.ls("data/dir/")[0]] == ["dir/b.txt"]
+    client.invalidate("data/dir/c.txt")
+    assert [o.key for o in client.ls("data/dir/")[0]] == ["dir/b.txt", "dir/c.txt"]

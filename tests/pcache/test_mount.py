@@ -1,0 +1,470 @@
+"""``pcache mount`` for real: FUSE mounts in subprocesses over real workers and the real S3 server.
+
+Two workers share a bucket; mount A runs on node 1 and mount B on node 2. Objects are put into
+S3 directly and read through the mounts; files written through a mount are checked in S3.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from objstore import Store
+from tests.pcache.conftest import ClusterFactory, MiB
+from tests.servers.pcache_cluster import PcacheCluster
+
+ROOT = Path(__file__).resolve().parents[2]
+FUSERMOUNT = shutil.which("fusermount3")
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or FUSERMOUNT is None,
+    reason="FUSE mount tests need /dev/fuse and fusermount3",
+)
+
+
+def _env(cluster: PcacheCluster) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PCACHE_TOKEN": cluster.token,
+        "PYTHONPATH": str(ROOT),
+    }
+
+
+def pcache(cluster: PcacheCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pcache.cli", *args],
+        cwd=ROOT,
+        env=_env(cluster),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def force_unmount(mountpoint: Path) -> None:
+    if not os.path.ismount(mountpoint):
+        result = subprocess.run(["mount"], capture_output=True, text=True)
+        if f" {mountpoint} " not in result.stdout:
+            return
+    for command in (["fusermount3", "-u", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
+        if subprocess.run(command, capture_output=True).returncode == 0:
+            return
+
+
+class Mount:
+    """``pcache mount --foreground`` in a subprocess, live until :meth:`stop`."""
+
+    def __init__(self, cluster: PcacheCluster, node: int, mountpoint: Path, *extra: str) -> None:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        self.path = mountpoint
+        self.log = mountpoint.parent / f"{mountpoint.name}.log"
+        command = [
+            sys.executable,
+            "-m",
+            "pcache.cli",
+            "mount",
+            "data",
+            str(mountpoint),
+            "--foreground",
+            "--worker",
+            cluster.nodes[node].address,
+            "--log-file",
+            str(self.log),
+            *extra,
+        ]
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=_env(cluster),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while not os.path.ismount(mountpoint):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                out, _ = self.process.communicate()
+                self.stop()
+                raise RuntimeError(f"mount did not come up: {out.decode()}\n{self.logs()}")
+            time.sleep(0.05)
+
+    def logs(self) -> str:
+        return self.log.read_text()[-4000:] if self.log.exists() else ""
+
+    def stop(self) -> None:
+        force_unmount(self.path)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout and not self.process.stdout.closed:
+            self.process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def cluster2(
+    rclone_s3: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[PcacheCluster, Store]]:
+    factory = ClusterFactory(rclone_s3, tmp_path_factory.mktemp("mount-cluster"))
+    try:
+        yield factory(2)
+    finally:
+        factory.close()
+
+
+@pytest.fixture(scope="module")
+def mounts(
+    cluster2: tuple[PcacheCluster, Store], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, Path]]:
+    cluster, _ = cluster2
+    root = tmp_path_factory.mktemp("mnt")
+    a = Mount(cluster, 0, root / "a")
+    try:
+        b = Mount(cluster, 1, root / "b")
+    except BaseException:
+        a.stop()
+        raise
+    try:
+        yield a.path, b.path
+    finally:
+        a.stop()
+        b.stop()
+        if a.process.returncode not in (0, None) or b.process.returncode not in (0, None):
+            print(a.logs(), b.logs())
+
+
+@pytest.fixture
+def store(cluster2: tuple[PcacheCluster, Store]) -> Store:
+    return cluster2[1]
+
+
+def test_read_round_trip_small_and_multi_block(mounts, store: Store) -> None:
+    a, _ = mounts
+    small, big = b"hello, mount\n", os.urandom(3 * MiB + 12345)
+    store.put("rt/small.txt", small)
+    store.put("rt/big.bin", big)
+    assert (a / "rt/small.txt").read_bytes() == small
+    assert (a / "rt/big.bin").read_bytes() == big
+    with open(a / "rt/big.bin", "rb") as file:
+        file.seek(MiB + 1000)
+        assert file.read(2 * MiB) == big[MiB + 1000 : 3 * MiB + 1000]
+        file.seek(len(big) - 10)
+        assert file.read(100) == big[-10:]
+    info = os.stat(a / "rt/big.bin")
+    assert info.st_size == len(big) and info.st_blksize == MiB
+    assert os.stat(a / "rt/small.txt").st_size == len(small)
+    assert os.path.isdir(a / "rt") and not os.path.isdir(a / "rt/big.bin")
+
+
+def test_listings_match_the_store_with_implicit_dirs(mounts, store: Store) -> None:
+    a, b = mounts
+    keys = ["ls/a.txt", "ls/sub/b.txt", "ls/sub/deeper/c.txt", "ls/other/d.txt", "ls/z.bin"]
+    for key in keys:
+        store.put(key, key.encode())
+    assert sorted(os.listdir(a / "ls")) == ["a.txt", "other", "sub", "z.bin"]
+    walked = {
+        os.path.relpath(os.path.join(d, f), a): os.path.getsize(os.path.join(d, f))
+        for d, _, files in os.walk(a / "ls")
+        for f in files
+    }
+    assert walked == {key: len(key) for key in keys}
+    dirs = sorted(os.path.relpath(d, a) for d, _, _ in os.walk(a / "ls"))
+    assert dirs == ["ls", "ls/other", "ls/sub", "ls/sub/deeper"]
+    assert sorted(os.listdir(b / "ls/sub")) == ["b.txt", "deeper"]
+    assert "ls" in os.listdir(a)
+
+
+def test_write_through_the_mount_lands_in_s3(mounts, store: Store, tmp_path: Path) -> None:
+    a, _ = mounts
+    data = os.urandom(2 * MiB + 777)
+    os.mkdir(a / "w")  # implicit: exists in this mount until it has content
+    with open(a / "w/out.bin", "wb") as file:
+        file.write(data[:1000])
+        file.flush()
+        assert os.stat(a / "w/out.bin").st_size == 1000  # a file being written shows its size
+        assert "out.bin" in os.listdir(a / "w")
+        file.write(data[1000:])
+    assert store.get("w/out.bin") == data
+    assert (a / "w/out.bin").read_bytes() == data
+
+    local = tmp_path / "local.bin"
+    local.write_bytes(os.urandom(MiB + 3))
+    shutil.copyfile(local, a / "w/copy.bin")
+    assert store.get("w/copy.bin") == local.read_bytes()
+    assert os.stat(a / "w/copy.bin").st_size == MiB + 3
+
+    (a / "w/empty").touch()
+    assert store.get("w/empty") == b""
+
+
+def test_random_writes_are_refused(mounts, store: Store) -> None:
+    a, _ = mounts
+    os.mkdir(a / "rw")
+    fd = os.open(a / "rw/x.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        assert os.pwrite(fd, b"0123456789", 0) == 10
+        with pytest.raises(OSError) as excinfo:
+            os.pwrite(fd, b"later", 100)
+        assert excinfo.value.errno == errno.EOPNOTSUPP
+        assert os.pwrite(fd, b"abc", 10) == 3
+    finally:
+        os.close(fd)
+    assert store.get("rw/x.bin") == b"0123456789abc"
+    with pytest.raises(OSError) as excinfo:  # patching an object in place is not supported
+        os.open(a / "rw/x.bin", os.O_WRONLY)
+    assert excinfo.value.errno == errno.EOPNOTSUPP
+
+
+def test_concurrent_readers(mounts, store: Store) -> None:
+    a, _ = mounts
+    data = os.urandom(5 * MiB + 99)
+    store.put("cc/shared.bin", data)
+    errors: list[BaseException] = []
+
+    def reader(i: int) -> None:
+        try:
+            with open(a / "cc/shared.bin", "rb") as file:
+                if i % 2:
+                    assert file.read() == data
+                else:
+                    offset = i * 300_001
+                    file.seek(offset)
+                    assert file.read(MiB) == data[offset : offset + MiB]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+
+
+def test_close_to_open_across_two_nodes(mounts, store: Store) -> None:
+    a, b = mounts
+    first = os.urandom(MiB + 5)
+    os.mkdir(a / "c2o")
+    with open(a / "c2o/x.bin", "wb") as file:
+        file.write(first)
+    assert (b / "c2o/x.bin").read_bytes() == first  # B's worker never saw it: full content
+    second = os.urandom(2 * MiB + 7)
+    with open(a / "c2o/x.bin", "wb") as file:
+        file.write(second)
+    time.sleep(1.2)  # B's kernel trusts the attributes it has for 1 s (the attr timeout)
+    assert (b / "c2o/x.bin").read_bytes() == second
+    assert store.get("c2o/x.bin") == second
+
+
+def test_mkdir_rmdir_unlink_rename(mounts, store: Store) -> None:
+    a, _ = mounts
+    store.put("ops/file.txt", b"one")
+    store.put("ops/full/inner.txt", b"two")
+    ops = a / "ops"
+
+    os.mkdir(ops / "newdir")
+    assert os.path.isdir(ops / "newdir") and "newdir" in os.listdir(ops)
+    with pytest.raises(FileExistsError):
+        os.mkdir(ops / "newdir")
+    with pytest.raises(FileExistsError):
+        os.mkdir(ops / "file.txt")
+    (ops / "newdir/in.txt").write_bytes(b"inside")
+    assert store.get("ops/newdir/in.txt") == b"inside"
+    with pytest.raises(OSError) as excinfo:
+        os.rmdir(ops / "full")
+    assert excinfo.value.errno == errno.ENOTEMPTY
+    with pytest.raises(NotADirectoryError):
+        os.rmdir(ops / "file.txt")
+    with pytest.raises(IsADirectoryError):
+        os.unlink(ops / "full")
+
+    os.rename(ops / "file.txt", ops / "renamed.txt")
+    assert store.get("ops/renamed.txt") == b"one" and not store.exists("ops/file.txt")
+    assert not (ops / "file.txt").exists() and (ops / "renamed.txt").read_bytes() == b"one"
+    with pytest.raises(OSError) as excinfo:
+        os.rename(ops / "full", ops / "full2")
+    assert excinfo.value.errno == errno.EXDEV
+
+    os.unlink(ops / "renamed.txt")
+    assert not store.exists("ops/renamed.txt")
+    with pytest.raises(FileNotFoundError):
+        os.unlink(ops / "renamed.txt")
+
+    shutil.rmtree(ops / "newdir")  # the emptied directory stays until its rmdir
+    assert not store.exists("ops/newdir/in.txt") and not (ops / "newdir").exists()
+    os.mkdir(ops / "empty")
+    os.rmdir(ops / "empty")
+    assert sorted(os.listdir(ops)) == ["full"]
+
+
+def test_missing_and_vanished_objects_give_enoent(mounts, store: Store) -> None:
+    a, _ = mounts
+    with pytest.raises(FileNotFoundError):
+        (a / "nope/x.bin").read_bytes()
+    with pytest.raises(FileNotFoundError):
+        os.stat(a / "missing.bin")
+    store.put("gone/x.bin", os.urandom(2 * MiB))
+    with open(a / "gone/x.bin", "rb", buffering=0) as file:
+        store.delete("gone/x.bin")
+        with pytest.raises(OSError) as excinfo:
+            file.read(4096)
+        assert excinfo.value.errno == errno.ENOENT
+
+
+def test_statfs_reports_the_cache_disks(mounts) -> None:
+    a, _ = mounts
+    stats = os.statvfs(a)
+    assert stats.f_blocks * stats.f_frsize == 64 * MiB
+    assert 0 < stats.f_bavail <= stats.f_blocks
+
+
+def test_daemon_read_only_and_umount(cluster2, store: Store, tmp_path: Path) -> None:
+    cluster, _ = cluster2
+    store.put("ro/x.txt", b"read only")
+    mountpoint = tmp_path / "ro"
+    mountpoint.mkdir()
+    worker = ["--worker", cluster.nodes[0].address]
+    log = str(tmp_path / "daemon.log")
+    started = pcache(
+        cluster, "mount", "data/ro", str(mountpoint), *worker, "--read-only", "--immutable",
+        "--log-file", log,
+    )  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stderr + Path(log).read_text()
+        assert os.path.ismount(mountpoint)
+        assert (mountpoint / "x.txt").read_bytes() == b"read only"
+        assert os.listdir(mountpoint) == ["x.txt"]
+        with pytest.raises(OSError) as excinfo:
+            (mountpoint / "new.txt").write_bytes(b"no")
+        assert excinfo.value.errno == errno.EROFS
+
+        again = pcache(cluster, "mount", "data", str(mountpoint), *worker)
+        assert again.returncode == 2 and "already a mount point" in again.stderr
+
+        pid = int(started.stdout.split("(pid ")[1].split(",")[0])
+        done = pcache(cluster, "umount", str(mountpoint))
+        assert done.returncode == 0, done.stderr
+        assert not os.path.ismount(mountpoint)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the daemon ends once its mount is gone
+        assert not Path(f"/proc/{pid}").exists()
+    finally:
+        force_unmount(mountpoint)
+    gone = pcache(cluster, "umount", str(mountpoint))
+    assert gone.returncode == 2
+    assert gone.stderr.strip().splitlines() == [f"pcache: error: {mountpoint} is not mounted"]
+
+
+def test_sigterm_unmounts(cluster2, tmp_path: Path) -> None:
+    cluster, _ = cluster2
+    mount = Mount(cluster, 0, tmp_path / "sig")
+    try:
+        mount.process.send_signal(signal.SIGTERM)
+        assert mount.process.wait(timeout=15) == 0
+        assert not os.path.ismount(mount.path)
+    finally:
+        mount.stop()
+
+
+@pytest.mark.parametrize("case", ["missing", "not_empty", "not_a_dir"])
+def test_bad_mountpoints_are_usage_errors(cluster2, tmp_path: Path, case: str) -> None:
+    cluster, _ = cluster2
+    target = tmp_path / "mp"
+    if case == "not_empty":
+        target.mkdir()
+        (target / "f").write_text("x")
+    elif case == "not_a_dir":
+        target.write_text("x")
+    result = pcache(cluster, "mount", "data", str(target), "--worker", cluster.nodes[0].address)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pcache: error: ")
+    assert {"missing": "does not exist", "not_empty": "not empty", "not_a_dir": "not a dir"}[
+        case
+    ] in lines[0]
+
+
+def test_unknown_namespace_is_not_found(cluster2, tmp_path: Path) -> None:
+    cluster, _ = cluster2
+    result = pcache(cluster, "mount", "nope", str(tmp_path), "--worker", cluster.nodes[0].address)
+    assert result.returncode == 3
+    assert "unknown namespace 'nope'" in result.stderr and not os.path.ismount(tmp_path)
+
+
+def test_mount_survives_a_worker_restart(mounts, cluster2, store: Store) -> None:
+    a, _ = mounts
+    cluster, _ = cluster2
+    data = os.urandom(3 * MiB)
+    store.put("restart/x.bin", data)
+    with open(a / "restart/x.bin", "rb") as file:
+        assert file.read(MiB) == data[:MiB]
+        cluster.kill(cluster.nodes[0])  # mount A's local worker
+        assert file.read() == data[MiB:]  # an open file reads from the other worker
+        cluster.start(cluster.nodes[0])
+    assert (a / "restart/x.bin").read_bytes() == data
+    (a / "restart/y.bin").write_bytes(b"after restart")
+    assert store.get("restart/y.bin") == b"after restart"
+
+
+def test_inode_table_lookup_counts() -> None:
+    from pcache.fuse_ops import DIR, FILE, InodeTable
+
+    table = InodeTable()
+    ino = table.inode("a/b", FILE)
+    assert table.inode("a/b", FILE) == ino and table.find("a/b") == ino
+    table.remember(ino)
+    table.remember(ino)
+    table.forget(ino, 1)
+    assert table.node(ino).path == "a/b"
+    table.move("a/b", "a/c")
+    assert table.find("a/b") is None and table.find("a/c") == ino
+    table.forget(ino, 1)
+    assert table.find("a/c") is None and len(table) == 1  # only the root is left
+    held = table.inode("d", DIR)
+    table.remember(held)
+    table.forget(held, 1, busy=True)  # an open handle keeps it
+    assert table.node(held).path == "d"
+
+
+def test_errno_mapping() -> None:
+    import pyfuse3
+
+    from objstore.errors import (
+        AccessDenied,
+        EndpointUnreachable,
+        InsufficientStorage,
+        InvalidKey,
+        ObjectNotFound,
+    )
+    from pcache.fuse_ops import errno_for, fuse_errors
+
+    assert errno_for(ObjectNotFound("x"), "t") == errno.ENOENT
+    assert errno_for(AccessDenied("x"), "t") == errno.EACCES
+    assert errno_for(InvalidKey("x"), "t") == errno.EINVAL
+    assert errno_for(InsufficientStorage("x"), "t") == errno.ENOSPC
+    assert errno_for(OSError(errno.ENOSPC, "full"), "t") == errno.ENOSPC
+    assert errno_for(EndpointUnreachable("x"), "t") == errno.EIO
+    assert errno_for(RuntimeError("bug"), "t") == errno.EIO
+
+    @fuse_errors
+    async def broken() -> None:
+        raise KeyError("bug")
+
+    import trio
+
+    with pytest.raises(pyfuse3.FUSEError) as excinfo:
+        trio.run(broken)
+    assert excinfo.value.errno == errno.EIO
