@@ -507,7 +507,7 @@ class PcacheReader(io.RawIOBase):
         self._pos = 0
         self._bs = client.block_size
         self._ahead: dict[int, Future[bytes]] = {}
-        self._last_index = -2
+        self._last_index = -1  # a read of block 0 counts as sequential: start readahead at once
 
     def readable(self) -> bool:
         return True
