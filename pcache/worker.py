@@ -199,8 +199,11 @@ class Worker:
             if pending is not None and pending.version == info.version:
                 start = index * self.blocks.block_size
                 length = min(self.blocks.block_size, pending.size - start)
-                data = await asyncio.to_thread(self.writeback.read, pending, start, length)
-                return data, "local"
+                try:
+                    data = await asyncio.to_thread(self.writeback.read, pending, start, length)
+                    return data, "local"
+                except FileNotFoundError:
+                    pass  # uploaded (and its staging file removed) since we looked
             # uploaded while a reader held it open: the same bytes now live in the store
             uploaded = self.writeback.uploaded_as(info.version)
             if uploaded is None:
