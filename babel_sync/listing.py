@@ -702,7 +702,11 @@ class ParallelLister:
         """
         end = r.task.end  # read now, not before the request: a thief may have shrunk it
         r.inflight = 0
-        objects = [o for o in page.objects if o.key > start_after and (end is None or o.key < end)]
+        objects = page.objects  # in key order: only its ends can fall outside the range
+        if objects and (
+            objects[0].key <= start_after or (end is not None and objects[-1].key >= end)
+        ):
+            objects = [o for o in objects if o.key > start_after and (end is None or o.key < end)]
         # A prefix at or below start_after was reached from inside its subtree: the range that
         # holds the prefix itself spawned its task.
         subdirs = [q for q in page.prefixes if q > start_after and (end is None or q < end)]
@@ -723,16 +727,20 @@ class ParallelLister:
             return False, [], []
         self._counts["over"] += len(page.objects) + len(page.prefixes) - entries
         if entries:
-            keys = (
-                sorted([o.key for o in objects] + subdirs) if subdirs else [o.key for o in objects]
-            )
-            if r.shape is None or not (r.shape.fits(keys[0]) and r.shape.fits(keys[-1])):
+            if subdirs:
+                keys = sorted([o.key for o in objects] + subdirs)
+                first, last = keys[0], keys[-1]
+            else:  # no list of keys unless a shape must be sampled (per-key CPU adds up)
+                keys = []
+                first, last = objects[0].key, objects[-1].key
+            if r.shape is None or not (r.shape.fits(first) and r.shape.fits(last)):
+                keys = keys or [o.key for o in objects]
                 r.shape = _Shape.sample(r.task.prefix, keys) or r.shape
             if r.shape is not None and entries >= 2:
                 # This page's own density: where listing is now, not where it started.
-                span = r.shape.value(keys[-1]) - r.shape.value(keys[0])
+                span = r.shape.value(last) - r.shape.value(first)
                 r.density = (entries - 1) / span if span > 0 else None
-            r.cursor = max(r.cursor, keys[-1])
+            r.cursor = max(r.cursor, last)
         r.entries += entries
         r.pages += 1
         past_end = end is not None and (

@@ -19,12 +19,9 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
-import boto3
-import botocore.config
 import botocore.exceptions
-import botocore.parsers
 import urllib3
 
 from . import checksum, s3_data
@@ -68,6 +65,8 @@ def fast_timestamp(value: str) -> datetime.datetime:
             return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
         return email.utils.parsedate_to_datetime(value)
     except (ValueError, TypeError, IndexError):
+        import botocore.parsers
+
         return botocore.parsers.DEFAULT_TIMESTAMP_PARSER(value)
 
 
@@ -84,6 +83,12 @@ class S3Store(Store):
         conditional_get=True,
     )
 
+    #: Build the boto3 client on first use instead of at open. A command the lean data path
+    #: serves entirely (``babel-sync ls``) then never pays the half second that importing boto3
+    #: and building a client costs. Off by default: opening a store then validates the SDK
+    #: setup at once, as it always has. Command lines set it for their process.
+    lazy_client: ClassVar[bool] = False
+
     def __init__(self, url: StoreURL, profile: Profile, retry_policy: RetryPolicy | None = None):
         super().__init__(url, retry_policy)
         self.profile = profile
@@ -91,6 +96,31 @@ class S3Store(Store):
         self.prefix = url.prefix
         self._bucket_checked = False
         self._lock = threading.Lock()
+        self._client: Any = None
+        if not self.lazy_client:
+            self._client = self._make_client()
+
+        # Object GET/HEAD/PUT and list pages go through the lean data path where addressing allows it.
+        self._data = (
+            s3_data.S3DataPath(profile, url.bucket)
+            if profile.endpoint and profile.addressing_style == "path"
+            else None
+        )
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client (created on first use when ``lazy_client`` is set)."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._make_client()
+        return self._client
+
+    def _make_client(self) -> Any:
+        import boto3
+        import botocore.config
+
+        profile = self.profile
         config = botocore.config.Config(
             max_pool_connections=profile.max_pool_connections,
             connect_timeout=profile.connect_timeout,
@@ -105,7 +135,7 @@ class S3Store(Store):
         # botocore parses every timestamp with dateutil: about half of its CPU per listed key.
         factory = session._session.get_component("response_parser_factory")
         factory.set_parser_defaults(timestamp_parser=fast_timestamp)
-        self.client = session.client(
+        return session.client(
             "s3",
             endpoint_url=profile.endpoint or None,
             region_name=profile.region or "us-east-1",
@@ -115,15 +145,9 @@ class S3Store(Store):
             config=config,
         )
 
-        # Object GET/HEAD/PUT go through the lean data path where addressing allows it.
-        self._data = (
-            s3_data.S3DataPath(profile, url.bucket)
-            if profile.endpoint and profile.addressing_style == "path"
-            else None
-        )
-
     def close(self) -> None:
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
         if self._data is not None:
             self._data.close()
 
@@ -294,12 +318,15 @@ class S3Store(Store):
             got = s3_data.parse_list_v2(self._data.request("GET", "", query=query).data)
             self._bucket_checked = True
         cut = len(self.prefix)
-        contents: Any = got["contents"]
-        objects = [ObjectInfo(k[cut:], size, mtime, etag) for k, size, mtime, etag in contents]
-        prefixes = [p[cut:] for p in got["prefixes"]]  # type: ignore[attr-defined]
-        return ListPage(
-            objects, prefixes, str(got["token"]) if got["truncated"] and got["token"] else None
-        )
+        if cut:
+            objects = [
+                ObjectInfo(k[cut:], size, mtime, etag) for k, size, mtime, etag in got.contents
+            ]
+            prefixes = [p[cut:] for p in got.prefixes]
+        else:
+            objects = [ObjectInfo(k, size, mtime, etag) for k, size, mtime, etag in got.contents]
+            prefixes = got.prefixes
+        return ListPage(objects, prefixes, got.token if got.truncated and got.token else None)
 
     @retrying
     def get_range(
