@@ -17,18 +17,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class RangeReader(io.RawIOBase):
-    """Read-only, seekable raw stream over one object; wrap in ``io.BufferedReader`` as needed."""
+class SeekableReader(io.RawIOBase):
+    """Position bookkeeping of a read-only raw stream of ``size`` bytes; subclasses implement
+    ``readinto`` from ``self._pos``."""
 
-    def __init__(self, store: Store, key: str, *, block_size: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, size: int) -> None:
         super().__init__()
-        info = store.stat(key)
-        self._store = store
-        self._key = key
-        self._etag = info.etag or None
-        self.size = info.size
+        self.size = size
         self._pos = 0
-        self._block_size = block_size
 
     def readable(self) -> bool:
         return True
@@ -45,6 +41,18 @@ class RangeReader(io.RawIOBase):
             raise ValueError("negative seek position")
         self._pos = base + offset
         return self._pos
+
+
+class RangeReader(SeekableReader):
+    """Read-only, seekable raw stream over one object; wrap in ``io.BufferedReader`` as needed."""
+
+    def __init__(self, store: Store, key: str, *, block_size: int = 8 * 1024 * 1024) -> None:
+        info = store.stat(key)
+        super().__init__(info.size)
+        self._store = store
+        self._key = key
+        self._etag = info.etag or None
+        self._block_size = block_size
 
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
         want = min(len(buffer), self.size - self._pos, self._block_size)

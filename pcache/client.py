@@ -31,6 +31,7 @@ import urllib3
 from objstore import Config, open_store
 from objstore.base import ObjectInfo, Store
 from objstore.errors import EndpointUnreachable, ObjectNotFound, StorageError
+from objstore.streams import SeekableReader
 from objstore.url import check_key
 
 from . import shm
@@ -491,39 +492,22 @@ class PcacheClient:
         self.close()
 
 
-class PcacheReader(io.RawIOBase):
+class PcacheReader(SeekableReader):
     """A seekable read-only file over one object, pinned to the version it opened.
 
     Sequential reads fetch the following blocks ahead, in parallel.
     """
 
     def __init__(self, client: PcacheClient, path: str) -> None:
-        super().__init__()
+        info = client.stat(path)
+        super().__init__(info.size)
         self._client = client
         self.path = path
         self.namespace, self.key = split_path(path)
-        self.info = client.stat(path)
-        self.size = self.info.size
-        self._pos = 0
+        self.info = info
         self._bs = client.block_size
         self._ahead: dict[int, Future[bytes]] = {}
         self._last_index = -1  # a read of block 0 counts as sequential: start readahead at once
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
 
     def readinto(self, buf: Any) -> int:
         view = memoryview(buf).cast("B")

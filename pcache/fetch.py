@@ -133,10 +133,11 @@ class BlockFetcher:
         return BlockId(namespace, info.key, info.version, index)
 
     def block_length(self, info: ObjectInfo, index: int) -> int:
+        """Bytes in block ``index`` of the object (an empty object has one empty block)."""
         start = index * self.block_size
-        if index < 0 or (start >= max(info.size, 1) and not (info.size == 0 and index == 0)):
+        if index < 0 or (start >= info.size and index > 0):
             raise ValueError(f"block {index} is past the end of {info.key!r} ({info.size} bytes)")
-        return max(0, min(self.block_size, info.size - start))
+        return min(self.block_size, info.size - start)
 
     async def get(
         self, namespace: str, info: ObjectInfo, index: int, *, ask_peers: bool = True
@@ -146,7 +147,7 @@ class BlockFetcher:
         length = self.block_length(info, index)
         data = await asyncio.to_thread(self.blocks.get, bid)
         if data is not None and len(data) == length:
-            self._count("local", len(data))
+            self.count("local", len(data))
             return data, "local"
         pending = self._inflight.get(bid)
         if pending is not None:
@@ -171,7 +172,7 @@ class BlockFetcher:
         """The block if this worker has it (for peers asking ``cached_only``)."""
         data = await asyncio.to_thread(self.blocks.get, self.block_id(namespace, info, index))
         if data is not None:
-            self._count("local", len(data))
+            self.count("local", len(data))
         return data
 
     async def _fetch(
@@ -183,7 +184,7 @@ class BlockFetcher:
             if data is None:
                 data = await self._from_backend(namespace, info, bid, length)
                 source = "backend"
-            self._count(source, len(data))
+            self.count(source, len(data))
         try:
             await asyncio.to_thread(self.blocks.put, bid, data)
         except NoSpace as exc:
@@ -232,6 +233,7 @@ class BlockFetcher:
             )
         return data
 
-    def _count(self, tier: str, nbytes: int) -> None:
+    def count(self, tier: str, nbytes: int) -> None:
+        """Count a block served from ``tier`` (also for reads the worker serves itself)."""
         self.stats.hits[tier] += 1
         self.stats.bytes[tier] += nbytes

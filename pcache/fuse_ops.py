@@ -197,9 +197,8 @@ class _WriteHandle:
     lock: trio.Lock = field(default_factory=trio.Lock)
     pending: bytearray = field(default_factory=bytearray)  # not yet handed to the writer
 
-    def feed(self, data: bytes | bytearray, threshold: int) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         """Hand ``data`` to the writer (runs in a worker thread)."""
-        del threshold  # the writer takes any mix of sizes
         self.writer.write(data)
 
 
@@ -732,7 +731,7 @@ class PcacheOperations(pyfuse3.Operations):
             if len(handle.pending) >= WRITE_CHUNK:
                 data, handle.pending = handle.pending, bytearray()
                 try:
-                    await self._run(handle.feed, data, self.client.config.shm_threshold)
+                    await self._run(handle.feed, data)
                 except BaseException:
                     await self._abort(handle)
                     raise
@@ -745,14 +744,12 @@ class PcacheOperations(pyfuse3.Operations):
         session holding what was committed, so the next commit has the whole file."""
         path = self._client_path(handle.path)
 
-        threshold = self.client.config.shm_threshold
-
         def reopen() -> None:
             handle.writer = PcacheWriter(self.client, path, durable="remote")
             try:
                 with PcacheReader(self.client, path) as reader:
                     while chunk := reader.read(COPY_CHUNK):
-                        handle.feed(chunk, threshold)
+                        handle.feed(chunk)
                 if handle.writer.tell() != handle.size:
                     raise pyfuse3.FUSEError(errno.ESTALE)  # replaced by someone meanwhile
             except BaseException:
@@ -768,10 +765,9 @@ class PcacheOperations(pyfuse3.Operations):
         if handle.committed is not None:
             return
         data, handle.pending = handle.pending, bytearray()
-        threshold = self.client.config.shm_threshold
 
         def commit() -> ObjectInfo:
-            handle.feed(data, threshold)
+            handle.feed(data)
             return handle.writer.commit("remote")
 
         try:

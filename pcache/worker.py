@@ -394,7 +394,7 @@ async def shm_read(request: web.Request) -> web.Response:
             )
         if copied == len(dest):
             source = "local"
-            worker.fetcher._count("local", len(dest))
+            worker.fetcher.count("local", len(dest))
         else:
             data, source = await worker.read_block(namespace, info, index)
             dest[:] = data[start - index * bs : end - index * bs]

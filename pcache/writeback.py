@@ -315,10 +315,6 @@ class WriteBack:
         with open(record.path, "rb") as file:
             return os.pread(file.fileno(), length, offset)
 
-    def read_into(self, record: PendingObject, offset: int, buf: memoryview) -> int:
-        with open(record.path, "rb") as file:
-            return os.preadv(file.fileno(), [buf], offset)
-
     def uploaded_as(self, version: str) -> ObjectInfo | None:
         """What a pending write (by its ``wb-`` version) became once uploaded, if known."""
         with self._cond:
