@@ -523,6 +523,8 @@ class SyncJob:
         journal write leaves such an upload). After a clean run none is needed; after failures
         the journal's open uploads are kept so the next run resumes them.
         """
+        if not journal.multipart_started:
+            return  # no upload was ever begun by this job: nothing can be orphaned
         created = float(journal.get_meta("created") or 0) - 60  # allow for clock skew
         active = journal.open_uploads()
         try:

@@ -117,6 +117,7 @@ class Journal:
             for name in ("src", "dst", "listing", "objects", "meta")
         }
         self._lock = threading.Lock()
+        self._multipart_noted = False
         existing = self.get_meta("identity")
         if existing is not None and existing != identity:
             raise ValueError(
@@ -159,6 +160,18 @@ class Journal:
     def set_meta(self, name: str, value: Any) -> None:
         with self.env.begin(db=self._dbs["meta"], write=True) as txn:
             txn.put(name.encode(), json.dumps(value).encode())
+
+    def note_multipart(self) -> None:
+        """Record, before the first CreateMultipartUpload, that this job starts uploads: only
+        then can a crash leave an upload the journal does not know (see the engine's orphan
+        clean-up, which is skipped for jobs that never started one)."""
+        if not self._multipart_noted:
+            self.set_meta("multipart_started", True)
+            self._multipart_noted = True
+
+    @property
+    def multipart_started(self) -> bool:
+        return self._multipart_noted or bool(self.get_meta("multipart_started"))
 
     @property
     def complete(self) -> bool:

@@ -196,6 +196,7 @@ class Transferer:
                 if info.checksum and info.checksum.algorithm == CANONICAL
                 else None
             )
+            self.journal.note_multipart()
             upload_id = self.dst.create_upload(key, metadata=self._metadata(info, known))
             state = ObjectState(
                 "uploading", upload_id=upload_id, part_size=part_size, src_etag=info.etag

@@ -223,7 +223,10 @@ def s3_url(bucket: str, prefix: str) -> str:
 
 def run_babel(bench: Bench, ds: Dataset, bucket: str, config: Path) -> Run:
     journal = bench.fresh_dir("journal")
+    # BENCH_BABEL_WRAP="py-spy record -o /tmp/p.txt -f raw --" profiles babel-sync's run
+    wrap = os.environ.get("BENCH_BABEL_WRAP", "").split()
     cmd = [
+        *wrap,
         tool_path(bench.bin_dir, "babel-sync"),
         "sync",
         f"s3://src@{s3_url(SRC_BUCKET, ds.prefix)}",

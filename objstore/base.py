@@ -89,6 +89,21 @@ class ObjectInfo:
     checksum: ChecksumValue | None = None
     metadata: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def listed(cls, key: str, size: int, mtime: float, etag: str = "") -> ObjectInfo:
+        """``ObjectInfo(key, size, mtime, etag)`` for listings, at a third of the cost: the
+        frozen dataclass ``__init__`` sets each field through ``object.__setattr__``, which
+        dominates when a listing builds millions of these."""
+        info = object.__new__(cls)
+        fields = info.__dict__
+        fields["key"] = key
+        fields["size"] = size
+        fields["mtime"] = mtime
+        fields["etag"] = etag
+        fields["checksum"] = None
+        fields["metadata"] = {}
+        return info
+
     @property
     def version(self) -> str:
         """A string that changes whenever the content changes (ETag, else mtime+size)."""

@@ -22,9 +22,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, NoReturn
 
 import botocore.exceptions
-import urllib3
 
-from . import checksum, s3_data
+from . import checksum, http1, s3_data
 from .base import (
     Body,
     ChecksumValue,
@@ -172,7 +171,7 @@ class S3Store(Store):
             )
         except s3_data.HTTPError as exc:
             self._raise_http(exc.status, exc.code, exc.message, operation, key, exc)
-        except urllib3.exceptions.HTTPError as exc:  # the lean data path's network failures
+        except http1.NetworkError as exc:  # the lean data path's network failures
             raise EndpointUnreachable(
                 f"cannot reach {self.profile.endpoint}: {network_reason(exc)}",
                 url=where,
@@ -318,13 +317,12 @@ class S3Store(Store):
             got = s3_data.parse_list_v2(self._data.request("GET", "", query=query).data)
             self._bucket_checked = True
         cut = len(self.prefix)
+        listed = ObjectInfo.listed
         if cut:
-            objects = [
-                ObjectInfo(k[cut:], size, mtime, etag) for k, size, mtime, etag in got.contents
-            ]
+            objects = [listed(k[cut:], size, mtime, etag) for k, size, mtime, etag in got.contents]
             prefixes = [p[cut:] for p in got.prefixes]
         else:
-            objects = [ObjectInfo(k, size, mtime, etag) for k, size, mtime, etag in got.contents]
+            objects = [listed(k, size, mtime, etag) for k, size, mtime, etag in got.contents]
             prefixes = got.prefixes
         return ListPage(objects, prefixes, got.token if got.truncated and got.token else None)
 

@@ -132,3 +132,15 @@ def test_memory_budget_bounds_concurrent_bytes() -> None:
     assert peak[0] <= 100 and budget.used == 0
     budget.acquire(500)  # larger than the whole budget: admitted alone, no deadlock
     budget.release(500)
+
+
+def test_journal_records_a_multipart_start_durably(tmp_path) -> None:
+    from babel_sync.journal import Journal
+
+    with Journal(tmp_path / "j", {"job": 1}) as journal:
+        assert not journal.multipart_started  # a job of small objects never looks for orphans
+        journal.note_multipart()
+        journal.note_multipart()
+        assert journal.multipart_started
+    with Journal(tmp_path / "j", {"job": 1}) as journal:
+        assert journal.multipart_started  # a crash after CreateMultipartUpload still cleans up
