@@ -12,7 +12,9 @@ This first version sets up the two regions later issues build on:
    a mistake (a missing bucket: one line and an exit code);
 5. starts two pcache workers ("node1", "node2") over region-b, warms the synced dataset into
    their caches with ``pcache warmup`` (each block on the node worker selection picks), and reads
-   it back through the pcache client (cache hits, compared byte for byte with region-b).
+   it back through the pcache client (cache hits, compared byte for byte with region-b);
+6. mounts the namespace with ``pcache mount`` (FUSE, read-only, immutable), reads every file of
+   the dataset through the mount as plain files, shows ``pcache stats`` and unmounts.
 
 Everything lives under ``.demo/`` and is removed on exit (also on Ctrl-C); it can run twice in a row.
 """
@@ -37,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from objstore import Config, open_store  # noqa: E402
+from objstore import Config, ObjectInfo, Store, open_store  # noqa: E402
 from objstore import checksum as crc  # noqa: E402
 from tests.servers.pcache_cluster import PcacheCluster  # noqa: E402
 from tests.servers.rclone_s3 import RcloneS3Server  # noqa: E402
@@ -246,7 +248,9 @@ def cache_region_b(work: Path, region_b: RcloneS3Server) -> dict[str, object]:
         elapsed = time.perf_counter() - started - 0.0
         per_node = {n.node_id: client.status(n.address)["blocks"]["blocks"] for n in cluster.nodes}
         client.close()
+        mounted = read_through_mount(work, env, store, objects)
     return {
+        "mount": mounted,
         "cache": {
             "warmed_objects": warmed["objects"],
             "warmed_bytes": warmed["bytes"],
@@ -256,7 +260,64 @@ def cache_region_b(work: Path, region_b: RcloneS3Server) -> dict[str, object]:
             "read_objects": len(objects),
             "identical": identical,
             "read_rate": read_bytes / max(elapsed, 1e-9),
-        }
+        },
+    }
+
+
+def read_through_mount(
+    work: Path, env: dict[str, str], store: Store, objects: list[ObjectInfo]
+) -> dict[str, object]:
+    """``pcache mount`` the namespace and read the dataset as plain files."""
+    from tests.servers.pcache_mount import force_unmount
+
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        console.print(
+            "[yellow]no /dev/fuse or fusermount3 here: the mount step is skipped[/yellow]"
+        )
+        return {"skipped": True}
+    mountpoint = work / "mnt"
+    mountpoint.mkdir()
+
+    def pcache(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pcache.cli", *args],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    console.print(f"[dim]$ pcache mount datasets {mountpoint} --read-only --immutable[/dim]")
+    started = pcache("mount", "datasets", str(mountpoint), "--read-only", "--immutable",
+                     "--log-file", str(work / "mount.log"))  # fmt: skip
+    if started.returncode != 0:
+        raise SystemExit(f"pcache mount failed: {started.stderr.strip()}")
+    console.print(started.stdout.strip())
+    try:
+        identical = 0
+        began = time.perf_counter()
+        read_bytes = 0
+        for info in objects:
+            data = (mountpoint / info.key).read_bytes()
+            read_bytes += len(data)
+            identical += data == store.get(info.key)
+        elapsed = time.perf_counter() - began
+        console.print(f"[dim]$ ls {mountpoint}/tokens | head -3[/dim]")
+        for name in sorted(os.listdir(mountpoint / "tokens"))[:3]:
+            console.print(f"  {name}")
+        stats = pcache("stats", str(mountpoint), "--json")
+        snapshot = json.loads(stats.stdout) if stats.returncode == 0 else {}
+        console.print(f"[dim]$ pcache stats {mountpoint}[/dim]")
+        console.print(pcache("stats", str(mountpoint)).stdout.rstrip())
+    finally:
+        done = pcache("umount", str(mountpoint))
+        if done.returncode != 0:
+            console.print(done.stderr.strip(), style="red")
+            force_unmount(mountpoint)
+    console.print(f"[dim]$ pcache umount {mountpoint}[/dim]")
+    return {
+        "skipped": False,
+        "identical": identical,
+        "objects": len(objects),
+        "rate": read_bytes / max(elapsed, 1e-9),
+        "blocks_by_source": snapshot.get("blocks_by_source", {}),
     }
 
 
@@ -325,9 +386,21 @@ def show(config_path: Path, summary: dict[str, object]) -> None:
         f"{cache['identical']}/{cache['read_objects']}, blocks by tier "  # type: ignore[index]
         + ", ".join(f"{k}: {v}" for k, v in sorted(cache["read_sources"].items())),  # type: ignore[index]
     )
+    mount = summary["mount"]
+    if mount["skipped"]:  # type: ignore[index]
+        table.add_row("read via pcache mount", "skipped (no FUSE here)")
+    else:
+        table.add_row(
+            "read via pcache mount (identical)",
+            f"{mount['identical']}/{mount['objects']}, {mount['rate'] / 1e6:,.1f} MB/s, "  # type: ignore[index]
+            "blocks by tier "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(mount["blocks_by_source"].items())),  # type: ignore[index]
+        )
     console.print(table)
     if cache["identical"] != cache["read_objects"]:  # type: ignore[index]
         raise SystemExit("data read through pcache differs from region-b")
+    if not mount["skipped"] and mount["identical"] != mount["objects"]:  # type: ignore[index]
+        raise SystemExit("data read through the pcache mount differs from region-b")
     if counters["mismatches"] or counters["failed"] or check.get("exit_code") != 0:  # type: ignore[union-attr]
         raise SystemExit("the demo sync did not verify")
     if not ok and summary["ckpt_crc_reported"] is not None:

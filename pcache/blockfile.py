@@ -2,9 +2,13 @@
 
 A block file is :data:`HEADER_SIZE` bytes of header (so the data stays page aligned) followed by
 the data. The header holds a magic, the format version, flags (0), the block number, the data
-length, the CRC32C of the data, the block's identity (its index key, at most 511 bytes) and a
-CRC32C of the header itself. :func:`read_block` checks all of it and the data's CRC against what
-the index says, so a file that is short, long, torn, bit-flipped or another block's never passes.
+length, the CRC32C of the data, the block's identity (its index key, at most 511 bytes), the
+CRC32C of each chunk of the data (64 KiB chunks, larger for blocks over 48 MiB; the table starts
+at byte 1024) and a CRC32C of the header itself. :func:`read_block` checks all of it and the
+data's CRC against what the index says, so a file that is short, long, torn, bit-flipped or
+another block's never passes; :func:`read_range` reads and verifies only the chunks a partial
+read covers (a random 4 KiB read costs one chunk, not the whole block). Files of an older format
+fail the check: they are dropped and fetched again.
 
 Files are written to a temp path (:func:`write_block_file`), then renamed into place by the
 block store. Stateless and thread-safe.
@@ -26,9 +30,28 @@ HEADER_SIZE = 4096
 #: The largest identity (index key) a header holds.
 MAX_IDENTITY = 511
 _MAGIC = b"PCBLK\x00\r\n"
-_FORMAT = 1
-_HDR = struct.Struct("<8sHHQQIIH")  # magic, format, flags, index, length, crc, header crc, id len
+_FORMAT = 2
+# magic, format, flags, index, length, crc, header crc, id len, chunk size, chunks
+_HDR = struct.Struct("<8sHHQQIIHII")
 _HCRC_OFFSET = 32
+_TABLE_OFFSET = 1024
+_MAX_CHUNKS = (HEADER_SIZE - _TABLE_OFFSET) // 4
+_MIN_CHUNK = 64 * 1024
+
+
+def chunk_size(length: int) -> int:
+    """The CRC chunk of a block of ``length`` bytes: 64 KiB, or larger (4 KiB multiples) so that
+    the table fits the header."""
+    chunk = _MIN_CHUNK
+    while -(-length // chunk) > _MAX_CHUNKS:
+        chunk *= 2
+    return chunk
+
+
+def chunk_crcs(data: bytes | bytearray | memoryview) -> list[int]:
+    view = memoryview(data).cast("B")
+    chunk = chunk_size(len(view))
+    return [checksum.compute("crc32c", view[at : at + chunk]) for at in range(0, len(view), chunk)]
 
 
 class CorruptBlock(Exception):
@@ -78,33 +101,88 @@ def read_block(
         os.close(fd)
 
 
-def pack_header(key: bytes, index: int, length: int, crc: int) -> bytearray:
-    """The header of a block (``key`` is its identity, at most :data:`MAX_IDENTITY` bytes)."""
+def pack_header(
+    key: bytes, index: int, length: int, crc: int, chunks: list[int] | None = None
+) -> bytearray:
+    """The header of a block (``key`` is its identity, at most :data:`MAX_IDENTITY` bytes;
+    ``chunks`` the CRC32C of each :func:`chunk_size` piece of the data, see :func:`chunk_crcs`)."""
     if len(key) > MAX_IDENTITY:
         raise ValueError(f"block identity of {len(key)} bytes exceeds {MAX_IDENTITY}")
+    chunk = chunk_size(length)
+    chunks = chunks or []
+    if len(chunks) != -(-length // chunk):
+        raise ValueError(f"{len(chunks)} chunk CRCs for a block of {length} bytes")
     buf = bytearray(HEADER_SIZE)
-    _HDR.pack_into(buf, 0, _MAGIC, _FORMAT, 0, index, length, crc, 0, len(key))
-    end = _HDR.size + len(key)
-    buf[_HDR.size : end] = key
+    _HDR.pack_into(buf, 0, _MAGIC, _FORMAT, 0, index, length, crc, 0, len(key), chunk, len(chunks))
+    buf[_HDR.size : _HDR.size + len(key)] = key
+    end = _TABLE_OFFSET + 4 * len(chunks)
+    struct.pack_into(f"<{len(chunks)}I", buf, _TABLE_OFFSET, *chunks)
     struct.pack_into("<I", buf, _HCRC_OFFSET, checksum.compute("crc32c", memoryview(buf)[:end]))
     return buf
 
 
-def check_header(header: bytes, key: bytes, index: int, length: int, crc: int) -> None:
+def check_header(
+    header: bytes, key: bytes, index: int, length: int, crc: int
+) -> tuple[int, tuple[int, ...]]:
+    """Verify a header against the index; returns the chunk size and the chunk CRCs."""
     if len(header) != HEADER_SIZE:
         raise CorruptBlock("short header")
-    magic, fmt, flags, h_index, h_length, h_crc, h_hcrc, id_len = _HDR.unpack_from(header)
+    (magic, fmt, flags, h_index, h_length, h_crc, h_hcrc, id_len, chunk, nchunks) = (
+        _HDR.unpack_from(header)
+    )
     if magic != _MAGIC or fmt != _FORMAT or flags != 0 or id_len > MAX_IDENTITY:
         raise CorruptBlock("bad magic or format")
-    end = _HDR.size + id_len
+    if nchunks > _MAX_CHUNKS or chunk != chunk_size(h_length) or nchunks != -(-h_length // chunk):
+        raise CorruptBlock("bad chunk table")
+    end = _TABLE_OFFSET + 4 * nchunks
     raw = bytearray(header[:end])
     raw[_HCRC_OFFSET : _HCRC_OFFSET + 4] = b"\x00\x00\x00\x00"
     if checksum.compute("crc32c", raw) != h_hcrc:
         raise CorruptBlock("header CRC mismatch")
-    if header[_HDR.size : end] != key or h_index != index:
+    if header[_HDR.size : _HDR.size + id_len] != key or h_index != index:
         raise CorruptBlock("header names another block")
     if h_length != length or h_crc != crc:
         raise CorruptBlock("header length/CRC differ from the index")
+    return chunk, struct.unpack_from(f"<{nchunks}I", header, _TABLE_OFFSET)
+
+
+def read_range(
+    path: Path,
+    key: bytes,
+    index: int,
+    length: int,
+    crc: int,
+    offset: int,
+    out: memoryview,
+) -> int:
+    """Copy ``data[offset:offset + len(out)]`` of one block file into ``out``, reading and
+    verifying only the chunks that range covers; returns the bytes copied.
+
+    Raises:
+        CorruptBlock: the header, the size or a covered chunk's CRC32C is wrong.
+        OSError: the file cannot be opened or read.
+    """
+    n = max(0, min(len(out), length - offset))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size != HEADER_SIZE + length:
+            raise CorruptBlock(f"file is {size} bytes, expected {HEADER_SIZE + length}")
+        chunk, crcs = check_header(os.pread(fd, HEADER_SIZE, 0), key, index, length, crc)
+        if n == 0:
+            return 0
+        first, last = offset // chunk, (offset + n - 1) // chunk
+        start = first * chunk
+        data = _pread_full(fd, min(length, (last + 1) * chunk) - start, HEADER_SIZE + start)
+        view = memoryview(data)
+        for i in range(first, last + 1):
+            piece = view[(i - first) * chunk : (i - first + 1) * chunk]
+            if checksum.compute("crc32c", piece) != crcs[i]:
+                raise CorruptBlock(f"CRC32C of chunk {i} differs")
+        out[:n] = view[offset - start : offset - start + n]
+        return n
+    finally:
+        os.close(fd)
 
 
 def write_block_file(path: Path, header: bytearray, data: memoryview, durable: bool) -> None:

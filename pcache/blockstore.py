@@ -66,10 +66,13 @@ from objstore import checksum
 from pcache.blockfile import (
     HEADER_SIZE,
     CorruptBlock,
+    chunk_crcs,
+    chunk_size,
     footprint,
     fsync_dir,
     pack_header,
     read_block,
+    read_range,
     unlink_quietly,
     write_block_file,
 )
@@ -176,8 +179,13 @@ class _Dir:
         return self.eff_cap - self.used - self.reserved
 
     def block_path(self, key: bytes) -> Path:
-        name = hashlib.sha1(key).hexdigest()
-        return self.path / "blocks" / name[:2] / f"{name}.blk"
+        return block_file(self.path, key)
+
+
+def block_file(directory: Path, key: bytes) -> Path:
+    """Where the block with index key ``key`` lives in the cache directory ``directory``."""
+    name = hashlib.sha1(key).hexdigest()
+    return directory / "blocks" / name[:2] / f"{name}.blk"
 
 
 class Reservation:
@@ -473,6 +481,28 @@ class BlockStore:
             self._check_open_locked()
             return key in self._entries
 
+    def touch(self, bid: BlockId) -> bool:
+        """Count a hit another process served from this store's files (see
+        :mod:`pcache.localcache`), so eviction sees the block as used; False when not cached."""
+        key = bid.index_key()
+        with self._lock:
+            self._check_open_locked()
+            e = self._entries.get(key)
+            if e is None:
+                return False
+            self._stats["hits"] += 1
+            self._dirs[e.dir].policy.hit(e)
+            return True
+
+    def layout(self) -> dict[str, object]:
+        """What a reader on this node needs to read the cache files itself: the index's path
+        and each healthy directory's path by its id (hex)."""
+        with self._lock:
+            return {
+                "index": str(self._index.path),
+                "dirs": {d.id.hex(): str(d.path) for d in self._dirs if d.healthy and d.id},
+            }
+
     def get(self, bid: BlockId) -> bytes | None:
         """The block's data, verified, or None on a miss (or a block found corrupt and dropped)."""
         result = self._read(bid, None, 0)
@@ -484,8 +514,8 @@ class BlockStore:
     ) -> int | None:
         """Copy ``data[offset_in_block:offset_in_block + len(buf)]`` of the block into ``buf``.
 
-        The whole block is read and verified either way; when ``offset_in_block == 0`` and ``buf``
-        holds the whole block it is read straight into ``buf`` (no intermediate copy). On None
+        When ``offset_in_block == 0`` and ``buf`` holds the whole block it is read straight into
+        ``buf`` and verified whole; otherwise only the CRC chunks the range covers are. On None
         ``buf`` may hold partial or bad bytes and must not be used.
 
         Returns:
@@ -520,14 +550,10 @@ class BlockStore:
             if out is not None and offset == 0 and len(out) >= e.length:
                 read_block(path, key, bid.index, e.length, e.crc, out)
                 result = e.length
-            else:
-                data = read_block(path, key, bid.index, e.length, e.crc, None)
-                if out is None:
-                    result = data
-                else:
-                    n = max(0, min(len(out), e.length - offset))
-                    out[:n] = data[offset : offset + n]
-                    result = n
+            elif out is None:
+                result = read_block(path, key, bid.index, e.length, e.crc, None)
+            else:  # part of the block: only the chunks it covers are read and checked
+                result = read_range(path, key, bid.index, e.length, e.crc, offset, out)
         except CorruptBlock as exc:
             error = str(exc)
         except FileNotFoundError:
@@ -591,8 +617,12 @@ class BlockStore:
             self._check_open_locked()
             if key in self._entries:
                 return
-        crc = checksum.compute("crc32c", view)
-        header = pack_header(key, bid.index, length, crc)
+        chunks = chunk_crcs(view)  # the whole block's CRC follows from its chunks'
+        step = chunk_size(length)
+        crc = checksum.combine_parts(
+            "crc32c", [(c, min(step, length - i * step)) for i, c in enumerate(chunks)]
+        )
+        header = pack_header(key, bid.index, length, crc, chunks)
         size = footprint(length)
         tried: set[int] = set()
         while True:

@@ -191,6 +191,12 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return umount_command(args.mountpoint)
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .mount import stats_command
+
+    return stats_command(args.mountpoint, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pcache",
@@ -275,9 +281,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="objects never change: long kernel cache timeouts, page cache kept across opens",
     )
     mount.add_argument("--log-file", metavar="FILE", help="the mount's log (daemon default: /tmp)")
+    mount.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users use the mount (non-root: user_allow_other in /etc/fuse.conf)",
+    )
+    mount.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="bound on each request to a worker (default 30, or $PCACHE_TIMEOUT); a request "
+        "that runs out tries the next worker, then the backing store",
+    )
+    mount.add_argument("--uid", type=int, help="owner of every entry (default: yours)")
+    mount.add_argument("--gid", type=int, help="group of every entry (default: yours)")
 
     umount = command("umount", "unmount a pcache mount", cmd_umount, client=False)
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    stats = command(
+        "stats",
+        "live statistics of a mount: ops, latency percentiles, bytes, hit ratios",
+        cmd_stats,
+        client=False,
+    )
+    stats.add_argument("mountpoint", metavar="MOUNTPOINT")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 

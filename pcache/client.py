@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import lmdb
 import urllib3
 
 from objstore import Config, open_store
@@ -35,7 +36,9 @@ from objstore.streams import SeekableReader
 from objstore.url import check_key
 
 from . import shm
+from .blockindex import BlockId
 from .config import CONFIG_ENV, SECTION, ClientConfig
+from .localcache import LocalCacheReader
 from .protocol import (
     SOURCE_HEADER,
     TOKEN_HEADER,
@@ -50,6 +53,8 @@ log = logging.getLogger(__name__)
 
 SHM_CHUNK = 32 << 20
 INFO_TTL_S = 10.0
+INFO_RETRY_S = 5.0  # after the local worker failed to answer /v1/info
+HITS_REPORT_S = 2.0  # how often hits read straight from the cache files are reported
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
@@ -102,6 +107,9 @@ class PcacheClient:
         self._shm_ok = self.config.shm and host in LOCAL_HOSTS and shm.available()
         self._segments: list[shm.SharedBuffer] = []
         self.sources: dict[str, int] = {}
+        self._cache: LocalCacheReader | None = None
+        self._cache_tried = False
+        self._closed = threading.Event()
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -142,8 +150,44 @@ class PcacheClient:
         return response
 
     def _local(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._request(method, self.config.worker, path, **kwargs)
+        """A request to the local worker; its failures count in the selector's view of it, so
+        a hung local worker is soon held dead and avoided (see :meth:`_local_dead`)."""
+        selector, local_id = self._selector, self._local_id
+        local = selector.node(local_id) if selector is not None else None
+        if selector is None or local is None:
+            response = self._request(method, self.config.worker, path, **kwargs)
+        else:
+            with selector.track(local, WorkerUnavailable):
+                response = self._request(method, self.config.worker, path, **kwargs)
         return json.loads(response.data)
+
+    def _local_dead(self) -> bool:
+        selector = self._selector
+        return selector is not None and selector.is_dead(self._local_id)
+
+    def _metadata(self, path: str, **kwargs: Any) -> Any:
+        """A metadata GET (stat, list): the local worker, else any other live worker (each
+        answers for the whole cluster's backends). A local worker the selector holds dead is
+        asked last, so a hung one costs one timeout, not one per call."""
+        selector, local_id = self._selector, self._local_id
+        local = selector.node(local_id) if selector is not None else None
+        if selector is None or local is None:
+            return self._local("GET", path, **kwargs)
+        others = [n for n in selector.candidates(path) if n.node_id != local_id]
+        order = [*others, local] if selector.is_dead(local_id) else [local, *others]
+        error: WorkerUnavailable | None = None
+        for node in order:
+            try:
+                with selector.track(node, WorkerUnavailable):
+                    response = self._request("GET", node.address, path, **kwargs)
+            except WorkerUnavailable as exc:
+                if error is None:
+                    error = exc
+                log.info("worker %s failed for %s: %s", node.node_id, path, exc)
+                continue
+            return json.loads(response.data)
+        assert error is not None
+        raise error
 
     # -- cluster view --------------------------------------------------------------------------
 
@@ -151,6 +195,8 @@ class PcacheClient:
         """The local worker's view: node id, block size, namespaces, members."""
         with self._lock:
             fresh = self._info is not None and time.monotonic() - self._info_at < INFO_TTL_S
+            if self._info is not None and self._local_dead():
+                fresh = True  # no refresh from a worker the selector holds dead: keep the view
             if fresh and not refresh:
                 assert self._info is not None
                 return self._info
@@ -158,6 +204,8 @@ class PcacheClient:
             info = self._local("GET", "/v1/info")
         except WorkerUnavailable:
             if self._info is not None:  # keep serving with the last view; the worker may be back
+                with self._lock:  # and ask again in a while, not on every call meanwhile
+                    self._info_at = time.monotonic() - INFO_TTL_S + INFO_RETRY_S
                 return self._info
             raise
         nodes = [Node(n["id"], n["address"], float(n["weight"])) for n in info["nodes"]]
@@ -202,15 +250,14 @@ class PcacheClient:
     def stat(self, path: str) -> ObjectInfo:
         namespace, key = split_path(path)
         check_key(key)
-        return info_from_json(self._local("GET", f"/v1/stat/{quote(namespace)}/{quote(key)}"))
+        return info_from_json(self._metadata(f"/v1/stat/{quote(namespace)}/{quote(key)}"))
 
     def ls(self, path: str, *, recursive: bool = False) -> tuple[list[ObjectInfo], list[str]]:
         """Objects and sub-prefixes directly under ``path`` (a directory view)."""
         namespace, prefix = split_path(path)
         if prefix and not prefix.endswith("/"):
             prefix += "/"
-        listing = self._local(
-            "GET",
+        listing = self._metadata(
             f"/v1/list/{quote(namespace)}",
             fields={"prefix": prefix, "delimiter": "" if recursive else "/"},
         )
@@ -246,6 +293,14 @@ class PcacheClient:
             response = self._request("GET", self.config.worker, path, fields=fields)
             self._count(response.headers.get(SOURCE_HEADER, "local"))
             return bytes(response.data)
+        cache = self._local_cache()
+        if cache is not None:  # a hit on this node's disks needs no worker at all
+            bs = self.block_size
+            length = min(bs, info.size - index * bs)
+            data = cache.get(BlockId(namespace, info.key, info.version, index), length)
+            if data is not None:
+                self._count("local")
+                return data
         tried: set[str] = set()
         while True:
             node = selector.choose(name)
@@ -255,11 +310,22 @@ class PcacheClient:
                 break
             tried.add(node.node_id)
             try:
-                with selector.track(node):
+                with selector.track(node, WorkerUnavailable):
                     response = self._request("GET", node.address, path, fields=fields)
             except WorkerUnavailable as exc:
                 log.info("worker %s failed for %s#%d: %s", node.node_id, info.key, index, exc)
                 continue
+            self._count(response.headers.get(SOURCE_HEADER, "?"))
+            return bytes(response.data)
+        for node in selector.last_resort(name):
+            if node.node_id in tried:
+                continue
+            try:
+                response = self._request("GET", node.address, path, fields=fields)
+            except WorkerUnavailable:
+                continue
+            log.info("worker %s answers again", node.node_id)
+            selector.revive(node.node_id)
             self._count(response.headers.get(SOURCE_HEADER, "?"))
             return bytes(response.data)
         log.warning("no worker could serve %s#%d; reading the backing store", info.key, index)
@@ -275,18 +341,36 @@ class PcacheClient:
             self.sources[source] = self.sources.get(source, 0) + 1
 
     def readinto(
-        self, path: str, offset: int, buf: memoryview | bytearray, info: ObjectInfo | None = None
+        self,
+        path: str,
+        offset: int,
+        buf: memoryview | bytearray,
+        info: ObjectInfo | None = None,
+        *,
+        exact: bool = False,
     ) -> int:
-        """Read up to ``len(buf)`` bytes at ``offset`` into ``buf``; returns bytes read."""
+        """Read up to ``len(buf)`` bytes at ``offset`` into ``buf``; returns bytes read.
+
+        Large reads from the local worker go through shared memory; ``exact`` sends small ones
+        that way too (a random read of a few KiB then moves those bytes, not whole blocks).
+        """
         namespace, _ = split_path(path)
         info = info or self.stat(path)
         view = memoryview(buf).cast("B")
         length = max(0, min(len(view), info.size - offset))
         if length == 0:
             return 0
+        cache = self._local_cache()
+        if cache is not None and not info.version.startswith("wb-"):
+            done = self._read_direct(cache, namespace, info, offset, view[:length])
+            if done == length:
+                return done
+            if done:
+                return done + self.readinto(path, offset + done, view[done:length], info)
+        threshold = 1 if exact else self.config.shm_threshold
         for attempt in (1, 2):
             try:
-                if self._shm_ok and length >= self.config.shm_threshold:
+                if self._shm_ok and length >= threshold and not self._local_dead():
                     try:
                         return self._read_shm(namespace, info, offset, view[:length])
                     except (WorkerUnavailable, shm.SegmentError, StorageError) as exc:
@@ -305,6 +389,73 @@ class PcacheClient:
                 info = self.stat(path)
                 length = max(0, min(len(view), info.size - offset))
         raise AssertionError("unreachable")
+
+    # -- the local cache disks (pcache.localcache) ----------------------------------------------
+
+    def _local_cache(self) -> LocalCacheReader | None:
+        """The reader of the local worker's cache files, when this process can open them."""
+        if self._cache_tried:
+            return self._cache
+        layout = self.info().get("local_cache")
+        with self._lock:
+            if self._cache_tried:
+                return self._cache
+            self._cache_tried = True
+            if not self.config.direct_reads or not layout or not os.path.isdir(layout["index"]):
+                return None
+            try:
+                self._cache = LocalCacheReader(layout["index"], layout["dirs"])
+            except (OSError, lmdb.Error) as exc:
+                log.info("cannot read the local cache files (%s): reading through the worker", exc)
+                return None
+        threading.Thread(target=self._report_hits, name="pcache-hits", daemon=True).start()
+        return self._cache
+
+    def _read_direct(
+        self,
+        cache: LocalCacheReader,
+        namespace: str,
+        info: ObjectInfo,
+        offset: int,
+        view: memoryview,
+    ) -> int:
+        """Copy what the local cache files hold, from ``offset`` on, until the first miss."""
+        bs = self.block_size
+        done = 0
+        while done < len(view):
+            index, at = divmod(offset + done, bs)
+            want = min(len(view) - done, bs - at, info.size - (offset + done))
+            n = cache.read_into(
+                BlockId(namespace, info.key, info.version, index), view[done : done + want], at
+            )
+            if n is None or n <= 0:
+                break
+            self._count("local")
+            done += n
+        return done
+
+    def _report_hits(self) -> None:
+        """Tell the worker, every HITS_REPORT_S, which blocks were read from its files."""
+        while not self._closed.wait(HITS_REPORT_S):
+            self.report_hits()
+
+    def report_hits(self) -> None:
+        """Tell the local worker which blocks this process read from its cache files (also
+        done every HITS_REPORT_S and on close), so its eviction and hit counts see them."""
+        if self._cache is None:
+            return
+        hits = self._cache.take_hits()
+        for at in range(0, len(hits), 5000):
+            try:
+                self._request(
+                    "POST",
+                    self.config.worker,
+                    "/v1/touch",
+                    payload={"blocks": hits[at : at + 5000]},
+                )
+            except StorageError as exc:
+                log.debug("could not report cache hits: %s", exc)
+                return
 
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
         info = self.stat(path)
@@ -473,6 +624,11 @@ class PcacheClient:
         return [(namespace, o) for o in objects]
 
     def close(self) -> None:
+        self._closed.set()
+        if self._cache is not None:
+            self.report_hits()
+            self._cache.close()
+            self._cache = None
         self._pool.shutdown(wait=False, cancel_futures=True)
         for segment in self._segments:
             try:
@@ -495,7 +651,10 @@ class PcacheClient:
 class PcacheReader(SeekableReader):
     """A seekable read-only file over one object, pinned to the version it opened.
 
-    Sequential reads fetch the following blocks ahead, in parallel.
+    Sequential reads (each in the block of the last read or the next one) hold the current
+    block and fetch the following ones ahead, in parallel; a read elsewhere, when the local
+    worker is reachable through shared memory, moves only the bytes asked for (random access
+    never pays for whole blocks).
     """
 
     def __init__(self, client: PcacheClient, path: str) -> None:
@@ -508,6 +667,7 @@ class PcacheReader(SeekableReader):
         self._bs = client.block_size
         self._ahead: dict[int, Future[bytes]] = {}
         self._last_index = -1  # a read of block 0 counts as sequential: start readahead at once
+        self._current: tuple[int, bytes] | None = None  # the block sequential reads are in
 
     def readinto(self, buf: Any) -> int:
         view = memoryview(buf).cast("B")
@@ -521,7 +681,18 @@ class PcacheReader(SeekableReader):
         done = 0
         while done < want:
             index = (self._pos + done) // self._bs
-            block = self._block(index)
+            if self._current is not None and self._current[0] == index:
+                block = self._current[1]
+            elif index in (self._last_index, self._last_index + 1) or not self._client._shm_ok:
+                block = self._block(index)
+                self._current = (index, block)
+            else:  # a random read: only its bytes, and the next read decides again
+                self._last_index = index
+                n = self._client.readinto(
+                    self.path, self._pos + done, view[done:want], self.info, exact=True
+                )
+                done += n
+                break
             start = self._pos + done - index * self._bs
             n = min(want - done, len(block) - start)
             if n <= 0:
@@ -537,7 +708,7 @@ class PcacheReader(SeekableReader):
             future = self._client._pool.submit(
                 self._client.read_block, self.namespace, self.info, index
             )
-        if index == self._last_index + 1:  # sequential: keep the next blocks coming
+        if index in (self._last_index, self._last_index + 1):  # sequential: keep blocks coming
             nblocks = -(-self.size // self._bs)
             for ahead in range(index + 1, min(nblocks, index + 1 + self._client.readahead)):
                 if ahead not in self._ahead:
@@ -553,6 +724,7 @@ class PcacheReader(SeekableReader):
         for future in self._ahead.values():
             future.cancel()
         self._ahead.clear()
+        self._current = None
         super().close()
 
 

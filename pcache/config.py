@@ -295,13 +295,15 @@ class ClientConfig:
     timeout: float = 30.0
     shm: bool = True
     shm_threshold: int = 1 << 20
+    direct_reads: bool = True  # read local cache hits from the worker's files (same node)
 
     @classmethod
     def load(
         cls, path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
     ) -> ClientConfig:
         """From ``$PCACHE_WORKER`` + ``$PCACHE_TOKEN``, else the ``[pcache]`` table of a file
-        (its ``advertise``/``listen`` and ``token``)."""
+        (its ``advertise``/``listen`` and ``token``); ``$PCACHE_TIMEOUT`` (seconds) bounds each
+        request to a worker."""
         env = dict(os.environ if env is None else env)
         worker = env.get("PCACHE_WORKER", "")
         token = env.get("PCACHE_TOKEN", "")
@@ -323,4 +325,14 @@ class ClientConfig:
             raise ConfigError(
                 "no pcache token: set $PCACHE_TOKEN or give --config with [pcache] token"
             )
-        return cls(worker=worker or cls.worker, token=Secret(token))
+        timeout = cls.timeout
+        if env.get("PCACHE_TIMEOUT"):
+            try:
+                timeout = float(env["PCACHE_TIMEOUT"])
+            except ValueError:
+                raise ConfigError(
+                    f"PCACHE_TIMEOUT must be seconds, not {env['PCACHE_TIMEOUT']!r}"
+                ) from None
+            if timeout <= 0:
+                raise ConfigError("PCACHE_TIMEOUT must be > 0")
+        return cls(worker=worker or cls.worker, token=Secret(token), timeout=timeout)

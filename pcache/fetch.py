@@ -31,6 +31,7 @@ from .selection import Node, WorkerSelector
 log = logging.getLogger(__name__)
 
 TIERS = ("local", "peer", "backend")
+PEER_STALL_S = 2.0
 
 
 @dataclass
@@ -55,6 +56,11 @@ class PeerClient:
     def __init__(self, token: str, timeout: float) -> None:
         self._headers = {TOKEN_HEADER: f"Bearer {token}"}
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 3.0))
+        # a cache probe is only worth it when quicker than the backing store: a peer that
+        # stalls (hung, overloaded) is given up on after PEER_STALL_S without a byte
+        self._probe_timeout = aiohttp.ClientTimeout(
+            total=timeout, sock_connect=min(timeout, 3.0), sock_read=min(timeout, PEER_STALL_S)
+        )
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -77,9 +83,11 @@ class PeerClient:
             "size": str(size),
             "peer": "1",
         }
+        timeout = self._timeout
         if cached_only:
             params["cached_only"] = "1"
-        async with self._client().get(url, params=params) as response:
+            timeout = self._probe_timeout
+        async with self._client().get(url, params=params, timeout=timeout) as response:
             if response.status == 200:
                 return await response.read()
             if response.status == 404 and cached_only:

@@ -40,10 +40,12 @@ from objstore.errors import (
 )
 
 from .client import PcacheClient, PcacheReader, PcacheWriter
+from .mount_stats import CONTROL_NAME, MountStats
 
 log = logging.getLogger(__name__)
 
-FILE, DIR = "file", "dir"
+FILE, DIR, CONTROL = "file", "dir", "control"
+CONTROL_INODE = pyfuse3.ROOT_INODE + 1  # the hidden statistics file at the mount root
 COPY_CHUNK = 8 << 20
 WRITE_CHUNK = 8 << 20  # FUSE writes (128 KiB-1 MiB) are gathered into pieces this large
 NAME_MAX = 255
@@ -85,16 +87,27 @@ def errno_for(exc: BaseException, where: str) -> int:
 def fuse_errors(
     func: Callable[P, Coroutine[Any, Any, T]],
 ) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Wrap a handler so that any exception leaves it as a :class:`pyfuse3.FUSEError`."""
+    """Wrap a handler so that any exception leaves it as a :class:`pyfuse3.FUSEError`; the
+    call, its latency and its errno are counted in the operations' :class:`MountStats`."""
+    name = func.__name__
 
     @functools.wraps(func)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        stats: MountStats | None = getattr(args[0], "stats", None) if args else None
+        started = time.perf_counter()
+        error: str | None = None
         try:
             return await func(*args, **kwargs)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            error = errno.errorcode.get(exc.errno, str(exc.errno))
             raise
         except Exception as exc:
-            raise pyfuse3.FUSEError(errno_for(exc, func.__name__)) from None
+            code = errno_for(exc, name)
+            error = errno.errorcode.get(code, str(code))
+            raise pyfuse3.FUSEError(code) from None
+        finally:
+            if stats is not None:
+                stats.record(name, time.perf_counter() - started, error)
 
     return wrapper
 
@@ -121,9 +134,12 @@ class InodeTable:
     """
 
     def __init__(self) -> None:
-        self._nodes: dict[int, _Node] = {pyfuse3.ROOT_INODE: _Node("", DIR, 1)}
+        self._nodes: dict[int, _Node] = {
+            pyfuse3.ROOT_INODE: _Node("", DIR, 1),
+            CONTROL_INODE: _Node(CONTROL_NAME, CONTROL, 1),
+        }
         self._by_path: dict[str, int] = {"": pyfuse3.ROOT_INODE}
-        self._next = pyfuse3.ROOT_INODE + 1
+        self._next = CONTROL_INODE + 1
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -154,7 +170,7 @@ class InodeTable:
 
     def forget(self, inode: int, count: int, busy: bool = False) -> None:
         node = self._nodes.get(inode)
-        if node is None or inode == pyfuse3.ROOT_INODE:
+        if node is None or inode in (pyfuse3.ROOT_INODE, CONTROL_INODE):
             return
         node.lookups = max(0, node.lookups - count)
         if node.lookups == 0 and not busy:
@@ -208,6 +224,15 @@ class _DirHandle:
     entries: list[tuple[str, str, ObjectInfo | None]]
 
 
+@dataclass
+class _ControlHandle:
+    content: bytes  # the statistics as of open
+    inode: int = CONTROL_INODE
+
+
+Handle = _ReadHandle | _WriteHandle | _DirHandle | _ControlHandle
+
+
 # -- operations ------------------------------------------------------------------------------------
 
 
@@ -221,6 +246,12 @@ class PcacheOperations(pyfuse3.Operations):
         read_only: refuse every change with ``EROFS``.
         immutable: objects never change: long kernel cache timeouts and ``keep_cache``.
         threads: blocking client calls in flight at once.
+        mountpoint: shown in the statistics.
+        uid, gid: the owner every file and directory shows (default: the mount's process);
+            with ``default_permissions`` the kernel checks access against it.
+
+    The root also holds a hidden, read-only control file (:data:`CONTROL_NAME`, not listed)
+    whose content is the mount's live statistics as JSON; it hides an object of that name.
     """
 
     supports_dot_lookup = False
@@ -235,6 +266,9 @@ class PcacheOperations(pyfuse3.Operations):
         read_only: bool = False,
         immutable: bool = False,
         threads: int = 32,
+        mountpoint: str = "",
+        uid: int | None = None,
+        gid: int | None = None,
     ) -> None:
         super().__init__()
         if prefix and not prefix.endswith("/"):
@@ -249,13 +283,15 @@ class PcacheOperations(pyfuse3.Operations):
         self.block_size = client.block_size
         self.inodes = InodeTable()
         self._limiter = trio.CapacityLimiter(threads)
-        self._handles: dict[int, _ReadHandle | _WriteHandle | _DirHandle] = {}
+        self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._writing: dict[str, _WriteHandle] = {}
         self._local_dirs: set[str] = set()  # mkdir'd or emptied here: exist until rmdir
         self._known_dirs: dict[str, float] = {}  # path -> expiry (seen with content)
         self._started = time.time()
-        self._uid, self._gid = os.getuid(), os.getgid()
+        self._uid = os.getuid() if uid is None else uid
+        self._gid = os.getgid() if gid is None else gid
+        self.stats = MountStats(f"{namespace}/{prefix}".rstrip("/"), mountpoint)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -282,9 +318,11 @@ class PcacheOperations(pyfuse3.Operations):
             raise fail(errno.EINVAL) from None  # object keys are UTF-8
         if not text or "/" in text or "\x00" in text or len(name) > NAME_MAX:
             raise fail(errno.EINVAL)
+        if parent_inode == pyfuse3.ROOT_INODE and text == CONTROL_NAME:
+            raise fail(errno.EPERM)  # the control file is not created, removed or renamed
         return f"{node.path}/{text}" if node.path else text
 
-    def _alloc_fh(self, handle: _ReadHandle | _WriteHandle | _DirHandle) -> int:
+    def _alloc_fh(self, handle: Handle) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle
@@ -301,6 +339,11 @@ class PcacheOperations(pyfuse3.Operations):
             attrs.st_mode = stat.S_IFDIR | 0o555 | write_bits
             attrs.st_nlink = 2
             attrs.st_size = 0
+        elif kind == CONTROL:  # size 0, read with direct_io: always the content of the moment
+            attrs.st_mode = stat.S_IFREG | 0o444
+            attrs.st_nlink = 1
+            attrs.st_size = 0
+            attrs.entry_timeout = attrs.attr_timeout = 0
         else:
             attrs.st_mode = stat.S_IFREG | 0o444 | write_bits
             attrs.st_nlink = 1
@@ -403,6 +446,8 @@ class PcacheOperations(pyfuse3.Operations):
             if name == b"..":
                 path = path.rpartition("/")[0]
             attrs = self._attrs(self.inodes.inode(path, DIR), DIR)
+        elif parent_inode == pyfuse3.ROOT_INODE and name == CONTROL_NAME.encode():
+            attrs = self._attrs(CONTROL_INODE, CONTROL)
         else:
             attrs = await self._entry(self._child(parent_inode, name))
         self.inodes.remember(attrs.st_ino)
@@ -419,8 +464,8 @@ class PcacheOperations(pyfuse3.Operations):
     @fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
         node = self.inodes.node(inode)
-        if node.kind == DIR:
-            return self._attrs(inode, DIR)
+        if node.kind in (DIR, CONTROL):
+            return self._attrs(inode, node.kind)
         handle = self._writing.get(node.path)
         if handle is not None:
             return self._writing_attrs(inode, handle)
@@ -434,6 +479,8 @@ class PcacheOperations(pyfuse3.Operations):
         self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any = None
     ) -> Any:
         node = self.inodes.node(inode)
+        if node.kind == CONTROL:
+            raise fail(errno.EACCES)
         if fields.update_size:
             log.debug("setattr %s: size %d", node.path, attr.st_size)
             self._check_writable()
@@ -649,6 +696,8 @@ class PcacheOperations(pyfuse3.Operations):
         node = self.inodes.node(inode)
         if node.kind == DIR:
             raise fail(errno.EISDIR)
+        if node.kind == CONTROL:
+            return self._open_control(flags)
         if flags & os.O_ACCMODE == os.O_RDONLY:
             reader = await self._run(PcacheReader, self.client, self._client_path(node.path))
             info = pyfuse3.FileInfo()
@@ -663,6 +712,25 @@ class PcacheOperations(pyfuse3.Operations):
             if current is not None and current.size > 0:
                 raise fail(errno.EOPNOTSUPP)
         return await self._open_writer(inode, node.path)
+
+    def _open_control(self, flags: int) -> Any:
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise fail(errno.EACCES)
+        content = self.stats.render(
+            dict(self.client.sources),
+            open_files=sum(
+                isinstance(h, _ReadHandle | _WriteHandle) for h in self._handles.values()
+            ),
+            files_being_written=len(self._writing),
+            inodes=len(self.inodes),
+            read_only=self.read_only,
+            immutable=self.immutable,
+        )
+        info = pyfuse3.FileInfo()
+        info.fh = self._alloc_fh(_ControlHandle(content))
+        info.direct_io = True  # the size is 0: reads must reach us, not the page cache
+        info.keep_cache = False
+        return info
 
     async def _open_writer(self, inode: int, path: str) -> Any:
         if path in self._writing:
@@ -687,11 +755,13 @@ class PcacheOperations(pyfuse3.Operations):
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles.get(fh)
-        if isinstance(handle, _WriteHandle):
-            raise fail(errno.EBADF)  # write-only: the object does not exist until commit
+        if isinstance(handle, _ControlHandle):
+            return handle.content[off : off + size]
         if not isinstance(handle, _ReadHandle):
-            raise fail(errno.EBADF)
-        return await self._run(handle.pread, off, size)
+            raise fail(errno.EBADF)  # a write handle: the object does not exist until commit
+        data = await self._run(handle.pread, off, size)
+        self.stats.read(size, len(data))
+        return data
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -737,6 +807,7 @@ class PcacheOperations(pyfuse3.Operations):
                     raise
             handle.size += len(buf)
             handle.mtime = time.time()
+            self.stats.wrote(len(buf))
             return len(buf)
 
     async def _reopen(self, handle: _WriteHandle) -> None:

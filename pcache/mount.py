@@ -43,6 +43,9 @@ class MountOptions:
         read_only: refuse all changes (``EROFS``).
         immutable: the objects never change: long cache timeouts, ``keep_cache``.
         log_file: where the daemon writes its log (foreground: stderr unless given).
+        allow_other: other users may use the mount (``allow_other``; for users other than
+            root, ``user_allow_other`` must be set in ``/etc/fuse.conf``).
+        uid, gid: the owner shown for every entry (default: the mounting user).
     """
 
     source: str
@@ -50,6 +53,9 @@ class MountOptions:
     read_only: bool = False
     immutable: bool = False
     log_file: Path | None = None
+    allow_other: bool = False
+    uid: int | None = None
+    gid: int | None = None
 
     @property
     def namespace(self) -> str:
@@ -130,6 +136,8 @@ def fuse_options(options: MountOptions) -> set[str]:
     result |= {"fsname=pcache", "subtype=pcache"}
     if options.read_only:
         result.add("ro")
+    if options.allow_other:
+        result.add("allow_other")
     return result
 
 
@@ -149,6 +157,9 @@ def run_foreground(client: PcacheClient, options: MountOptions) -> None:
         options.prefix,
         read_only=options.read_only,
         immutable=options.immutable,
+        mountpoint=str(options.mountpoint),
+        uid=options.uid,
+        gid=options.gid,
     )
     try:
         pyfuse3.init(ops, str(options.mountpoint), fuse_options(options))
@@ -275,6 +286,14 @@ def _daemon_argv(args: Any, options: MountOptions) -> list[str]:
         argv.append("--read-only")
     if options.immutable:
         argv.append("--immutable")
+    if getattr(args, "timeout", None):
+        argv += ["--timeout", str(args.timeout)]
+    if options.allow_other:
+        argv.append("--allow-other")
+    if options.uid is not None:
+        argv += ["--uid", str(options.uid)]
+    if options.gid is not None:
+        argv += ["--gid", str(options.gid)]
     argv += ["-v"] * (getattr(args, "verbose", 0) or 0)
     return argv
 
@@ -287,6 +306,9 @@ def mount_command(args: Any) -> int:
         read_only=args.read_only,
         immutable=args.immutable,
         log_file=Path(os.path.abspath(args.log_file)) if args.log_file else None,
+        allow_other=getattr(args, "allow_other", False),
+        uid=getattr(args, "uid", None),
+        gid=getattr(args, "gid", None),
     )
     try:
         options.namespace  # noqa: B018 (validates the source)
@@ -297,6 +319,10 @@ def mount_command(args: Any) -> int:
     config = ClientConfig.load(config_file)
     if args.worker:
         config = dataclasses.replace(config, worker=args.worker)
+    if getattr(args, "timeout", None):
+        if args.timeout <= 0:
+            raise CommandError("--timeout must be > 0", ExitCode.USAGE)
+        config = dataclasses.replace(config, timeout=args.timeout)
     if config_file and not os.environ.get(CONFIG_ENV):
         # the client's last-resort direct reads need the profiles of the same file
         os.environ[CONFIG_ENV] = os.path.abspath(config_file)
@@ -313,6 +339,29 @@ def mount_command(args: Any) -> int:
         run_foreground(client, options)
     finally:
         client.close()
+    return ExitCode.OK
+
+
+def stats_command(mountpoint: str, as_json: bool) -> int:
+    """``pcache stats MOUNTPOINT``: the mount's live statistics (its hidden control file)."""
+    import json
+
+    from .mount_stats import CONTROL_NAME, format_stats
+
+    target = os.path.abspath(mountpoint)
+    if not is_mounted(target):
+        raise CommandError(f"{target} is not mounted", ExitCode.USAGE)
+    try:
+        with open(os.path.join(target, CONTROL_NAME), "rb") as file:
+            snapshot = json.loads(file.read())
+    except FileNotFoundError:
+        raise CommandError(f"{target} is not a pcache mount", ExitCode.USAGE) from None
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"cannot read the statistics of {target}: {exc}") from None
+    if as_json:
+        print(json.dumps(snapshot, indent=1))
+    else:
+        print(format_stats(snapshot))
     return ExitCode.OK
 
 

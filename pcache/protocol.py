@@ -16,6 +16,8 @@ Routes (``{ns}`` is a namespace from the worker's ``backends``, ``{key}`` an obj
     POST /v1/prefetch                     {ns, key, version, size, indexes}: load into the cache
     POST /v1/shm/read                     {ns, key, version, size, offset, length, segment, segment_offset}
     POST /v1/shm/release                  {segment}
+    POST /v1/touch                        {blocks: [[ns, key, version, index, bytes]]}: hits a
+                                          client on this node read from the cache files
     POST /v1/write/{ns}/{key}             open a write session -> {session}
     PUT  /v1/session/{id}?offset=N        body: bytes at offset
     POST /v1/session/{id}/shm             {offset, length, segment, segment_offset}

@@ -167,6 +167,7 @@ class _Stats:
         "consecutive_failures",
         "credit",
         "dead_until",
+        "died_refusing",
         "ewma_s",
         "failures",
         "inflight",
@@ -190,6 +191,7 @@ class _Stats:
         self.consecutive_failures = 0
         self.recent = 0.0  # decayed count of recent choices: the bounded-load measure
         self.dead_until = 0.0
+        self.died_refusing = False  # marked dead by a refused connection: cheap to probe
         self.backoff_s = backoff_s
         self.probation_successes = 0
         self.credit = 0.0
@@ -343,6 +345,44 @@ class WorkerSelector:
             self._refresh_states()
             return [s.node for s in self._alive(order)]
 
+    def last_resort(self, block_key: str) -> list[Node]:
+        """Dead nodes worth one more try before the backing store when no live node is left:
+        the local one (its restart is the common case, and it may be back before its wait
+        ends), then those marked dead by a refused connection (a refusal costs a round trip,
+        not a timeout), in HRW order."""
+        order = rendezvous_order(block_key, self._nodes)
+        with self._lock:
+            dead = [
+                s
+                for node in order
+                if (s := self._stats.get(node.node_id)) is not None
+                and s.node is node
+                and s.state is NodeState.DEAD
+            ]
+            local = [s.node for s in dead if s.node.node_id == self._local_id]
+            return local + [
+                s.node for s in dead if s.died_refusing and s.node.node_id != self._local_id
+            ]
+
+    def is_dead(self, node_id: str) -> bool:
+        with self._lock:
+            self._refresh_states()
+            s = self._stats.get(node_id)
+            return s is not None and s.state is NodeState.DEAD
+
+    def node(self, node_id: str) -> Node | None:
+        with self._lock:
+            s = self._stats.get(node_id)
+            return s.node if s is not None else None
+
+    def revive(self, node_id: str) -> None:
+        """A request to a node marked dead succeeded: on probation now, not when its wait ends."""
+        with self._lock:
+            s = self._stats.get(node_id)
+            if s is not None and s.state is NodeState.DEAD:
+                s.dead_until = self._clock()
+                self._refresh_states()
+
     def choose(self, block_key: str) -> Node | None:
         """Pick the worker to serve ``block_key`` and count the choice against its load.
 
@@ -466,10 +506,11 @@ class WorkerSelector:
                 self._slow = None
                 log.info("worker %s on probation", s.node.node_id)
 
-    def _mark_dead(self, s: _Stats, reason: str) -> None:
+    def _mark_dead(self, s: _Stats, reason: str, refused: bool = False) -> None:
         if s.state is NodeState.PROBATION:
             s.backoff_s = min(s.backoff_s * 2.0, self._max_probation_s)
         s.state = NodeState.DEAD
+        s.died_refusing = refused
         s.dead_until = self._clock() + s.backoff_s
         s.consecutive_failures = 0
         self._slow = None
@@ -522,18 +563,23 @@ class WorkerSelector:
                 return
             s.consecutive_failures += 1
             if fatal:
-                self._mark_dead(s, "a fatal failure")
+                self._mark_dead(s, "a fatal failure", refused=True)
             elif s.consecutive_failures >= self._fail_threshold:
                 self._mark_dead(s, f"{s.consecutive_failures} consecutive failures")
 
     @contextmanager
-    def track(self, node: Node) -> Iterator[None]:
+    def track(
+        self,
+        node: Node,
+        failures: type[Exception] | tuple[type[Exception], ...] = Exception,
+    ) -> Iterator[None]:
         """Count a request to ``node`` as in flight and record its outcome.
 
-        On normal exit the latency goes into the node's EWMA as a success. An ``Exception``
-        inside marks a failure (fatal when it is, or wraps, connection refused) and propagates.
-        Cancellation and other ``BaseException`` only end the in-flight count: they say nothing
-        about the worker.
+        On normal exit the latency goes into the node's EWMA as a success. An exception of
+        ``failures`` inside marks a failure (fatal when it is, or wraps, connection refused) and
+        propagates; any other ``Exception`` is an answer (a "not found" from a working worker)
+        and counts as a success. Cancellation and other ``BaseException`` only end the in-flight
+        count: they say nothing about the worker.
         """
         node_id = node.node_id
         with self._lock:
@@ -543,9 +589,13 @@ class WorkerSelector:
         start = self._clock()
         try:
             yield
-        except Exception as exc:
+        except failures as exc:
             self._end(s)
             self.record_failure(node_id, fatal=_is_connection_refused(exc))
+            raise
+        except Exception:
+            self._end(s)
+            self.record_success(node_id, self._clock() - start)
             raise
         except BaseException:
             self._end(s)

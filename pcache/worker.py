@@ -27,6 +27,7 @@ from objstore.errors import ObjectNotFound
 from objstore.url import check_key, check_prefix
 
 from . import metrics as metrics_mod
+from .blockindex import BlockId
 from .blockstore import BlockStore, CacheDir
 from .config import WorkerConfig
 from .fetch import BlockFetcher, PeerClient
@@ -106,6 +107,10 @@ class Worker:
         if any(n.node_id == self.config.node_id for n in nodes):
             return nodes
         return [*nodes, Node(self.config.node_id, self.config.address)]
+
+    def members(self) -> list[Node]:
+        """Every node of the cluster (this one included), whatever their health."""
+        return self._nodes_with_self(self.membership.nodes())
 
     def refresh_membership(self) -> None:
         self.selector.set_nodes(self._nodes_with_self(self.membership.nodes()))
@@ -294,12 +299,29 @@ async def info(request: web.Request) -> web.Response:
             "backends": {name: str(store.url) for name, store in worker.stores.items()},
             "nodes": [
                 {"id": n.node_id, "address": n.address, "weight": n.weight}
-                for n in worker.selector.candidates("")
+                # every member, dead or alive in this worker's view: clients judge health
+                # themselves (a peer down here may be back by the time the client asks it)
+                for n in worker.members()
             ],
             "immutable": worker.config.immutable,
             "metadata_ttl": worker.config.metadata_ttl,
+            # for clients on this node: read cache hits from the disks (pcache.localcache)
+            "local_cache": worker.blocks.layout(),
         }
     )
+
+
+async def touch(request: web.Request) -> web.Response:
+    """Hits a client on this node served itself from the cache files (pcache.localcache):
+    counted, and shown to eviction, as if the worker had served them."""
+    worker = request.app[WORKER]
+    body = await request.json()
+    found = 0
+    for namespace, key, version, index, nbytes in body["blocks"]:
+        if worker.blocks.touch(BlockId(namespace, check_key(key), version, int(index))):
+            worker.fetcher.count("local", int(nbytes))
+            found += 1
+    return web.json_response({"touched": found})
 
 
 async def stat(request: web.Request) -> web.Response:
@@ -584,6 +606,7 @@ def create_app(config: WorkerConfig) -> web.Application:
     app.router.add_post("/v1/prefetch", prefetch)
     app.router.add_post("/v1/shm/read", shm_read)
     app.router.add_post("/v1/shm/release", shm_release)
+    app.router.add_post("/v1/touch", touch)
     app.router.add_post(f"/v1/write/{{ns}}/{key}", write_open)
     app.router.add_put("/v1/session/{id}", session_write)
     app.router.add_post("/v1/session/{id}/shm", session_shm)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,4 +32,7 @@ def test_demo_runs_end_to_end_and_cleans_up() -> None:
     assert "pcache warmup of region-b (2 workers)" in done.stdout
     assert re.search(r"read through pcache \(identical to region-b\)\s*│\s*7/7", done.stdout)
     assert "backend" not in done.stdout.split("read through pcache")[1].split("\n")[0]
+    if os.path.exists("/dev/fuse") and shutil.which("fusermount3"):
+        assert re.search(r"read via pcache mount \(identical\)\s*│\s*7/7", done.stdout)
+        assert "pcache stats" in done.stdout and "p99 ms" in done.stdout
     assert not (REPO / ".demo").exists()

@@ -317,6 +317,40 @@ def test_corruption_is_never_served(
     store.check_invariants()
 
 
+def test_partial_reads_check_only_the_chunks_they_cover(
+    open_store: Callable[..., BlockStore],
+) -> None:
+    from pcache.blockfile import chunk_size
+
+    store = open_store(block_size=256 * KiB)
+    data = payload(7, 256 * KiB)
+    assert chunk_size(len(data)) == 64 * KiB  # four chunks
+    store.put(bid(1), data)
+    path = _only_file(store)
+    _flip(HEADER_SIZE + 3 * 64 * KiB + 100)(path)  # damage in the last chunk only
+    buf = bytearray(4096)
+    assert store.read_into(bid(1), buf, 64 * KiB - 2048) == 4096  # spans chunks 0 and 1
+    assert bytes(buf) == data[64 * KiB - 2048 : 64 * KiB + 2048]
+    assert store.contains(bid(1)) and store.stats()["corrupt"] == 0
+    assert store.read_into(bid(1), buf, 3 * 64 * KiB) is None  # covers the damage: dropped
+    assert not store.contains(bid(1)) and store.stats()["corrupt"] == 1
+    store.put(bid(1), data)
+    assert store.read_into(bid(1), buf, 3 * 64 * KiB) == 4096
+    assert bytes(buf) == data[3 * 64 * KiB : 3 * 64 * KiB + 4096]
+    assert store.read_into(bid(1), buf, 256 * KiB - 10) == 10  # the tail of the block
+
+
+def test_chunk_size_keeps_the_table_in_the_header() -> None:
+    from pcache.blockfile import chunk_crcs, chunk_size, pack_header
+
+    assert chunk_size(4 * MiB) == 64 * KiB and chunk_size(1) == 64 * KiB
+    assert chunk_size(64 * MiB) == 128 * KiB  # 512 chunks: the table fits the header
+    header = pack_header(b"k", 0, 100_000, 1, chunk_crcs(payload(1, 100_000)))
+    assert len(header) == HEADER_SIZE
+    with pytest.raises(ValueError, match="chunk CRCs"):
+        pack_header(b"k", 0, 100_000, 1, [1])
+
+
 def test_another_blocks_file_is_never_served(open_store: Callable[..., BlockStore]) -> None:
     store = open_store()
     store.put(bid(1), payload(1, 1000))

@@ -7,11 +7,14 @@ S3 directly and read through the mounts; files written through a mount are check
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +26,7 @@ import pytest
 from objstore import Store
 from tests.pcache.conftest import ClusterFactory, MiB
 from tests.servers.pcache_cluster import PcacheCluster
+from tests.servers.pcache_mount import PcacheMount, force_unmount
 
 ROOT = Path(__file__).resolve().parents[2]
 FUSERMOUNT = shutil.which("fusermount3")
@@ -52,65 +56,8 @@ def pcache(cluster: PcacheCluster, *args: str) -> subprocess.CompletedProcess[st
     )
 
 
-def force_unmount(mountpoint: Path) -> None:
-    if not os.path.ismount(mountpoint):
-        result = subprocess.run(["mount"], capture_output=True, text=True)
-        if f" {mountpoint} " not in result.stdout:
-            return
-    for command in (["fusermount3", "-u", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
-        if subprocess.run(command, capture_output=True).returncode == 0:
-            return
-
-
-class Mount:
-    """``pcache mount --foreground`` in a subprocess, live until :meth:`stop`."""
-
-    def __init__(self, cluster: PcacheCluster, node: int, mountpoint: Path, *extra: str) -> None:
-        mountpoint.mkdir(parents=True, exist_ok=True)
-        self.path = mountpoint
-        self.log = mountpoint.parent / f"{mountpoint.name}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "pcache.cli",
-            "mount",
-            "data",
-            str(mountpoint),
-            "--foreground",
-            "--worker",
-            cluster.nodes[node].address,
-            "--log-file",
-            str(self.log),
-            *extra,
-        ]
-        self.process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=_env(cluster),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 20
-        while not os.path.ismount(mountpoint):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                out, _ = self.process.communicate()
-                self.stop()
-                raise RuntimeError(f"mount did not come up: {out.decode()}\n{self.logs()}")
-            time.sleep(0.05)
-
-    def logs(self) -> str:
-        return self.log.read_text()[-4000:] if self.log.exists() else ""
-
-    def stop(self) -> None:
-        force_unmount(self.path)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if self.process.stdout and not self.process.stdout.closed:
-            self.process.stdout.close()
+def Mount(cluster: PcacheCluster, node: int, mountpoint: Path, *extra: str) -> PcacheMount:
+    return PcacheMount(cluster.nodes[node].address, cluster.token, mountpoint, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -432,7 +379,7 @@ def test_inode_table_lookup_counts() -> None:
     table.move("a/b", "a/c")
     assert table.find("a/b") is None and table.find("a/c") == ino
     table.forget(ino, 1)
-    assert table.find("a/c") is None and len(table) == 1  # only the root is left
+    assert table.find("a/c") is None and len(table) == 2  # the root and the control file
     held = table.inode("d", DIR)
     table.remember(held)
     table.forget(held, 1, busy=True)  # an open handle keeps it
@@ -468,3 +415,221 @@ def test_errno_mapping() -> None:
     with pytest.raises(pyfuse3.FUSEError) as excinfo:
         trio.run(broken)
     assert excinfo.value.errno == errno.EIO
+
+
+# -- statistics, unmount, failures -----------------------------------------------------------
+
+
+def test_stats_control_file_and_pcache_stats(mounts, cluster2, store: Store, tmp_path) -> None:
+    a, _ = mounts
+    cluster, _ = cluster2
+    data = os.urandom(2 * MiB + 5)
+    store.put("stats/x.bin", data)
+    assert (a / "stats/x.bin").read_bytes() == data
+    with pytest.raises(FileNotFoundError):
+        os.stat(a / "stats/missing.bin")
+    control = a / ".pcache-stats"
+    snapshot = json.loads(control.read_text())
+    assert snapshot["source"] == "data" and snapshot["mountpoint"] == str(a)
+    assert snapshot["ops"]["read"]["calls"] >= 1 and snapshot["bytes"]["read"] >= len(data)
+    lookup = snapshot["ops"]["lookup"]
+    assert lookup["errors"].get("ENOENT", 0) >= 1  # errors are counted by errno
+    assert lookup["p99_ms"] >= lookup["p50_ms"] > 0
+    assert sum(snapshot["blocks_by_source"].values()) >= 3  # 3 blocks of 1 MiB, at least
+    assert 0.0 <= snapshot["hit_ratio"]["local"] <= snapshot["hit_ratio"]["cluster"] <= 1.0
+    assert snapshot["read_request_bytes"]["max"] >= 128 * 1024  # the kernel's large reads
+    assert ".pcache-stats" not in os.listdir(a)  # hidden
+    with pytest.raises(PermissionError):
+        os.open(control, os.O_WRONLY)
+    with pytest.raises(PermissionError):
+        os.unlink(control)
+    later = json.loads(control.read_text())  # a fresh snapshot on every open
+    assert later["ops"]["getattr"]["calls"] + later["ops"]["lookup"]["calls"] > lookup["calls"]
+
+    table = pcache(cluster, "stats", str(a))
+    assert table.returncode == 0, table.stderr
+    assert "p99 ms" in table.stdout and "read" in table.stdout and "hit ratio" in table.stdout
+    as_json = pcache(cluster, "stats", str(a), "--json")
+    assert json.loads(as_json.stdout)["ops"]["read"]["calls"] >= 1
+    not_mounted = pcache(cluster, "stats", str(tmp_path))
+    assert not_mounted.returncode == 2 and "is not mounted" in not_mounted.stderr
+
+
+def test_umount_of_a_busy_mount_is_a_clear_error(cluster2, store: Store, tmp_path: Path) -> None:
+    cluster, _ = cluster2
+    store.put("busy/x.txt", b"still open")
+    mount = Mount(cluster, 0, tmp_path / "busy")
+    try:
+        with open(mount.path / "busy/x.txt", "rb") as file:
+            result = pcache(cluster, "umount", str(mount.path))
+            assert result.returncode == 1
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and "is busy" in lines[0], result.stderr
+            assert os.path.ismount(mount.path)
+            assert file.read() == b"still open"  # the mount goes on serving
+        done = pcache(cluster, "umount", str(mount.path))
+        assert done.returncode == 0, done.stderr
+        assert mount.process.wait(timeout=15) == 0
+    finally:
+        mount.stop()
+
+
+def test_a_peer_killed_mid_read(mounts, cluster2, store: Store) -> None:
+    a, _ = mounts  # mount A reads through node 0; node 1 serves half the blocks
+    cluster, _ = cluster2
+    data = os.urandom(12 * MiB)
+    store.put("peer/x.bin", data)
+    with open(a / "peer/x.bin", "rb") as file:
+        assert file.read(MiB) == data[:MiB]
+        cluster.kill(cluster.nodes[1])
+        try:
+            assert file.read() == data[MiB:]
+        finally:
+            cluster.start(cluster.nodes[1])
+
+
+def test_requests_time_out_when_the_worker_hangs(cluster2, store: Store, tmp_path: Path) -> None:
+    cluster, _ = cluster2
+    data = os.urandom(4 * MiB)
+    store.put("hang/x.bin", data)
+    mount = Mount(cluster, 0, tmp_path / "hang", "--timeout", "5")
+    worker = cluster.nodes[0].process
+    assert worker is not None
+    try:
+        with open(mount.path / "hang/x.bin", "rb") as file:
+            assert file.read(MiB) == data[:MiB]
+            worker.send_signal(signal.SIGSTOP)  # alive but silent: only timeouts notice
+            try:
+                started = time.monotonic()
+                assert file.read() == data[MiB:]  # the other worker serves the rest
+                with pytest.raises(FileNotFoundError):  # the other worker answers metadata
+                    os.stat(mount.path / "hang/not-seen-before.bin")
+                assert time.monotonic() - started < 60  # bounded: no request waits forever
+            finally:
+                worker.send_signal(signal.SIGCONT)
+        assert os.stat(mount.path / "hang/x.bin").st_size == len(data)
+    finally:
+        mount.stop()
+
+
+def test_a_write_larger_than_the_cache_is_enospc_and_nothing_lands(mounts, store: Store) -> None:
+    a, _ = mounts
+    os.mkdir(a / "full")
+    fd = os.open(a / "full/huge.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    chunk = os.urandom(MiB)
+    with pytest.raises(OSError) as excinfo:
+        for _ in range(200):  # 200 MiB through a 64 MiB cache of dirty (unevictable) data
+            os.write(fd, chunk)
+    assert excinfo.value.errno == errno.ENOSPC
+    with pytest.raises(OSError):
+        os.close(fd)  # the failed file is not committed, and close says so
+    assert not store.exists("full/huge.bin")
+    (a / "full/small.bin").write_bytes(b"space again")  # the staged bytes were released
+    assert store.get("full/small.bin") == b"space again"
+
+
+def test_allow_other_with_an_owner(cluster2, store: Store, tmp_path: Path) -> None:
+    cluster, _ = cluster2
+    store.put("shared/x.txt", b"for everyone")
+    nobody = 65534
+    as_nobody = {"user": nobody, "group": nobody, "capture_output": True, "timeout": 30}
+    private = Mount(cluster, 0, tmp_path / "private")
+    try:  # without allow_other only the mounting user gets in
+        denied = subprocess.run(["cat", str(private.path / "shared/x.txt")], **as_nobody)
+        assert denied.returncode != 0 and b"Permission denied" in denied.stderr
+    finally:
+        private.stop()
+    public = Path(tempfile.mkdtemp(prefix="pcache-allow-other-"))  # nobody can reach it
+    os.chmod(public, 0o755)
+    mount = Mount(cluster, 0, public / "mnt", "--allow-other", "--uid", "65534", "--gid", "65534")
+    try:
+        info = os.stat(mount.path / "shared/x.txt")
+        assert (info.st_uid, info.st_gid) == (nobody, nobody)
+        read = subprocess.run(["cat", str(mount.path / "shared/x.txt")], **as_nobody)
+        assert read.returncode == 0 and read.stdout == b"for everyone"
+        target = mount.path / "shared/by-nobody.txt"
+        wrote = subprocess.run(["sh", "-c", f"echo hi > {target}"], **as_nobody)
+        assert wrote.returncode == 0, wrote.stderr
+        assert store.get("shared/by-nobody.txt") == b"hi\n"
+    finally:
+        mount.stop()
+        shutil.rmtree(public, ignore_errors=True)
+
+
+# -- mount.pcache, fstab and systemd -----------------------------------------------------------
+
+
+def test_mount_helper_translates_mount_options() -> None:
+    from pcache.mount_helper import MountHelperError, pcache_argv
+
+    argv = pcache_argv(
+        "data/x", "/mnt/x",
+        ["-o", "ro,immutable,allow_other,uid=5,gid=6,config=/etc/p.toml,_netdev,nofail,"
+         "x-systemd.requires=pcache-worker.service,defaults", "-v"],
+    )  # fmt: skip
+    assert argv == [
+        "mount", "data/x", "/mnt/x", "--read-only", "--immutable", "--allow-other",
+        "--uid", "5", "--gid", "6", "--config", "/etc/p.toml", "-v",
+    ]  # fmt: skip
+    assert pcache_argv("d", "/m", ["-orw,timeout=3"]) == ["mount", "d", "/m", "--timeout", "3"]
+    assert pcache_argv("d", "/m", ["-f", "-o", "ro"]) == []  # mount -f: pretend
+    for bad, message in (
+        (["-o", "rw,cache=huge"], "unknown mount option 'cache=huge'"),
+        (["-o", "config="], "needs a value"),
+        (["-o"], "needs a value"),
+        (["--what"], "unexpected argument"),
+    ):
+        with pytest.raises(MountHelperError, match=message):
+            pcache_argv("d", "/m", bad)
+
+
+def test_mount_helper_mounts_like_mount_t_pcache(cluster2, store: Store, tmp_path: Path) -> None:
+    cluster, _ = cluster2
+    store.put("helper/x.txt", b"via mount.pcache")
+    mountpoint = tmp_path / "helper"
+    mountpoint.mkdir()
+    log = tmp_path / "helper.log"
+    options = f"ro,immutable,worker={cluster.nodes[0].address},log={log},_netdev,nofail"
+    result = subprocess.run(
+        [sys.executable, "-m", "pcache.mount_helper", "data/helper", str(mountpoint), "-o", options],
+        cwd=ROOT, env=_env(cluster), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    try:
+        assert result.returncode == 0, result.stderr + (log.read_text() if log.exists() else "")
+        assert (mountpoint / "x.txt").read_bytes() == b"via mount.pcache"
+        with pytest.raises(OSError) as excinfo:
+            (mountpoint / "y.txt").write_bytes(b"no")
+        assert excinfo.value.errno == errno.EROFS
+    finally:
+        force_unmount(mountpoint)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pcache.mount_helper", "data", str(mountpoint), "-o", "bogus"],
+        cwd=ROOT, env=_env(cluster), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (
+        bad.returncode == 2 and bad.stderr.strip() == "mount.pcache: unknown mount option 'bogus'"
+    )
+
+
+def test_install_script_puts_the_helper_and_units_in_place(tmp_path: Path) -> None:
+    script = ROOT / "deploy/pcache/install.sh"
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "mount.pcache").exists():
+        pytest.skip("the package is not installed with its scripts (make setup installs them)")
+    run = [str(script), "--root", str(tmp_path), "--bin", str(bin_dir)]
+    result = subprocess.run(run, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    helper = tmp_path / "sbin/mount.pcache"
+    assert helper.is_symlink() and os.readlink(helper) == str(bin_dir / "mount.pcache")
+    unit = (tmp_path / "etc/systemd/system/pcache-worker.service").read_text()
+    assert f"ExecStart={bin_dir}/pcache worker" in unit and "@PCACHE_BIN@" not in unit
+    assert stat.S_IMODE(os.stat(tmp_path / "etc/pcache/env").st_mode) == 0o600
+    config = tmp_path / "etc/pcache/pcache.toml"
+    config.write_text("# edited\n")
+    assert subprocess.run(run, capture_output=True, timeout=30).returncode == 0
+    assert config.read_text() == "# edited\n"  # never overwritten
+    wrong = subprocess.run(
+        [str(script), "--root", str(tmp_path), "--bin", str(tmp_path)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert wrong.returncode == 2 and "is missing (pip install the package)" in wrong.stderr

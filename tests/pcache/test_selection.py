@@ -355,6 +355,27 @@ def test_all_dead_means_backing_store() -> None:
     assert WorkerSelector([]).choose("k") is None
 
 
+def test_last_resort_is_the_refused_dead_and_a_success_revives() -> None:
+    nodes = make_nodes(3)
+    selector = WorkerSelector(nodes)
+    selector.record_failure("node-0", fatal=True)  # refused: a restart may be over already
+    for _ in range(10):
+        selector.record_failure("node-1")  # timeouts: probing it again would cost one more
+    assert selector.last_resort("k") == [nodes[0]]
+    selector.revive("node-0")
+    states = {row["id"]: row["state"] for row in selector.snapshot()}
+    assert states == {"node-0": "probation", "node-1": "dead", "node-2": "healthy"}
+    assert selector.last_resort("k") == []
+    selector.revive("node-2")  # not dead: nothing changes
+    assert {row["id"]: row["state"] for row in selector.snapshot()}["node-2"] == "healthy"
+
+    local = WorkerSelector(nodes, local_id="node-2")
+    for n in nodes:
+        for _ in range(10):
+            local.record_failure(n.node_id)  # all dead by timeouts
+    assert local.last_resort("k") == [nodes[2]]  # the local worker is always worth a try
+
+
 def test_readmission_after_probation_is_gradual() -> None:
     nodes = make_nodes(3)
     clock = FakeClock()
@@ -466,6 +487,14 @@ def test_track_records_latency_and_failures() -> None:
         raise Cancelled
     assert selector.snapshot()[1]["failures"] == 1  # a cancellation is not the worker's fault
     assert selector.snapshot()[1]["inflight"] == 0
+
+    for _ in range(5):  # an answer such as "not found" is the worker working, not failing
+        with pytest.raises(KeyError), selector.track(nodes[1], ConnectionError):
+            raise KeyError("no such object")
+    assert selector.snapshot()[1]["failures"] == 1 and selector.snapshot()[1]["state"] == "healthy"
+    with pytest.raises(ConnectionRefusedError), selector.track(nodes[1], ConnectionError):
+        raise ConnectionRefusedError("refused")
+    assert selector.snapshot()[1]["state"] == "dead"
 
 
 def test_set_nodes_keeps_stats_of_nodes_that_stay() -> None:

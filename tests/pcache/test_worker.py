@@ -36,7 +36,9 @@ def test_miss_then_hit(make_cluster, payload) -> None:
     assert client.read("data/dir/obj.bin") == data
     first = client.status()["reads"]["by_tier"]
     assert first["backend"] == 6 and first["local"] == 0
-    assert client.read("data/dir/obj.bin") == data
+    assert client.read("data/dir/obj.bin") == data  # straight from the cache files
+    assert client.sources.get("local", 0) >= 6
+    client.report_hits()  # what eviction and the worker's counters must learn about
     second = client.status()["reads"]["by_tier"]
     assert second["backend"] == 6 and second["local"] == 6
     # ranged reads straddling blocks
@@ -230,7 +232,7 @@ def test_all_workers_dead_reads_backing_store(
     cluster, store = make_cluster(1)
     data = payload(2 * MiB)
     store.put("x.bin", data)
-    client = make_cluster.client(cluster)
+    client = make_cluster.client(cluster, direct_reads=False)
     assert client.read("data/x.bin", 0, 10) == data[:10]  # the client learns the cluster
     info = client.stat("data/x.bin")
     cluster.kill(cluster.nodes[0])
@@ -239,6 +241,23 @@ def test_all_workers_dead_reads_backing_store(
     assert client.readinto("data/x.bin", 0, buf, info) == info.size
     assert bytes(buf) == data
     assert client.sources.get("direct") == 2
+
+
+def test_cache_files_are_read_directly_and_survive_a_dead_worker(make_cluster, payload) -> None:
+    cluster, store = make_cluster(1)
+    data = payload(3 * MiB + 7)
+    store.put("d.bin", data)
+    client = make_cluster.client(cluster)
+    client.warmup("data/d.bin")
+    info = client.stat("data/d.bin")
+    assert client.read("data/d.bin", MiB - 5, 10) == data[MiB - 5 : MiB + 5]  # a partial read
+    assert client.sources == {"local": 2}  # two blocks, read from the files, not the worker
+    client.report_hits()
+    assert client.status()["reads"]["by_tier"]["local"] == 2  # the worker was told
+    cluster.kill(cluster.nodes[0])
+    buf = bytearray(info.size)
+    assert client.readinto("data/d.bin", 0, buf, info) == info.size  # no worker needed
+    assert bytes(buf) == data and client.sources == {"local": 6}
 
 
 def test_write_back_roundtrip(make_cluster, payload) -> None:
@@ -326,6 +345,7 @@ def test_metrics_and_status(make_cluster, payload) -> None:
     client = make_cluster.client(cluster)
     client.read("data/m.bin")
     client.read("data/m.bin")
+    client.report_hits()
     status, body = _get(cluster.nodes[0].address + "/metrics", cluster.token)
     assert status == 200
     text = body.decode()

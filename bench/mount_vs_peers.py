@@ -1,0 +1,384 @@
+"""``pcache mount`` against ``rclone mount --vfs-cache-mode full`` and the local disk, same run.
+
+Starts a real S3 endpoint (rclone serve s3) holding a SIZE object and a directory of FILES small
+objects, one pcache worker, a pcache mount (``--immutable``) and an rclone mount of the same
+bucket; the local disk holds the same data as the physical limit. Measured, each contender the
+same way (Python loops, no tool of either side):
+
+- ls -l cold / warm: ``ls -l`` of the FILES-object directory on fresh mounts (pcache: also the
+  worker's metadata dropped; local: page/dentry caches dropped), then again.
+- sequential read: SIZE in 1 MiB reads, data cache warm on disk, page cache dropped.
+- re-read: the same file again right after, page cache not dropped (pcache: immutable mode).
+- random 4 KiB: N seeded ``pread`` of 4 KiB over the file, data cache warm, page cache dropped.
+- write + fsync: SIZE in 1 MiB writes, fsync, close; "returned" is when close returns, "in S3"
+  is when the object is in the bucket with its full size (pcache's fsync waits for that; rclone
+  uploads after close, run with ``--vfs-write-back 0s``).
+
+Targets (issue 5): every measurement >= 1.0x rclone, re-read >= 3x rclone; write compared by
+"in S3" (durability), both columns printed.
+
+    .venv/bin/python bench/mount_vs_peers.py [--size 1GiB] [--files 10000] [--repeat 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from objstore import Config, open_store  # noqa: E402
+from objstore.cli import parse_size  # noqa: E402
+from objstore.config import Secret  # noqa: E402
+from pcache.client import PcacheClient  # noqa: E402
+from pcache.config import ClientConfig  # noqa: E402
+from tests.servers.pcache_cluster import PcacheCluster  # noqa: E402
+from tests.servers.pcache_mount import PcacheMount, force_unmount  # noqa: E402
+from tests.servers.rclone_s3 import RcloneS3Server, rclone_binary  # noqa: E402
+
+MiB = 1 << 20
+CHUNK = MiB
+CONTENDERS = ("local", "pcache", "rclone")
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class RcloneMount:
+    """``rclone mount :s3:BUCKET MOUNTPOINT --vfs-cache-mode full`` in the foreground."""
+
+    def __init__(self, s3: RcloneS3Server, bucket: str, mountpoint: Path, cache_dir: Path) -> None:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        self.path = mountpoint
+        env = {
+            **os.environ,
+            "RCLONE_S3_PROVIDER": "Other",
+            "RCLONE_S3_ENDPOINT": s3.endpoint,
+            "RCLONE_S3_ACCESS_KEY_ID": s3.access_key_id,
+            "RCLONE_S3_SECRET_ACCESS_KEY": s3.secret_access_key,
+            "RCLONE_S3_REGION": "us-east-1",
+        }
+        self.command = [
+            rclone_binary(), "mount", f":s3:{bucket}", str(mountpoint),
+            "--config", os.devnull,
+            "--vfs-cache-mode", "full",
+            "--cache-dir", str(cache_dir),
+            "--vfs-cache-max-size", "16G",
+            "--vfs-write-back", "0s",
+            "--dir-cache-time", "1h",
+            "--log-level", "ERROR",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            self.command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mountpoint):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"rclone mount did not come up: {self.process.stderr}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        force_unmount(self.path)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stderr:
+            self.process.stderr.close()
+
+
+def small_content(i: int) -> bytes:
+    return i.to_bytes(4, "little") * 256
+
+
+def write_small_files(directory: Path, count: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (directory / f"f-{i:05d}.bin").write_bytes(small_content(i))
+
+
+def put_small_objects(store: Any, count: int) -> None:
+    # through the API: rclone serve s3 caches its directory listings
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: store.put(f"many/f-{i:05d}.bin", small_content(i)), range(count)))
+
+
+def read_all(path: Path, buf: bytearray) -> int:
+    view, done = memoryview(buf), 0
+    with open(path, "rb", buffering=0) as file:
+        while n := file.readinto(view[:CHUNK]):
+            done += n
+    return done
+
+
+def random_reads(path: Path, offsets: list[int]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset in offsets:
+            if len(os.pread(fd, 4096, offset)) != 4096:
+                raise RuntimeError(f"short read at {offset} of {path}")
+    finally:
+        os.close(fd)
+
+
+def write_file(path: Path, size: int, pattern: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(pattern)
+        for offset in range(0, size, CHUNK):
+            at = offset % len(pattern)
+            os.write(fd, view[at : at + min(CHUNK, size - offset)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ls_l(directory: Path, expected: int) -> None:
+    done = subprocess.run(["ls", "-l", str(directory)], capture_output=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ls -l {directory}: {done.stderr.decode().strip()}")
+    out = done.stdout
+    entries = out.count(b"\n") - 1  # "total N" first
+    if entries != expected:
+        raise RuntimeError(f"ls -l {directory}: {entries} entries, expected {expected}")
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.size: int = args.size
+        self.results: dict[str, dict[str, float]] = {}  # measurement -> contender -> value
+        self.dropped = True
+
+    def record(self, measurement: str, contender: str, value: float, best: str = "max") -> None:
+        row = self.results.setdefault(measurement, {})
+        old = row.get(contender)
+        if old is None or (value > old if best == "max" else value < old):
+            row[contender] = value
+
+    def drop(self) -> None:
+        self.dropped &= drop_caches()
+
+    @contextmanager
+    def mounts(self) -> Iterator[dict[str, Path]]:
+        """Fresh pcache and rclone mounts (and the local directory)."""
+        pcache = PcacheMount(self.worker, self.token, self.work / "mnt-pcache", "--immutable")
+        try:
+            rclone = RcloneMount(
+                self.s3, "bench", self.work / "mnt-rclone", self.work / "rclone-cache"
+            )
+        except BaseException:
+            pcache.stop()
+            raise
+        try:
+            yield {"local": self.local, "pcache": pcache.path, "rclone": rclone.path}
+        finally:
+            pcache.stop()
+            rclone.stop()
+
+    def run(self) -> None:
+        args, size = self.args, self.size
+        print(f"preparing {size / MiB:.0f} MiB + {args.files:,} small objects ...", file=sys.stderr)
+        with RcloneS3Server(self.work / "s3") as s3:
+            self.s3 = s3
+            s3.create_bucket("bench")
+            profile = s3.profile()
+            store = open_store(
+                "s3://s3@bench/", Config.from_mapping({"profiles": {"s3": profile}}, env={})
+            )
+            self.pattern = os.urandom(64 * MiB)
+            parts = [self.pattern[: min(64 * MiB, size - off)] for off in range(0, size, 64 * MiB)]
+            store.put_parts("big.bin", parts)
+            self.local = self.work / "local"
+            self.local.mkdir()
+            with open(self.local / "big.bin", "wb") as file:
+                for part in parts:
+                    file.write(part)
+            put_small_objects(store, args.files)
+            write_small_files(self.local / "many", args.files)
+            cluster = PcacheCluster(
+                self.work / "cluster",
+                {"s3": profile},
+                {"data": "s3://s3@bench/"},
+                nodes=1,
+                capacity=3 * size + 512 * MiB,
+                block_size="4MiB",
+            )
+            with cluster:
+                self.worker, self.token = cluster.nodes[0].address, cluster.token
+                client = PcacheClient(ClientConfig(worker=self.worker, token=Secret(self.token)))
+                try:
+                    self.measure(store, client)
+                finally:
+                    client.close()
+
+    def selected(self) -> list[str]:
+        return [c for c in CONTENDERS if c in self.args.only.split(",")]
+
+    def measure(self, store: Any, client: PcacheClient) -> None:
+        args, size = self.args, self.size
+        rng = random.Random(args.seed)
+        offsets = [rng.randrange(0, size // 4096) * 4096 for _ in range(args.random_reads)]
+        buf = bytearray(CHUNK)
+        for attempt in range(args.repeat):
+            print(f"run {attempt + 1}/{args.repeat}", file=sys.stderr)
+            client.invalidate("data/many/", blocks=False)
+            self.drop()
+            with self.mounts() as roots:
+                for name in self.selected():
+                    t = timed(lambda: ls_l(roots[name] / "many", args.files))  # noqa: B023
+                    self.record("ls -l cold (s)", name, t, best="min")
+                    t = timed(lambda: ls_l(roots[name] / "many", args.files))  # noqa: B023
+                    self.record("ls -l warm (s)", name, t, best="min")
+                if attempt == 0:  # the data caches: pcache warmup, rclone reads it through
+                    client.warmup("data/big.bin")
+                    if "rclone" in self.selected():
+                        read_all(roots["rclone"] / "big.bin", buf)
+                for name in self.selected():
+                    path = roots[name] / "big.bin"
+                    self.drop()
+                    t = timed(lambda: read_all(path, buf))  # noqa: B023
+                    self.record("sequential read (MiB/s)", name, size / t / MiB)
+                    t = timed(lambda: read_all(path, buf))  # noqa: B023
+                    self.record("re-read, page cache kept (MiB/s)", name, size / t / MiB)
+                    self.drop()
+                    t = timed(lambda: random_reads(path, offsets))  # noqa: B023
+                    self.record("random 4 KiB reads (IOPS)", name, len(offsets) / t)
+                for name in self.selected():
+                    self.measure_write(store, roots[name], name, attempt)
+
+    def measure_write(self, store: Any, root: Path, name: str, attempt: int) -> None:
+        size = self.size
+        key = f"out-{name}-{attempt}.bin"
+        start = time.perf_counter()
+        write_file(root / key, size, self.pattern)
+        returned = time.perf_counter() - start
+        if name == "local":
+            durable = returned
+        else:
+            deadline = time.monotonic() + 600
+            while True:
+                try:
+                    if store.stat(key).size == size:
+                        break
+                except FileNotFoundError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name}: {key} never reached S3")
+                time.sleep(0.02)
+            durable = time.perf_counter() - start
+        self.record("write + fsync, returned (MiB/s)", name, size / returned / MiB)
+        self.record("write + fsync, in S3 (MiB/s)", name, size / durable / MiB)
+        (root / key).unlink()
+        time.sleep(0.5)
+
+
+TARGETS = {
+    "ls -l cold (s)": 1.0,
+    "ls -l warm (s)": 1.0,
+    "sequential read (MiB/s)": 1.0,
+    "re-read, page cache kept (MiB/s)": 3.0,
+    "random 4 KiB reads (IOPS)": 1.0,
+    "write + fsync, in S3 (MiB/s)": 1.0,
+}
+
+
+def ratio(measurement: str, row: dict[str, float], peer: str) -> float | None:
+    if "pcache" not in row or peer not in row or not row[peer] or not row["pcache"]:
+        return None
+    if measurement.endswith("(s)"):  # times: lower is better
+        return row[peer] / row["pcache"]
+    return row["pcache"] / row[peer]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", type=parse_size, default=parse_size("1GiB"))
+    parser.add_argument("--files", type=int, default=10_000, help="small objects to list")
+    parser.add_argument("--random-reads", type=int, default=4000, help="4 KiB preads (4000)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs, best kept (2)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--only", default=",".join(CONTENDERS), help="local,pcache,rclone")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mount-bench-", dir="/var/tmp") as tmp:
+        bench = Bench(args, Path(tmp))
+        try:
+            bench.run()
+        finally:
+            for name in ("mnt-pcache", "mnt-rclone"):
+                force_unmount(Path(tmp) / name)
+    rows = []
+    for measurement, row in bench.results.items():
+        vs_rclone = ratio(measurement, row, "rclone")
+        vs_local = ratio(measurement, row, "local")
+        target = TARGETS.get(measurement)
+        verdict = ""
+        if target is not None and vs_rclone is not None:
+            verdict = f">= {target}x: {'PASS' if vs_rclone >= target else 'FAIL'}"
+        rows.append((measurement, row, vs_rclone, vs_local, verdict))
+    if args.json:
+        print(json.dumps({
+            "size": args.size, "files": args.files, "repeat": args.repeat,
+            "page_cache_dropped": bench.dropped,
+            "results": {m: {"values": r, "vs_rclone": v, "vs_local": lo, "verdict": verdict}
+                        for m, r, v, lo, verdict in rows},
+        }))  # fmt: skip
+        return 0
+    print(
+        f"\n{args.size / MiB:.0f} MiB file, {args.files:,} small objects, best of {args.repeat}, "
+        f"{os.cpu_count()} CPUs, page cache dropped where stated: {bench.dropped}; "
+        "rclone mount --vfs-cache-mode full --vfs-write-back 0s; pcache mount --immutable"
+    )
+    print(
+        f"{'measurement':<34} | {'local':>9} | {'pcache':>9} | {'rclone':>9} | "
+        f"{'vs rclone':>9} | {'vs local':>8} | target"
+    )
+    print(f"{'-' * 34} | {'-' * 9} | {'-' * 9} | {'-' * 9} | {'-' * 9} | {'-' * 8} | ------")
+
+    def cell(value: float | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.3f}" if value < 10 else f"{value:,.0f}"
+
+    for measurement, row, vs_rclone, vs_local, verdict in rows:
+        print(
+            f"{measurement:<34} | {cell(row.get('local')):>9} | {cell(row.get('pcache')):>9} | "
+            f"{cell(row.get('rclone')):>9} | "
+            f"{'-' if vs_rclone is None else f'{vs_rclone:.2f}x':>9} | "
+            f"{'-' if vs_local is None else f'{vs_local:.2f}x':>8} | {verdict}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
