@@ -205,6 +205,7 @@ class S3DataPath:
             token=profile.session_token.reveal() or None,
         )
         self.host = host_header(self.endpoint)
+        self.unsigned_payload = self.endpoint.startswith("https://")
         parts = urlsplit(self.endpoint)
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self.base_path = f"{parts.path}/{quote(bucket, safe='~')}/"
@@ -227,7 +228,7 @@ class S3DataPath:
         method: str,
         key: str,
         headers: Mapping[str, str] | None = None,
-        body: bytes = b"",
+        body: bytes | bytearray | memoryview = b"",
         query: Mapping[str, str] | None = None,
     ) -> Response:
         """Sign and send one request; returns a 2xx/206 response, raises HTTPError otherwise.
@@ -237,7 +238,12 @@ class S3DataPath:
         """
         path = self.base_path + quote(key, safe="/~")
         qs = canonical_query(query) if query else ""
-        payload = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+        if not body:
+            payload = EMPTY_SHA256
+        elif self.unsigned_payload:
+            payload = "UNSIGNED-PAYLOAD"  # TLS protects the body (botocore does the same)
+        else:
+            payload = hashlib.sha256(body).hexdigest()
         signed = self.signer.sign(method, self.host, path, qs, headers or {}, payload)
         response = self.pool.request(
             method, f"{path}?{qs}" if qs else path, signed, body if body else None

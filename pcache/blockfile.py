@@ -3,7 +3,7 @@
 A block file is :data:`HEADER_SIZE` bytes of header (so the data stays page aligned) followed by
 the data. The header holds a magic, the format version, flags (0), the block number, the data
 length, the CRC32C of the data, the block's identity (its index key, at most 511 bytes), the
-CRC32C of each chunk of the data (64 KiB chunks, larger for blocks over 48 MiB; the table starts
+CRC32C of each chunk of the data (16 KiB chunks, larger for blocks over 12 MiB; the table starts
 at byte 1024) and a CRC32C of the header itself. :func:`read_block` checks all of it and the
 data's CRC against what the index says, so a file that is short, long, torn, bit-flipped or
 another block's never passes; :func:`read_range` reads and verifies only the chunks a partial
@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 from pathlib import Path
 
 from objstore import checksum
@@ -36,7 +37,7 @@ _HDR = struct.Struct("<8sHHQQIIHII")
 _HCRC_OFFSET = 32
 _TABLE_OFFSET = 1024
 _MAX_CHUNKS = (HEADER_SIZE - _TABLE_OFFSET) // 4
-_MIN_CHUNK = 64 * 1024
+_MIN_CHUNK = 16 * 1024
 
 
 def chunk_size(length: int) -> int:
@@ -64,7 +65,7 @@ def footprint(length: int) -> int:
 
 
 def read_block(
-    path: Path,
+    path: str | os.PathLike[str],
     key: bytes,
     index: int,
     length: int,
@@ -146,17 +147,40 @@ def check_header(
     return chunk, struct.unpack_from(f"<{nchunks}I", header, _TABLE_OFFSET)
 
 
+class HeaderCache:
+    """Chunk tables of recently read block files, so that random reads of a few KiB read the
+    chunk, not the header as well. Entries are keyed by the file's identity (device, inode,
+    size, ctime): a file replaced or rewritten is a new entry. Thread-safe."""
+
+    def __init__(self, entries: int = 8192) -> None:
+        self._entries = entries
+        self._cache: dict[tuple[int, int, int, int], tuple[int, tuple[int, ...]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, ident: tuple[int, int, int, int]) -> tuple[int, tuple[int, ...]] | None:
+        with self._lock:
+            return self._cache.get(ident)
+
+    def put(self, ident: tuple[int, int, int, int], table: tuple[int, tuple[int, ...]]) -> None:
+        with self._lock:
+            if len(self._cache) >= self._entries:
+                self._cache.pop(next(iter(self._cache)))  # the oldest
+            self._cache[ident] = table
+
+
 def read_range(
-    path: Path,
+    path: str | os.PathLike[str],
     key: bytes,
     index: int,
     length: int,
     crc: int,
     offset: int,
     out: memoryview,
+    headers: HeaderCache | None = None,
 ) -> int:
     """Copy ``data[offset:offset + len(out)]`` of one block file into ``out``, reading and
-    verifying only the chunks that range covers; returns the bytes copied.
+    verifying only the chunks that range covers; returns the bytes copied. ``headers`` keeps
+    verified chunk tables across calls.
 
     Raises:
         CorruptBlock: the header, the size or a covered chunk's CRC32C is wrong.
@@ -165,10 +189,16 @@ def read_range(
     n = max(0, min(len(out), length - offset))
     fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        if size != HEADER_SIZE + length:
-            raise CorruptBlock(f"file is {size} bytes, expected {HEADER_SIZE + length}")
-        chunk, crcs = check_header(os.pread(fd, HEADER_SIZE, 0), key, index, length, crc)
+        st = os.fstat(fd)
+        if st.st_size != HEADER_SIZE + length:
+            raise CorruptBlock(f"file is {st.st_size} bytes, expected {HEADER_SIZE + length}")
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
+        table = headers.get(ident) if headers is not None else None
+        if table is None:
+            table = check_header(os.pread(fd, HEADER_SIZE, 0), key, index, length, crc)
+            if headers is not None:
+                headers.put(ident, table)
+        chunk, crcs = table
         if n == 0:
             return 0
         first, last = offset // chunk, (offset + n - 1) // chunk

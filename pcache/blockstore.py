@@ -66,6 +66,7 @@ from objstore import checksum
 from pcache.blockfile import (
     HEADER_SIZE,
     CorruptBlock,
+    HeaderCache,
     chunk_crcs,
     chunk_size,
     footprint,
@@ -184,8 +185,13 @@ class _Dir:
 
 def block_file(directory: Path, key: bytes) -> Path:
     """Where the block with index key ``key`` lives in the cache directory ``directory``."""
+    return directory / block_file_name(key)
+
+
+def block_file_name(key: bytes) -> str:
+    """The block file's path relative to its cache directory."""
     name = hashlib.sha1(key).hexdigest()
-    return directory / "blocks" / name[:2] / f"{name}.blk"
+    return f"blocks/{name[:2]}/{name}.blk"
 
 
 class Reservation:
@@ -329,6 +335,7 @@ class BlockStore:
             seen.setdefault(d.id, d)
 
         self._index = BlockIndex(Path(index_dir), block_size=block_size, map_size=index_map_size)
+        self._headers = HeaderCache()  # chunk tables of block files, for partial reads
         self._seq = 0
         try:
             ignored = self._load()
@@ -553,7 +560,9 @@ class BlockStore:
             elif out is None:
                 result = read_block(path, key, bid.index, e.length, e.crc, None)
             else:  # part of the block: only the chunks it covers are read and checked
-                result = read_range(path, key, bid.index, e.length, e.crc, offset, out)
+                result = read_range(
+                    path, key, bid.index, e.length, e.crc, offset, out, self._headers
+                )
         except CorruptBlock as exc:
             error = str(exc)
         except FileNotFoundError:

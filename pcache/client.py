@@ -651,10 +651,10 @@ class PcacheClient:
 class PcacheReader(SeekableReader):
     """A seekable read-only file over one object, pinned to the version it opened.
 
-    Sequential reads (each in the block of the last read or the next one) hold the current
-    block and fetch the following ones ahead, in parallel; a read elsewhere, when the local
-    worker is reachable through shared memory, moves only the bytes asked for (random access
-    never pays for whole blocks).
+    Sequential reads (each starting where the last one ended) hold the current block and fetch
+    the following ones ahead, in parallel; a read elsewhere, when the local worker's cache is
+    reachable (its files, or shared memory), moves only the bytes asked for: random access never
+    pays for whole blocks.
     """
 
     def __init__(self, client: PcacheClient, path: str) -> None:
@@ -668,22 +668,26 @@ class PcacheReader(SeekableReader):
         self._ahead: dict[int, Future[bytes]] = {}
         self._last_index = -1  # a read of block 0 counts as sequential: start readahead at once
         self._current: tuple[int, bytes] | None = None  # the block sequential reads are in
+        self._last_end = 0  # where the last read ended: a read starting there is sequential
 
     def readinto(self, buf: Any) -> int:
         view = memoryview(buf).cast("B")
         want = max(0, min(len(view), self.size - self._pos))
         if want == 0:
             return 0
-        if want >= self._client.config.shm_threshold and self._client._shm_ok:
+        exact_ok = self._client._shm_ok or self._client._local_cache() is not None
+        if want >= self._client.config.shm_threshold and exact_ok:
             n = self._client.readinto(self.path, self._pos, view[:want], self.info)
             self._pos += n
+            self._last_end = self._pos
             return n
         done = 0
+        sequential = self._pos == self._last_end or not exact_ok
         while done < want:
             index = (self._pos + done) // self._bs
             if self._current is not None and self._current[0] == index:
                 block = self._current[1]
-            elif index in (self._last_index, self._last_index + 1) or not self._client._shm_ok:
+            elif sequential:
                 block = self._block(index)
                 self._current = (index, block)
             else:  # a random read: only its bytes, and the next read decides again
@@ -700,6 +704,7 @@ class PcacheReader(SeekableReader):
             view[done : done + n] = block[start : start + n]
             done += n
         self._pos += done
+        self._last_end = self._pos
         return done
 
     def _block(self, index: int) -> bytes:

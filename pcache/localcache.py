@@ -21,13 +21,12 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
-from pathlib import Path
 
 import lmdb
 
-from .blockfile import CorruptBlock, read_block, read_range
+from .blockfile import CorruptBlock, HeaderCache, read_block, read_range
 from .blockindex import BlockId, IndexEntry
-from .blockstore import block_file
+from .blockstore import block_file_name
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +53,16 @@ class LocalCacheReader:
         except BaseException:
             self._env.close()
             raise
-        self._dirs = {bytes.fromhex(k): Path(v) for k, v in dirs.items()}
+        self._dirs = {bytes.fromhex(k): v.rstrip("/") + "/" for k, v in dirs.items()}
         self._lock = threading.Lock()
         self._hits: dict[tuple[str, str, str, int], int] = {}
+        self._headers = HeaderCache()
         self.stats = {"hits": 0, "misses": 0, "errors": 0}
 
     def close(self) -> None:
         self._env.close()
 
-    def _locate(self, bid: BlockId) -> tuple[Path, bytes, IndexEntry] | None:
+    def _locate(self, bid: BlockId) -> tuple[str, bytes, IndexEntry] | None:
         key = bid.index_key()
         with self._env.begin(db=self._blocks, buffers=False) as txn:
             raw = txn.get(key)
@@ -70,7 +70,7 @@ class LocalCacheReader:
         directory = self._dirs.get(entry.dir_id) if entry is not None else None
         if entry is None or directory is None:
             return None
-        return block_file(directory, key), key, entry
+        return directory + block_file_name(key), key, entry
 
     def read_into(self, bid: BlockId, out: memoryview, offset: int = 0) -> int | None:
         """Copy ``data[offset:offset + len(out)]`` of the block into ``out``; None when the
@@ -85,7 +85,9 @@ class LocalCacheReader:
                 read_block(path, key, bid.index, entry.length, entry.crc, out)
                 n = entry.length
             else:
-                n = read_range(path, key, bid.index, entry.length, entry.crc, offset, out)
+                n = read_range(
+                    path, key, bid.index, entry.length, entry.crc, offset, out, self._headers
+                )
         except FileNotFoundError:  # evicted between the lookup and the read
             self._count("misses")
             return None

@@ -324,12 +324,12 @@ def test_partial_reads_check_only_the_chunks_they_cover(
 
     store = open_store(block_size=256 * KiB)
     data = payload(7, 256 * KiB)
-    assert chunk_size(len(data)) == 64 * KiB  # four chunks
+    assert chunk_size(len(data)) == 16 * KiB
     store.put(bid(1), data)
     path = _only_file(store)
-    _flip(HEADER_SIZE + 3 * 64 * KiB + 100)(path)  # damage in the last chunk only
+    _flip(HEADER_SIZE + 3 * 64 * KiB + 100)(path)  # damage in one chunk of the last quarter
     buf = bytearray(4096)
-    assert store.read_into(bid(1), buf, 64 * KiB - 2048) == 4096  # spans chunks 0 and 1
+    assert store.read_into(bid(1), buf, 64 * KiB - 2048) == 4096  # spans two chunks
     assert bytes(buf) == data[64 * KiB - 2048 : 64 * KiB + 2048]
     assert store.contains(bid(1)) and store.stats()["corrupt"] == 0
     assert store.read_into(bid(1), buf, 3 * 64 * KiB) is None  # covers the damage: dropped
@@ -343,7 +343,7 @@ def test_partial_reads_check_only_the_chunks_they_cover(
 def test_chunk_size_keeps_the_table_in_the_header() -> None:
     from pcache.blockfile import chunk_crcs, chunk_size, pack_header
 
-    assert chunk_size(4 * MiB) == 64 * KiB and chunk_size(1) == 64 * KiB
+    assert chunk_size(4 * MiB) == 16 * KiB and chunk_size(1) == 16 * KiB
     assert chunk_size(64 * MiB) == 128 * KiB  # 512 chunks: the table fits the header
     header = pack_header(b"k", 0, 100_000, 1, chunk_crcs(payload(1, 100_000)))
     assert len(header) == HEADER_SIZE
