@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.measure import drop_caches, timed  # noqa: E402
 from objstore import Config, open_store  # noqa: E402
 from objstore.cli import parse_size  # noqa: E402
 from objstore.config import Secret  # noqa: E402
@@ -51,21 +52,6 @@ from tests.servers.rclone_s3 import RcloneS3Server, rclone_binary  # noqa: E402
 MiB = 1 << 20
 CHUNK = MiB
 CONTENDERS = ("local", "pcache", "rclone")
-
-
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 class RcloneMount:

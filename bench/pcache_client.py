@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.measure import drop_caches, timed  # noqa: E402
 from objstore import Config, open_store  # noqa: E402
 from objstore.cli import parse_size  # noqa: E402
 from objstore.config import Secret  # noqa: E402
@@ -38,21 +39,6 @@ from tests.servers.pcache_cluster import PcacheCluster  # noqa: E402
 from tests.servers.rclone_s3 import RcloneS3Server  # noqa: E402
 
 MiB = 1 << 20
-
-
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def timed(fn) -> float:  # type: ignore[no-untyped-def]
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> int:
