@@ -100,6 +100,9 @@ class MetadataCache:
         self._listings: _TTLMap[ListPage] = _TTLMap(max(1, max_entries // 100))
         self.hits = 0
         self.misses = 0
+        # bumped by every invalidation: a value fetched while it changed may predate the
+        # change, and is not cached (see the ``generation`` arguments of the put methods)
+        self.generation = 0
 
     def _expiry(self, seconds: float) -> float:
         return float("inf") if self.immutable else self._clock() + seconds
@@ -114,12 +117,22 @@ class MetadataCache:
                 self.hits += 1
             return value
 
-    def put_stat(self, namespace: str, key: str, info: ObjectInfo | Missing) -> None:
+    def put_stat(
+        self,
+        namespace: str,
+        key: str,
+        info: ObjectInfo | Missing,
+        generation: int | None = None,
+    ) -> bool:
+        """Cache a stat; not when ``generation`` (read before fetching it) is out of date.
+        Returns whether it was cached (or would have been, with caching off)."""
         ttl = self.negative_ttl if isinstance(info, Missing) else self.ttl
-        if ttl <= 0 and not self.immutable:
-            return
         with self._lock:
-            self._stats.put((namespace, key), info, self._expiry(ttl))
+            if generation is not None and generation != self.generation:
+                return False
+            if ttl > 0 or self.immutable:
+                self._stats.put((namespace, key), info, self._expiry(ttl))
+            return True
 
     def get_listing(self, namespace: str, prefix: str, delimiter: str = "/") -> ListPage | None:
         with self._lock:
@@ -131,18 +144,28 @@ class MetadataCache:
             return value
 
     def put_listing(
-        self, namespace: str, prefix: str, page: ListPage, delimiter: str = "/"
-    ) -> None:
-        if self.ttl <= 0 and not self.immutable:
-            return
+        self,
+        namespace: str,
+        prefix: str,
+        page: ListPage,
+        delimiter: str = "/",
+        generation: int | None = None,
+    ) -> bool:
+        """Cache a listing; not when ``generation`` (read before fetching it) is out of date.
+        Returns whether it was cached (or would have been, with caching off)."""
         with self._lock:
-            self._listings.put(
-                (namespace, f"{prefix}\x00{delimiter}"), page, self._expiry(self.ttl)
-            )
+            if generation is not None and generation != self.generation:
+                return False
+            if self.ttl > 0 or self.immutable:
+                self._listings.put(
+                    (namespace, f"{prefix}\x00{delimiter}"), page, self._expiry(self.ttl)
+                )
+            return True
 
     def invalidate(self, namespace: str, path: str = "") -> int:
         """Forget every stat under ``path`` and every listing that could contain it."""
         with self._lock:
+            self.generation += 1
             dropped = self._stats.drop_where(lambda k: k[0] == namespace and k[1].startswith(path))
             # a listing of any parent directory may mention the path
             parts = path.split("/")

@@ -48,6 +48,7 @@ from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
 
+FETCH_ATTEMPTS = 3  # metadata fetches overtaken by an upload or invalidation are retried
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz"})
 MAX_BODY = 64 << 20
@@ -153,19 +154,30 @@ class Worker:
             raise ObjectNotFound(f"no such object: {key!r}", url=str(store.url.child(key)))
         if cached is not None:
             return cached
-        try:
-            info = await asyncio.to_thread(store.stat, key)
-        except ObjectNotFound:
-            self.meta.put_stat(namespace, key, MISSING)
-            raise
-        self.meta.put_stat(namespace, key, info)
+        for _ in range(FETCH_ATTEMPTS):
+            # an upload finishing (or an invalidation) during the fetch may make its answer
+            # stale: then it is neither cached nor trusted, and asked again
+            generation = self.meta.generation
+            try:
+                info: ObjectInfo | Missing = await asyncio.to_thread(store.stat, key)
+            except ObjectNotFound:
+                info = MISSING
+            pending = self.writeback.pending(namespace, key)
+            if pending is not None:
+                return pending.info()
+            if self.meta.put_stat(namespace, key, info, generation):
+                break
+        if isinstance(info, Missing):
+            raise ObjectNotFound(f"no such object: {key!r}", url=str(store.url.child(key)))
         return info
 
     async def listing(self, namespace: str, prefix: str, delimiter: str) -> ListPage:
         store = self.store(namespace)
         check_prefix(prefix)
         page = self.meta.get_listing(namespace, prefix, delimiter)
-        if page is None:
+        for _ in range(FETCH_ATTEMPTS if page is None else 0):
+            # as in stat: a listing that an upload (or invalidation) overtook is fetched again
+            generation = self.meta.generation
             objects: list[ObjectInfo] = []
             prefixes: list[str] = []
             for part in await asyncio.to_thread(
@@ -174,9 +186,11 @@ class Worker:
                 objects.extend(part.objects)
                 prefixes.extend(part.prefixes)
             page = ListPage(objects, prefixes, None)
-            self.meta.put_listing(namespace, prefix, page, delimiter)
-            for info in objects:
-                self.meta.put_stat(namespace, info.key, info)
+            if self.meta.put_listing(namespace, prefix, page, delimiter, generation):
+                for info in objects:
+                    self.meta.put_stat(namespace, info.key, info, generation)
+                break
+        assert page is not None
         pending = self.writeback.pending_under(namespace, prefix)
         if not pending:
             return page

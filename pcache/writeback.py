@@ -431,7 +431,16 @@ class WriteBack:
                 raise
 
     def _finish(self, record: PendingObject, info: ObjectInfo | None) -> None:
-        """Drop a record that is uploaded (``info``) or superseded (``None``)."""
+        """Drop a record that is uploaded (``info``) or superseded (``None``).
+
+        ``on_uploaded`` (the worker invalidates its metadata) runs before the record leaves the
+        pending set: a listing or stat running meanwhile then sees either the pending record or
+        the invalidation, never neither (see ``Worker.listing``)."""
+        if info is not None:
+            try:
+                self._on_uploaded(record.namespace, record.key, info)
+            except Exception:  # never keep a finished record because a callback failed
+                log.exception("on_uploaded for %s/%s failed", record.namespace, record.key)
         self._forget(record)
         with self._cond:
             records = self._pending.get((record.namespace, record.key), [])
@@ -451,6 +460,5 @@ class WriteBack:
         Path(record.path).unlink(missing_ok=True)
         if info is not None:
             log.info("uploaded %s/%s (%d bytes)", record.namespace, record.key, record.size)
-            self._on_uploaded(record.namespace, record.key, info)
         with self._cond:
             self._cond.notify_all()

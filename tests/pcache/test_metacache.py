@@ -65,3 +65,19 @@ def test_zero_ttl_caches_nothing_and_size_is_bounded() -> None:
         small.put_stat("ns", f"k{i}", ObjectInfo(f"k{i}", 1, 0.0))
     assert small.sizes()["stats"] == 100
     assert small.get_stat("ns", "k999") is not None and small.get_stat("ns", "k0") is None
+
+
+def test_a_value_fetched_across_an_invalidation_is_not_cached() -> None:
+    from objstore.base import ListPage, ObjectInfo
+    from pcache.metacache import MetadataCache
+
+    cache = MetadataCache(ttl=60.0)
+    before = cache.generation
+    cache.invalidate("ns", "dir/new.bin")  # an upload landed while a listing was being fetched
+    stale = ListPage([], [], None)
+    assert not cache.put_listing("ns", "dir/", stale, "/", before)
+    assert cache.get_listing("ns", "dir/") is None  # the next lister fetches again
+    assert not cache.put_stat("ns", "dir/new.bin", ObjectInfo("dir/new.bin", 1, 0.0), before)
+    now = cache.generation
+    assert cache.put_listing("ns", "dir/", stale, "/", now)
+    assert cache.get_listing("ns", "dir/") == stale
