@@ -707,6 +707,30 @@ class PcacheReader(SeekableReader):
         self._last_end = self._pos
         return done
 
+    def read_cached(self, offset: int, size: int) -> bytes | None:
+        """The bytes at ``offset`` when this node has them without asking a worker (the block
+        in hand, or the local cache files); None, with nothing read and the position unchanged,
+        otherwise. Only local disk I/O: callers may run it where a network wait would hurt."""
+        size = max(0, min(size, self.size - offset))
+        if size == 0:
+            return b""
+        index, at = divmod(offset, self._bs)
+        current = self._current
+        if current is not None and current[0] == index and at + size <= len(current[1]):
+            data = current[1][at : at + size]
+        else:
+            cache = self._client._local_cache()
+            if cache is None or self.info.version.startswith("wb-"):
+                return None
+            buf = bytearray(size)
+            view = memoryview(buf)
+            if self._client._read_direct(cache, self.namespace, self.info, offset, view) != size:
+                return None
+            data = bytes(buf)
+        self._pos = offset + size
+        self._last_end = self._pos
+        return data
+
     def _block(self, index: int) -> bytes:
         future = self._ahead.pop(index, None)
         if future is None:

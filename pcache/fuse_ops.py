@@ -49,6 +49,7 @@ CONTROL_INODE = pyfuse3.ROOT_INODE + 1  # the hidden statistics file at the moun
 COPY_CHUNK = 8 << 20
 WRITE_CHUNK = 8 << 20  # FUSE writes (128 KiB-1 MiB) are gathered into pieces this large
 NAME_MAX = 255
+INLINE_READ_MAX = 64 << 10  # reads up to this size may be served in the event loop itself
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -200,6 +201,16 @@ class _ReadHandle:
             self.reader.seek(offset)
             return self.reader.read(size) or b""
 
+    def pread_cached(self, offset: int, size: int) -> bytes | None:
+        """:meth:`pread` when the bytes are on this node's disks (or in hand); None otherwise,
+        also when another read holds the reader."""
+        if not self.lock.acquire(blocking=False):
+            return None
+        try:
+            return self.reader.read_cached(offset, size)
+        finally:
+            self.lock.release()
+
 
 @dataclass
 class _WriteHandle:
@@ -286,6 +297,7 @@ class PcacheOperations(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._writing: dict[str, _WriteHandle] = {}
+        self._reads_in_flight = 0  # reads handed to worker threads
         self._local_dirs: set[str] = set()  # mkdir'd or emptied here: exist until rmdir
         self._known_dirs: dict[str, float] = {}  # path -> expiry (seen with content)
         self._started = time.time()
@@ -759,7 +771,18 @@ class PcacheOperations(pyfuse3.Operations):
             return handle.content[off : off + size]
         if not isinstance(handle, _ReadHandle):
             raise fail(errno.EBADF)  # a write handle: the object does not exist until commit
-        data = await self._run(handle.pread, off, size)
+        data = None
+        if size <= INLINE_READ_MAX and not self._reads_in_flight:
+            # a small read while nothing else is reading: a hit on this node's disks is served
+            # right here, without the hop to a worker thread and back (which costs more than
+            # the disk read blocks the loop); large reads keep overlapping in threads
+            data = handle.pread_cached(off, size)
+        if data is None:
+            self._reads_in_flight += 1
+            try:
+                data = await self._run(handle.pread, off, size)
+            finally:
+                self._reads_in_flight -= 1
         self.stats.read(size, len(data))
         return data
 

@@ -115,6 +115,24 @@ def test_read_round_trip_small_and_multi_block(mounts, store: Store) -> None:
     assert os.path.isdir(a / "rt") and not os.path.isdir(a / "rt/big.bin")
 
 
+def test_random_reads_of_cached_blocks(mounts, store: Store) -> None:
+    import random
+
+    a, _ = mounts
+    data = os.urandom(3 * MiB + 321)
+    store.put("rand/x.bin", data)
+    assert (a / "rand/x.bin").read_bytes() == data  # now in node 1's cache
+    rng = random.Random(7)
+    fd = os.open(a / "rand/x.bin", os.O_RDONLY)  # a new open: the page cache is dropped
+    try:
+        for _ in range(200):  # small reads served from the cache files, in the event loop
+            offset = rng.randrange(0, len(data))
+            size = rng.choice((1, 4096, 5000, 70_000))
+            assert os.pread(fd, size, offset) == data[offset : offset + size]
+    finally:
+        os.close(fd)
+
+
 def test_listings_match_the_store_with_implicit_dirs(mounts, store: Store) -> None:
     a, b = mounts
     keys = ["ls/a.txt", "ls/sub/b.txt", "ls/sub/deeper/c.txt", "ls/other/d.txt", "ls/z.bin"]
