@@ -710,7 +710,8 @@ class PcacheReader(SeekableReader):
     def read_cached(self, offset: int, size: int) -> bytes | None:
         """The bytes at ``offset`` when this node has them without asking a worker (the block
         in hand, or the local cache files); None, with nothing read and the position unchanged,
-        otherwise. Only local disk I/O: callers may run it where a network wait would hurt."""
+        otherwise. Only local disk I/O: callers may run it where a network wait would hurt.
+        Thread-safe: the position it moves is only the hint that tells sequential reads."""
         size = max(0, min(size, self.size - offset))
         if size == 0:
             return b""

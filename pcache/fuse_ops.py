@@ -197,6 +197,11 @@ class _ReadHandle:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def pread(self, offset: int, size: int) -> bytes:
+        # bytes on this node's disks need no lock: the kernel's concurrent readahead requests
+        # are then served in parallel
+        data = self.reader.read_cached(offset, size)
+        if data is not None:
+            return data
         with self.lock:  # the reader keeps a position; the kernel may send reads concurrently
             self.reader.seek(offset)
             return self.reader.read(size) or b""
