@@ -168,25 +168,22 @@ class HeaderCache:
             self._cache[ident] = table
 
 
-def read_range(
+def open_block(
     path: str | os.PathLike[str],
     key: bytes,
     index: int,
     length: int,
     crc: int,
-    offset: int,
-    out: memoryview,
     headers: HeaderCache | None = None,
-) -> int:
-    """Copy ``data[offset:offset + len(out)]`` of one block file into ``out``, reading and
-    verifying only the chunks that range covers; returns the bytes copied. ``headers`` keeps
-    verified chunk tables across calls.
+) -> tuple[int, tuple[int, tuple[int, ...]]]:
+    """Open one block file and check its size and header; returns the descriptor (the caller
+    closes it) and the chunk table for :func:`read_chunks`. ``headers`` keeps verified chunk
+    tables across calls.
 
     Raises:
-        CorruptBlock: the header, the size or a covered chunk's CRC32C is wrong.
+        CorruptBlock: the size or the header is wrong.
         OSError: the file cannot be opened or read.
     """
-    n = max(0, min(len(out), length - offset))
     fd = os.open(path, os.O_RDONLY)
     try:
         st = os.fstat(fd)
@@ -198,28 +195,70 @@ def read_range(
             table = check_header(os.pread(fd, HEADER_SIZE, 0), key, index, length, crc)
             if headers is not None:
                 headers.put(ident, table)
-        chunk, crcs = table
-        if n == 0:
-            return 0
-        first, last = offset // chunk, (offset + n - 1) // chunk
-        if offset % chunk == 0 and ((offset + n) % chunk == 0 or offset + n == length):
-            # whole chunks: read straight into ``out`` and verify them there
-            target = out[:n]
-            _preadv_full(fd, target, HEADER_SIZE + offset)
-            for i in range(first, last + 1):
-                piece = target[(i - first) * chunk : (i - first + 1) * chunk]
-                if checksum.compute("crc32c", piece) != crcs[i]:
-                    raise CorruptBlock(f"CRC32C of chunk {i} differs")
+        return fd, table
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_chunks(
+    fd: int,
+    table: tuple[int, tuple[int, ...]],
+    length: int,
+    offset: int,
+    out: memoryview,
+    crc: int | None = None,
+) -> int:
+    """Copy ``data[offset:offset + len(out)]`` of an open block file into ``out``, reading and
+    verifying only the chunks that range covers (the whole block, when read whole and ``crc``
+    is given, by that one CRC); returns the bytes copied.
+
+    Raises:
+        CorruptBlock: a covered chunk's CRC32C is wrong, or the file is short.
+        OSError: the file cannot be read.
+    """
+    chunk, crcs = table
+    n = max(0, min(len(out), length - offset))
+    if n == 0:
+        return 0
+    first, last = offset // chunk, (offset + n - 1) // chunk
+    # whole chunks are read straight into ``out`` and verified there; others through a buffer
+    in_place = offset % chunk == 0 and ((offset + n) % chunk == 0 or offset + n == length)
+    start = first * chunk
+    if in_place:
+        view = out[:n]
+        _preadv_full(fd, view, HEADER_SIZE + offset)
+        if crc is not None and offset == 0 and n == length:
+            if checksum.compute("crc32c", view) != crc:
+                raise CorruptBlock("CRC32C of the block differs")
             return n
-        start = first * chunk
+    else:
         data = _pread_full(fd, min(length, (last + 1) * chunk) - start, HEADER_SIZE + start)
         view = memoryview(data)
-        for i in range(first, last + 1):
-            piece = view[(i - first) * chunk : (i - first + 1) * chunk]
-            if checksum.compute("crc32c", piece) != crcs[i]:
-                raise CorruptBlock(f"CRC32C of chunk {i} differs")
+    for i in range(first, last + 1):
+        piece = view[(i - first) * chunk : (i - first + 1) * chunk]
+        if checksum.compute("crc32c", piece) != crcs[i]:
+            raise CorruptBlock(f"CRC32C of chunk {i} differs")
+    if not in_place:
         out[:n] = view[offset - start : offset - start + n]
-        return n
+    return n
+
+
+def read_range(
+    path: str | os.PathLike[str],
+    key: bytes,
+    index: int,
+    length: int,
+    crc: int,
+    offset: int,
+    out: memoryview,
+    headers: HeaderCache | None = None,
+) -> int:
+    """:func:`open_block` + :func:`read_chunks` + close: ``data[offset:offset + len(out)]`` of
+    one block file into ``out``, verifying only the chunks that range covers."""
+    fd, table = open_block(path, key, index, length, crc, headers)
+    try:
+        return read_chunks(fd, table, length, offset, out)
     finally:
         os.close(fd)
 

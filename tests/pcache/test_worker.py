@@ -243,6 +243,23 @@ def test_all_workers_dead_reads_backing_store(
     assert client.sources.get("direct") == 2
 
 
+def test_a_cache_file_damaged_under_an_open_reader_is_not_served(make_cluster, payload) -> None:
+    cluster, store = make_cluster(1)
+    data = payload(300_000)  # one block
+    store.put("bad.bin", data)
+    client = make_cluster.client(cluster)
+    client.warmup("data/bad.bin")
+    assert client.read("data/bad.bin", 1000, 10) == data[1000:1010]  # its file is now held open
+    (block,) = [p for p in cluster.nodes[0].root.rglob("*.blk")]
+    with open(block, "r+b") as file:  # damage the held file in place (same inode)
+        file.seek(4096 + 200_000)
+        byte = file.read(1)
+        file.seek(4096 + 200_000)
+        file.write(bytes([byte[0] ^ 0xFF]))
+    assert client.read("data/bad.bin") == data  # never the damaged bytes: the worker refetched
+    assert client.sources.get("backend", 0) >= 1
+
+
 def test_cache_files_are_read_directly_and_survive_a_dead_worker(make_cluster, payload) -> None:
     cluster, store = make_cluster(1)
     data = payload(3 * MiB + 7)
