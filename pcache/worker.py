@@ -114,7 +114,7 @@ class Worker:
         return self._nodes_with_self(self.membership.nodes())
 
     def refresh_membership(self) -> None:
-        self.selector.set_nodes(self._nodes_with_self(self.membership.nodes()))
+        self.selector.set_nodes(self.members())
 
     def _uploaded(self, namespace: str, key: str, info: ObjectInfo) -> None:
         self.meta.invalidate(namespace, key)
