@@ -3,8 +3,8 @@
 A block file is :data:`HEADER_SIZE` bytes of header (so the data stays page aligned) followed by
 the data. The header holds a magic, the format version, flags (0), the block number, the data
 length, the CRC32C of the data, the block's identity (its index key, at most 511 bytes), the
-CRC32C of each chunk of the data (16 KiB chunks, larger for blocks over 12 MiB; the table starts
-at byte 1024) and a CRC32C of the header itself. :func:`read_block` checks all of it and the
+CRC32C of each chunk of the data (4 KiB chunks, or larger so that at most 768 fit: 8 KiB for
+4 MiB blocks; the table starts at byte 1024) and a CRC32C of the header itself. :func:`read_block` checks all of it and the
 data's CRC against what the index says, so a file that is short, long, torn, bit-flipped or
 another block's never passes; :func:`read_range` reads and verifies only the chunks a partial
 read covers (a random 4 KiB read costs one chunk, not the whole block). Files of an older format
@@ -37,7 +37,7 @@ _HDR = struct.Struct("<8sHHQQIIHII")
 _HCRC_OFFSET = 32
 _TABLE_OFFSET = 1024
 _MAX_CHUNKS = (HEADER_SIZE - _TABLE_OFFSET) // 4
-_MIN_CHUNK = 16 * 1024
+_MIN_CHUNK = 4 * 1024
 
 
 def chunk_size(length: int) -> int:
