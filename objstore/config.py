@@ -176,6 +176,21 @@ def _coerce(profile: str, key: str, value: Any, source: str) -> Any:
     return value
 
 
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A TOML config file, parsed; every way it can be unreadable is one clear ConfigError."""
+    file = Path(path).expanduser()
+    try:
+        return tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {file}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {file} is not valid UTF-8") from None
+
+
 @dataclass(frozen=True)
 class Config:
     """All profiles known to a process, as loaded from a file plus the environment.
@@ -210,16 +225,7 @@ class Config:
         if chosen is None:
             return cls(None, {}, env)
         file = Path(chosen).expanduser()
-        try:
-            data = tomllib.loads(file.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {file}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {file} is not valid UTF-8") from None
+        data = read_toml(file)
         return cls.from_mapping(data, source=str(file), env=env, path=file, sections=sections)
 
     @classmethod

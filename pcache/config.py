@@ -31,13 +31,12 @@ import dataclasses
 import logging
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from objstore.config import Config, Secret
+from objstore.config import Config, Secret, read_toml
 from objstore.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -176,14 +175,8 @@ class WorkerConfig:
         data: dict[str, Any] = {}
         source = "<environment>"
         if chosen:
-            file = Path(chosen).expanduser()
-            source = str(file)
-            try:
-                data = tomllib.loads(file.read_text())
-            except FileNotFoundError:
-                raise ConfigError(f"config file not found: {file}") from None
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+            source = str(Path(chosen).expanduser())
+            data = read_toml(chosen)
         profiles = Config.from_mapping(
             data, source=source, env=env, path=Path(chosen) if chosen else None, sections=[SECTION]
         )
@@ -309,13 +302,7 @@ class ClientConfig:
         token = env.get("PCACHE_TOKEN", "")
         chosen = path or env.get(CONFIG_ENV)
         if chosen and (not worker or not token):
-            try:
-                data = tomllib.loads(Path(chosen).expanduser().read_text())
-            except FileNotFoundError:
-                raise ConfigError(f"config file not found: {chosen}") from None
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"config file {chosen} is not valid TOML: {exc}") from None
-            table = data.get(SECTION, {})
+            table = read_toml(chosen).get(SECTION, {})
             if not worker:
                 worker = table.get("advertise") or (
                     f"http://{table['listen']}" if table.get("listen") else ""

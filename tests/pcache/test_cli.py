@@ -115,3 +115,22 @@ def test_worker_config_errors(tmp_path: Path) -> None:
     config = WorkerConfig.load(good, env={"PCACHE_TOKEN": "from-env"})
     assert config.token.reveal() == "from-env" and "from-env" not in repr(config)
     assert config.cache_dirs[0].capacity == 1 << 30
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "config file not found"),
+        (b"[pcache\n", "is not valid TOML"),
+        (b"\xff\xfe[pcache]\n", "is not valid UTF-8"),
+    ],
+)
+def test_unreadable_config_files_are_one_clear_error(tmp_path, content, message) -> None:
+    from pcache.config import ClientConfig
+
+    path = tmp_path / "pcache.toml"
+    if content is not None:
+        path.write_bytes(content)
+    for load in (WorkerConfig.load, lambda p: ClientConfig.load(p, env={})):
+        with pytest.raises(ConfigError, match=message):
+            load(path)
