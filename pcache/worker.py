@@ -386,12 +386,19 @@ async def block(request: web.Request) -> web.Response:
     )
 
 
+def _object_in(worker: Any, body: dict[str, Any]) -> tuple[str, ObjectInfo]:
+    """The namespace (checked to exist) and pinned object version a JSON request names."""
+    namespace = body["ns"]
+    worker.store(namespace)
+    return namespace, ObjectInfo(
+        check_key(body["key"]), int(body["size"]), 0.0, etag=body["version"]
+    )
+
+
 async def prefetch(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
     body = await request.json()
-    namespace = body["ns"]
-    worker.store(namespace)
-    info = ObjectInfo(check_key(body["key"]), int(body["size"]), 0.0, etag=body["version"])
+    namespace, info = _object_in(worker, body)
     sources: dict[str, int] = {}
 
     async def one(index: int) -> None:
@@ -406,9 +413,7 @@ async def shm_read(request: web.Request) -> web.Response:
     """Copy a byte range of an object into a client's shared-memory segment."""
     worker = request.app[WORKER]
     body = await request.json()
-    namespace = body["ns"]
-    worker.store(namespace)
-    info = ObjectInfo(check_key(body["key"]), int(body["size"]), 0.0, etag=body["version"])
+    namespace, info = _object_in(worker, body)
     offset, length = int(body["offset"]), int(body["length"])
     length = max(0, min(length, info.size - offset))
     target = worker.segments.view(body["segment"], int(body["segment_offset"]), length)
