@@ -418,9 +418,10 @@ class PcacheClient:
         info: ObjectInfo,
         offset: int,
         view: memoryview,
+        block_size: int | None = None,
     ) -> int:
         """Copy what the local cache files hold, from ``offset`` on, until the first miss."""
-        bs = self.block_size
+        bs = block_size or self.block_size
         done = 0
         while done < len(view):
             index, at = divmod(offset + done, bs)
@@ -435,9 +436,13 @@ class PcacheClient:
         return done
 
     def _report_hits(self) -> None:
-        """Tell the worker, every HITS_REPORT_S, which blocks were read from its files."""
+        """Tell the worker, every HITS_REPORT_S, which blocks were read from its files; close
+        the files it has evicted meanwhile."""
         while not self._closed.wait(HITS_REPORT_S):
             self.report_hits()
+            cache = self._cache
+            if cache is not None:
+                cache.close_unlinked()
 
     def report_hits(self) -> None:
         """Tell the local worker which blocks this process read from its cache files (also
@@ -725,7 +730,8 @@ class PcacheReader(SeekableReader):
                 return None
             buf = bytearray(size)
             view = memoryview(buf)
-            if self._client._read_direct(cache, self.namespace, self.info, offset, view) != size:
+            direct = self._client._read_direct(cache, self.namespace, self.info, offset, view, self._bs)
+            if direct != size:
                 return None
             data = bytes(buf)
         self._pos = offset + size

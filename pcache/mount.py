@@ -26,6 +26,7 @@ from objstore.cli import CommandError, ExitCode
 
 from .client import PcacheClient, split_path
 from .config import CONFIG_ENV, ClientConfig
+from .localcache import raise_open_files_limit
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,8 @@ def run_foreground(client: PcacheClient, options: MountOptions) -> None:
 
     from .fuse_ops import PcacheOperations
 
+    # random reads keep their block files open (pcache.localcache): room for thousands
+    log.info("descriptor limit %d", raise_open_files_limit())
     ops = PcacheOperations(
         client,
         options.namespace,

@@ -4,6 +4,8 @@ write-back across restarts, authentication and key safety."""
 from __future__ import annotations
 
 import json
+import os
+import resource
 import threading
 import time
 import urllib.error
@@ -13,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from objstore.errors import InvalidKey, ObjectNotFound
+from pcache.blockindex import BlockId
 from pcache.client import PcacheClient
+from pcache.localcache import LocalCacheReader, open_files_limit, raise_open_files_limit
 from pcache.protocol import Unauthorized
 from tests.pcache.conftest import MiB, disk_usage
 from tests.servers.proxies import FaultProxy
@@ -275,6 +279,72 @@ def test_cache_files_are_read_directly_and_survive_a_dead_worker(make_cluster, p
     buf = bytearray(info.size)
     assert client.readinto("data/d.bin", 0, buf, info) == info.size  # no worker needed
     assert bytes(buf) == data and client.sources == {"local": 6}
+
+
+def deleted_cache_files_open(root: Path) -> list[str]:
+    """This process's descriptors on files under ``root`` that have been deleted."""
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(root)) and target.endswith("(deleted)"):
+            found.append(target)
+    return found
+
+
+def test_evicted_files_held_open_are_closed(make_cluster, payload) -> None:
+    cluster, store = make_cluster(1, capacity=6 * MiB, readahead_blocks=0)
+    objects = {f"e-{i}.bin": payload(3 * MiB) for i in range(4)}
+    for key, data in objects.items():
+        store.put(key, data)
+    client = make_cluster.client(cluster)
+    reader_client = make_cluster.client(cluster)
+    root = cluster.nodes[0].root
+    client.warmup("data/e-0.bin")
+    assert reader_client.read("data/e-0.bin", 5, 10) == objects["e-0.bin"][5:15]
+    cache = reader_client._local_cache()
+    assert cache is not None and len(cache._open) == 1  # the block file stays open
+    for key in ("e-1.bin", "e-2.bin", "e-3.bin"):  # 9 MiB more through a 6 MiB cache
+        client.warmup(f"data/{key}")
+    assert client.status()["blocks"]["evictions"] > 0
+    assert deleted_cache_files_open(root)  # evicted, but its space is still held here
+    assert cache.close_unlinked() == 1
+    assert not deleted_cache_files_open(root) and not cache._open
+    assert reader_client.read("data/e-3.bin", 7, 3) == objects["e-3.bin"][7:10]
+
+
+def test_open_block_files_are_bounded(make_cluster, payload) -> None:
+    cluster, store = make_cluster(1)
+    data = payload(5 * MiB)
+    store.put("b.bin", data)
+    client = make_cluster.client(cluster)
+    client.warmup("data/b.bin")
+    layout = client.info()["local_cache"]
+    cache = LocalCacheReader(layout["index"], layout["dirs"], open_files=2)
+    try:
+        info = client.stat("data/b.bin")
+        for index in range(5):
+            out = bytearray(100)
+            bid = BlockId("data", info.key, info.version, index)
+            assert cache.read_into(bid, memoryview(out), 10) == 100
+            assert bytes(out) == data[index * MiB + 10 : index * MiB + 110]
+            assert len(cache._open) == min(index + 1, 2)
+    finally:
+        cache.close()
+
+
+def test_open_files_limit_follows_the_descriptor_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        assert open_files_limit() == 256
+        assert raise_open_files_limit(4096) == min(4096, hard)
+        assert open_files_limit() == min(4096, hard) // 4
+        assert raise_open_files_limit(100) == min(4096, hard)  # never lowered
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_write_back_roundtrip(make_cluster, payload) -> None:
