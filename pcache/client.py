@@ -730,7 +730,9 @@ class PcacheReader(SeekableReader):
                 return None
             buf = bytearray(size)
             view = memoryview(buf)
-            direct = self._client._read_direct(cache, self.namespace, self.info, offset, view, self._bs)
+            direct = self._client._read_direct(
+                cache, self.namespace, self.info, offset, view, self._bs
+            )
             if direct != size:
                 return None
             data = bytes(buf)
