@@ -19,7 +19,7 @@ from typing import Any
 
 from objstore import Store, open_store, parse_url
 from objstore.base import PartInfo
-from objstore.errors import ObjectNotFound
+from objstore.errors import BucketNotFound, ObjectNotFound
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,9 @@ class StoreBackend(Backend):
         self.url = url
         self.store = store
         self.part_size = part_size
+        # a local directory that does not exist yet holds no checkpoint; a missing bucket is
+        # a mistake worth its own error
+        self._local = parse_url(url).scheme == "file"
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="ckpt-upload")
 
     def open_write(self, name: str) -> FileStream:
@@ -168,11 +171,20 @@ class StoreBackend(Backend):
             raise FileNotFoundError(f"{self.url.rstrip('/')}/{name}: no such file") from None
 
     def exists(self, name: str) -> bool:
-        return self.store.exists(name)
+        try:
+            return self.store.exists(name)
+        except BucketNotFound:
+            if self._local:
+                return False
+            raise
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        for info in self.store.iter_list(prefix):
-            yield info.key, info.size
+        try:
+            for info in self.store.iter_list(prefix):
+                yield info.key, info.size
+        except BucketNotFound:
+            if not self._local:
+                raise
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -338,12 +338,13 @@ class Reader(StorageReader):
                 ((key, ranks) for key, ranks in readers.items() if len(ranks) > 1),
                 key=lambda kv: (-storage[kv[0][1]].length, repr(kv[0][1])),
             )
-            for (_, index), ranks in shared:
+            for number, ((node, index), ranks) in enumerate(shared):
                 fetcher = min(
                     ranks, key=lambda r: (fetched[r], zlib.crc32(f"{index}|{r}".encode()))
                 )
                 fetched[fetcher] += storage[index].length
-                name = f"ckpt-{tag}-{zlib.crc32(repr(index).encode()):08x}-{len(shared)}"
+                # unique per node too: simulated nodes share one /dev/shm
+                name = f"ckpt-{tag}-{zlib.crc32(node.encode()):08x}-{number}"
                 for rank in ranks:
                     shares[rank][index] = (fetcher, name)
         return [dataclasses.replace(p, storage_data=s) for p, s in zip(plans, shares, strict=True)]
@@ -409,7 +410,7 @@ class Reader(StorageReader):
 
     def _publish(self, name: str, raw: bytes) -> None:
         path = SHM_DIR / name
-        tmp = SHM_DIR / f".{name}.tmp"
+        tmp = SHM_DIR / f".{name}.{os.getpid()}.tmp"
         tmp.write_bytes(raw)
         os.replace(tmp, path)
         self._published.append(path)

@@ -22,21 +22,11 @@ from objstore import Config, open_store
 from tests.conftest import unique_bucket
 from tests.servers.proxies import DelayProxy
 from tests.servers.rclone_s3 import RcloneS3Server
+from tests.servers.s3_process import write_config
 
 pytestmark = pytest.mark.timeout(300)
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[2]
-
-
-def write_config(path: Path, **profiles: dict[str, object]) -> Path:
-    lines = []
-    for name, table in profiles.items():
-        lines.append(f"[profiles.{name}]")
-        lines += [
-            f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in table.items()
-        ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 class Run:

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -129,3 +130,15 @@ class S3ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def write_config(path: Path, **profiles: dict[str, object]) -> Path:
+    """An objstore config file (``$OBJSTORE_CONFIG``) with these ``[profiles.NAME]`` tables."""
+    lines = []
+    for name, table in profiles.items():
+        lines.append(f"[profiles.{name}]")
+        lines += [
+            f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in table.items()
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
