@@ -41,23 +41,14 @@ from rich.table import Table  # noqa: E402
 
 from objstore import Config, ObjectInfo, Store, open_store  # noqa: E402
 from objstore import checksum as crc  # noqa: E402
+from ckpt.trainer.data import VOCAB, token_shard  # noqa: E402
 from tests.servers.pcache_cluster import PcacheCluster  # noqa: E402
 from tests.servers.rclone_s3 import RcloneS3Server  # noqa: E402
 
 log = logging.getLogger("demo")
 console = Console(width=None if sys.stdout.isatty() else 110)
 
-VOCAB = 32_768
-_HIGH_BYTE_MASK = bytes(b & 0x7F for b in range(256))
 BUCKET = "datasets"
-
-
-def token_shard(rng: random.Random, tokens: int) -> bytes:
-    """A shard of little-endian uint16 token ids below VOCAB (2**15): random bytes with the high
-    bit of every high byte cleared (``translate`` keeps this at C speed)."""
-    data = bytearray(rng.randbytes(2 * tokens))
-    data[1::2] = bytes(data[1::2]).translate(_HIGH_BYTE_MASK)
-    return bytes(data)
 
 
 def write_config(path: Path, regions: dict[str, RcloneS3Server]) -> Path:

@@ -49,6 +49,14 @@ def torchrun(
     return done.returncode, results, done.stderr[-3000:]
 
 
+def ckpt_cli(*args: str) -> tuple[int, str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "ckpt.cli", *args], cwd=REPO, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    return done.returncode, done.stdout + done.stderr
+
+
 @pytest.fixture
 def s3_env(rclone_s3: Any, tmp_path: Path) -> tuple[str, dict[str, str]]:
     bucket = unique_bucket("ck")
@@ -103,6 +111,15 @@ def test_local_checkpoint_loads_with_torch_stock_reader_on_one_rank(tmp_path: Pa
     again = scenarios.state_dict(0, 1, empty=True)
     load(again, str(tmp_path / "ck"), verify=True)
     assert scenarios.check(again, 0, 1) == []
+    rc, out = ckpt_cli("inspect", str(tmp_path / "ck"), "--json")
+    assert rc == 0
+    summary = json.loads(out)
+    names = {i["name"] for i in summary["items"]}
+    assert "model.experts.7.w" in names and "step" in names
+    assert summary["crc_recorded"] and set(summary["nodes"]) == {"node0", "node1"}
+    assert sum(n["bytes"] for n in summary["nodes"].values()) == summary["total_bytes"]
+    rc, out = ckpt_cli("verify", str(tmp_path / "ck"))
+    assert rc == 0 and " 0 bad" in out
 
 
 def test_corrupt_item_is_detected_with_verify(tmp_path: Path) -> None:
@@ -114,6 +131,8 @@ def test_corrupt_item_is_detected_with_verify(tmp_path: Path) -> None:
     victim.write_bytes(bytes(raw))
     with pytest.raises(CorruptCheckpoint, match="CRC32C mismatch"):
         load(scenarios.state_dict(0, 1, empty=True), str(tmp_path / "ck"), verify=True)
+    rc, out = ckpt_cli("verify", str(tmp_path / "ck"))
+    assert rc == 6 and "CRC32C mismatch" in out and "1 bad" in out
 
 
 def test_crash_before_metadata_leaves_no_checkpoint(tmp_path: Path) -> None:
@@ -124,6 +143,8 @@ def test_crash_before_metadata_leaves_no_checkpoint(tmp_path: Path) -> None:
     assert not is_complete(url)
     with pytest.raises(CheckpointNotFound, match="no complete checkpoint"):
         load(scenarios.state_dict(0, 1, empty=True), url)
+    rc, _ = ckpt_cli("inspect", url)
+    assert rc == 3
 
 
 def test_async_save_writes_the_state_at_the_call(tmp_path: Path) -> None:
