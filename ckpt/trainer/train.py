@@ -78,6 +78,41 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**table, model=ModelConfig(**model))
 
 
+def expert_groups(rank: int, world: int, ep: int) -> tuple[Any, Any]:
+    """This rank's expert-parallel group (consecutive blocks of ``ep`` ranks) and expert-data-
+    parallel group (the ranks at the same place in every block), as Megatron lays them out with
+    tensor and pipeline parallel sizes 1. Collective: every rank creates every group, in order."""
+    ep_group = edp_group = None
+    for k in range(world // ep):
+        g = dist.new_group(list(range(k * ep, (k + 1) * ep)))
+        if rank // ep == k:
+            ep_group = g
+    for e in range(ep):
+        g = dist.new_group(list(range(e, world, ep)))
+        if rank % ep == e:
+            edp_group = g
+    return ep_group, edp_group
+
+
+def training_state(
+    model: torch.nn.Module, optim: torch.optim.Optimizer, progress: dict[str, Any]
+) -> dict[str, Any]:
+    """Model and AdamW state, named so replicas match across ranks (dense weights on every rank,
+    an expert, named by its global id, on its expert-data-parallel group)."""
+    params = dict(model.named_parameters())
+    state: dict[str, Any] = {}
+    for name, p in params.items():
+        st = optim.state.get(p)
+        if not st:  # before the first step: the shapes a loaded state fills
+            st = optim.state[p] = {
+                "step": torch.zeros(()),
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": torch.zeros_like(p),
+            }
+        state[name] = {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"], "step": st["step"]}
+    return {"model": {n: p.data for n, p in params.items()}, "optim": state, "progress": progress}
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -85,16 +120,7 @@ class Trainer:
         if self.world % cfg.ep:
             raise ValueError(f"--ep {cfg.ep} does not divide the world size {self.world}")
         ep = cfg.ep
-        # every rank creates every group, in the same order (a torch.distributed rule)
-        self.ep_group = self.edp_group = None
-        for k in range(self.world // ep):
-            g = dist.new_group(list(range(k * ep, (k + 1) * ep)))
-            if self.rank // ep == k:
-                self.ep_group = g
-        for e in range(ep):
-            g = dist.new_group(list(range(e, self.world, ep)))
-            if self.rank % ep == e:
-                self.edp_group = g
+        self.ep_group, self.edp_group = expert_groups(self.rank, self.world, ep)
         self.model = MoEDecoder(
             cfg.model, ep_group=self.ep_group, ep_rank=self.rank % ep, ep_size=ep
         )
@@ -106,28 +132,9 @@ class Trainer:
     # -- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Model and optimizer state, named so replicas match across ranks (dense weights on
-        every rank, an expert on its expert-data-parallel group)."""
-        params = dict(self.model.named_parameters())
-        optim: dict[str, Any] = {}
-        for name, p in params.items():
-            st = self.optim.state.get(p)
-            if not st:  # before the first step: the shapes a loaded state fills
-                st = self.optim.state[p] = {
-                    "step": torch.zeros(()),
-                    "exp_avg": torch.zeros_like(p),
-                    "exp_avg_sq": torch.zeros_like(p),
-                }
-            optim[name] = {
-                "exp_avg": st["exp_avg"],
-                "exp_avg_sq": st["exp_avg_sq"],
-                "step": st["step"],
-            }
-        return {
-            "model": {n: p.data for n, p in params.items()},
-            "optim": optim,
-            "progress": {"step": self.step, "losses": list(self.losses)},
-        }
+        return training_state(
+            self.model, self.optim, {"step": self.step, "losses": list(self.losses)}
+        )
 
     def resume(self) -> int | None:
         found = (

@@ -1,0 +1,255 @@
+"""Checkpoint save time and memory per node: node-aware placement vs Megatron's and torch's.
+
+Four "nodes" are network namespaces (:mod:`bench.netns`), each with its own address and its link
+to the storage server capped with ``tc htb`` (``--rate``, 400 Mbit/s by default); one
+``torchrun --nnodes 4 --node-rank i`` per namespace starts 4 ranks there (16 in all, gloo,
+rendezvous on node 1). The S3 endpoint (``rclone serve s3``) runs in the root namespace on the
+bridge. Every rank builds the bundled trainer's MoE (``ckpt.trainer``) at a size whose checkpoint
+(weights plus AdamW moments) exceeds 1 GiB, with expert parallelism 8 (so each expert is held by
+2 ranks and every dense weight by all 16), and saves it through ckpt's writer with each planner in
+turn, same data, same run:
+
+- ``node-aware``: :class:`ckpt.planner.NodeAwareSavePlanner`;
+- ``megatron``: rank 0 of each data-parallel group writes the replicated items;
+- ``torch``: torch's ``DefaultSavePlanner`` (per-rank greedy dedup).
+
+Reported per planner: save time (slowest rank, from a barrier to the end of ``dcp.save``), bytes
+written per node, and peak RSS per node during the save (the node's ranks summed, sampled every
+10 ms), with the ratios the issue targets. Needs root (namespaces, tc).
+
+    .venv/bin/python bench/ckpt_nodes.py [--rate 400mbit] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PLANNERS = ("node-aware", "megatron", "torch")
+BUCKET = "ckpt-bench"
+
+
+# -- one rank ------------------------------------------------------------------------------------
+
+
+class RssSampler:
+    """Peak resident set size of this process while running, sampled every 10 ms."""
+
+    def __init__(self) -> None:
+        self.peak = self.now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self.now())
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def worker(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from ckpt.api import save
+    from ckpt.trainer.model import ModelConfig, MoEDecoder
+    from ckpt.trainer.train import expert_groups, training_state
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ep = args.ep
+    ep_group, _ = expert_groups(rank, world, ep)
+    cfg = ModelConfig(
+        vocab=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=8,
+        n_experts=args.experts, expert_hidden=args.expert_hidden, shared_hidden=2 * args.d_model,
+    )  # fmt: skip
+    model = MoEDecoder(cfg, ep_group=ep_group, ep_rank=rank % ep, ep_size=ep)
+    optim = torch.optim.AdamW(model.parameters())
+    state = training_state(model, optim, {"step": 1})
+    for p in model.parameters():  # moments that are not all zeros
+        st = optim.state[p]
+        st["exp_avg"].copy_(p.data * 0.1)
+        st["exp_avg_sq"].copy_(p.data.abs() * 0.01)
+    dist.barrier()
+    results = []
+    for planner in args.planners.split(","):
+        url = f"s3://s3@{BUCKET}/{planner}/step-00000001/"
+        dist.barrier()
+        base = RssSampler.now()
+        started = time.perf_counter()
+        with RssSampler() as rss:
+            result = save(state, url, planner=planner)
+        seconds = time.perf_counter() - started
+        mine = {
+            "rank": rank, "node": os.environ["CKPT_NODE_ID"], "seconds": seconds,
+            "bytes_written": result.bytes_written, "peak_rss": rss.peak, "base_rss": base,
+        }  # fmt: skip
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, mine)
+        results.append({"planner": planner, "ranks": gathered})
+    if rank == 0:
+        print("BENCH " + json.dumps(results), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+# -- the launcher --------------------------------------------------------------------------------
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        ranks = run["ranks"]
+        nodes = sorted({r["node"] for r in ranks})
+        per_node = {
+            n: {
+                "bytes": sum(r["bytes_written"] for r in ranks if r["node"] == n),
+                "peak_rss": sum(r["peak_rss"] for r in ranks if r["node"] == n),
+                "rss_growth": sum(r["peak_rss"] - r["base_rss"] for r in ranks if r["node"] == n),
+            }
+            for n in nodes
+        }
+        out[run["planner"]] = {
+            "save_s": max(r["seconds"] for r in ranks),
+            "nodes": per_node,
+            "busiest_bytes": max(v["bytes"] for v in per_node.values()),
+            "busiest_rss": max(v["peak_rss"] for v in per_node.values()),
+            "busiest_rss_growth": max(v["rss_growth"] for v in per_node.values()),
+            "total_bytes": sum(v["bytes"] for v in per_node.values()),
+        }
+    return out
+
+
+def launch(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    from bench.netns import Topology
+    from bench.pcache_cluster import BridgeS3Server
+    from tests.servers.s3_process import write_config
+
+    topo = Topology(prefix="ckb", subnet="10.78.0", count=args.nodes, rate=args.rate)
+    topo.check_privileges()
+    topo.teardown()
+    topo.setup()
+    try:
+        with BridgeS3Server(work / "s3", topo.host_address) as s3:
+            s3.create_bucket(BUCKET)
+            config = write_config(work / "objstore.toml", s3=s3.profile(max_attempts=5))
+            port = 29400 + os.getpid() % 500
+            procs = []
+            for i in range(1, args.nodes + 1):
+                env = {
+                    **os.environ, "OBJSTORE_CONFIG": str(config), "CKPT_NODE_ID": f"node{i}",
+                    "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+                }  # fmt: skip
+                cmd = [
+                    "ip", "netns", "exec", topo.netns(i),
+                    sys.executable, "-m", "torch.distributed.run",
+                    "--nnodes", str(args.nodes), "--node-rank", str(i - 1),
+                    "--nproc-per-node", str(args.ranks_per_node),
+                    "--master-addr", topo.address(1), "--master-port", str(port),
+                    str(Path(__file__).resolve()), "--worker",
+                    "--planners", args.planners, "--ep", str(args.ep),
+                    "--vocab", str(args.vocab), "--d-model", str(args.d_model),
+                    "--layers", str(args.layers), "--experts", str(args.experts),
+                    "--expert-hidden", str(args.expert_hidden),
+                ]  # fmt: skip
+                log = open(work / f"node{i}.log", "w")  # noqa: SIM115 - closed below
+                procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                               stderr=log, text=True), log))  # fmt: skip
+            outputs = []
+            for proc, log in procs:
+                out, _ = proc.communicate(timeout=args.timeout)
+                log.close()
+                outputs.append(out)
+                if proc.returncode != 0:
+                    tail = (work / f"node{len(outputs)}.log").read_text()[-2000:]
+                    raise RuntimeError(f"node {len(outputs)} failed ({proc.returncode}):\n{tail}")
+            for out in outputs:
+                for line in out.splitlines():
+                    if line.startswith("BENCH "):
+                        return list(json.loads(line[len("BENCH ") :]))
+            raise RuntimeError("no results from rank 0")
+    finally:
+        topo.teardown()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rate", default="400mbit", help="per-node link cap (tc htb)")
+    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--ranks-per-node", type=int, default=4)
+    parser.add_argument("--planners", default=",".join(PLANNERS))
+    parser.add_argument("--ep", type=int, default=8, help="expert-parallel size")
+    parser.add_argument("--vocab", type=int, default=16_384)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--expert-hidden", type=int, default=512)
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.worker:
+        code = worker(args)
+        sys.stdout.flush()
+        os._exit(code)  # see ckpt.trainer.__main__: no native-teardown aborts after the work
+    with tempfile.TemporaryDirectory(prefix="ckpt-bench-", dir="/var/tmp") as tmp:
+        runs = launch(args, Path(tmp))
+    summary = summarize(runs)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    gib = 2**30
+    total = next(iter(summary.values()))["total_bytes"]
+    print(f"checkpoint {total / gib:.2f} GiB, {args.nodes} nodes x {args.ranks_per_node} ranks, "
+          f"links capped at {args.rate}, EP {args.ep}")  # fmt: skip
+    print(f"{'planner':<11} | {'save (s)':>8} | {'busiest node (GiB)':>18} | "
+          f"{'peak RSS busiest node (GiB)':>27} | bytes per node (GiB)")  # fmt: skip
+    for name, s in summary.items():
+        per = " ".join(f"{v['bytes'] / gib:.2f}" for v in s["nodes"].values())
+        print(f"{name:<11} | {s['save_s']:>8.2f} | {s['busiest_bytes'] / gib:>18.2f} | "
+              f"{s['busiest_rss'] / gib:>27.2f} | {per}")  # fmt: skip
+    aware = summary.get("node-aware")
+    if aware:
+        for peer, target in (("megatron", 0.5), ("torch", 0.8)):
+            if peer in summary:
+                r = aware["save_s"] / summary[peer]["save_s"]
+                print(f"save time node-aware / {peer}: {r:.2f}x (target <= {target}x: "
+                      f"{'PASS' if r <= target else 'FAIL'})")  # fmt: skip
+        if "megatron" in summary:
+            r = aware["busiest_rss"] / summary["megatron"]["busiest_rss"]
+            g = aware["busiest_rss_growth"] / max(1, summary["megatron"]["busiest_rss_growth"])
+            print(f"peak RSS busiest node node-aware / megatron: {r:.2f}x (growth during the "
+                  f"save {g:.2f}x) (target <= 0.5x: {'PASS' if r <= 0.5 else 'FAIL'})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
