@@ -24,7 +24,7 @@ from objstore.errors import BucketNotFound, ObjectNotFound
 log = logging.getLogger(__name__)
 
 PCACHE_SCHEME = "pcache://"
-DEFAULT_PART_SIZE = 32 * 1024 * 1024
+DEFAULT_PART_SIZE = 8 * 1024 * 1024  # with two in flight: 24 MiB of memory per stream
 
 
 class FileStream(ABC):
@@ -97,13 +97,16 @@ class _MultipartStream(FileStream):
         self._slots = threading.BoundedSemaphore(2)  # parts in flight: 2 x part size of memory
 
     def write(self, data: Any) -> None:
-        self._buf += data
-        while len(self._buf) >= self._part_size:
-            part = bytes(self._buf[: self._part_size])
-            del self._buf[: self._part_size]
-            self._send(part)
+        view = memoryview(data).cast("B")
+        while len(view):
+            room = self._part_size - len(self._buf)
+            self._buf += view[:room]
+            view = view[room:]
+            if len(self._buf) >= self._part_size:
+                part, self._buf = self._buf, bytearray()  # handed over, not copied
+                self._send(part)
 
-    def _send(self, part: bytes) -> None:
+    def _send(self, part: bytearray) -> None:
         if self._upload_id is None:
             self._upload_id = self._store.create_upload(self._key)
         number = len(self._parts) + 1
@@ -124,8 +127,8 @@ class _MultipartStream(FileStream):
             return
         try:
             if self._buf:
-                self._send(bytes(self._buf))
-                self._buf = bytearray()
+                part, self._buf = self._buf, bytearray()
+                self._send(part)
             parts = [f.result() for f in self._parts]
             self._store.complete_upload(self._key, self._upload_id, parts)
         except BaseException:

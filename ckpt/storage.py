@@ -81,20 +81,42 @@ def crc32c(data: Any) -> int:
     return _crc32c(data, 0)
 
 
-def serialize_item(data: Any, item_type: WriteItemType) -> memoryview:
+class _ItemSink:
+    """Where an item is serialized: straight into the file's stream, counting its bytes and
+    CRC32C on the way (no copy of the item is kept)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.length = 0
+        self.crc = 0
+
+    def begin(self) -> None:
+        self.length, self.crc = 0, 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._stream.write(view)
+        self.crc = _crc32c(view, self.crc)
+        self.length += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+
+def write_item(sink: _ItemSink, data: Any, item_type: WriteItemType) -> None:
     """An item's bytes exactly as torch's ``FileSystemWriter`` stores them."""
     if item_type == WriteItemType.BYTE_IO:
         if not isinstance(data, io.BytesIO):
             raise CheckpointError("a BYTE_IO item must resolve to io.BytesIO")
-        return data.getbuffer()
+        sink.write(data.getbuffer())
+        return
     tensor = cast(torch.Tensor, data).detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
     if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
         tensor = tensor.clone()  # torch.save writes a view's whole storage
-    out = io.BytesIO()
-    torch.save(tensor, out)
-    return out.getbuffer()
+    torch.save(tensor, cast(Any, sink))  # a write-only file: all torch.save needs
 
 
 def _metadata_extra(metadata: Metadata) -> dict[str, Any]:
@@ -190,17 +212,17 @@ class Writer(StorageWriter):
         if plan.items:
             name = f"{cast(_StoragePrefix, plan.storage_data).prefix}0{SUFFIX}"
             stream = self.backend.open_write(name)
+            sink = _ItemSink(stream)
             offset = 0
             try:
                 # small items first, as torch does: a reader of them touches the file's start
                 items = sorted(plan.items, key=lambda wi: wi.tensor_storage_size() or 0)
                 for item in items:
-                    raw = serialize_item(planner.resolve_data(item), item.type)
-                    stream.write(raw)
-                    info = _StorageInfo(name, offset, len(raw))
-                    results.append(WriteResult(item.index, len(raw), (info, crc32c(raw))))
-                    offset += len(raw)
-                    del raw
+                    sink.begin()
+                    write_item(sink, planner.resolve_data(item), item.type)
+                    info = _StorageInfo(name, offset, sink.length)
+                    results.append(WriteResult(item.index, sink.length, (info, sink.crc)))
+                    offset += sink.length
             except BaseException:
                 stream.abort()
                 raise
