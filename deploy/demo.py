@@ -14,7 +14,11 @@ This first version sets up the two regions later issues build on:
    their caches with ``pcache warmup`` (each block on the node worker selection picks), and reads
    it back through the pcache client (cache hits, compared byte for byte with region-b);
 6. mounts the namespace with ``pcache mount`` (FUSE, read-only, immutable), reads every file of
-   the dataset through the mount as plain files, shows ``pcache stats`` and unmounts.
+   the dataset through the mount as plain files, shows ``pcache stats``;
+7. while mounted, trains the bundled MoE (``torchrun -m ckpt.trainer``: 4 ranks on 2 simulated
+   nodes, expert parallelism 2) on the dataset read through the mount, checkpointing every 2
+   steps to region-b through ckpt (node-aware placement), syncs the checkpoints back to region-a
+   with ``babel-sync sync`` and checks every item's CRC there with ``ckpt verify``; unmounts.
 
 Everything lives under ``.demo/`` and is removed on exit (also on Ctrl-C); it can run twice in a row.
 """
@@ -39,9 +43,9 @@ sys.path.insert(0, str(REPO))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from ckpt.trainer.data import VOCAB, token_shard  # noqa: E402
 from objstore import Config, ObjectInfo, Store, open_store  # noqa: E402
 from objstore import checksum as crc  # noqa: E402
-from ckpt.trainer.data import VOCAB, token_shard  # noqa: E402
 from tests.servers.pcache_cluster import PcacheCluster  # noqa: E402
 from tests.servers.rclone_s3 import RcloneS3Server  # noqa: E402
 
@@ -49,6 +53,7 @@ log = logging.getLogger("demo")
 console = Console(width=None if sys.stdout.isatty() else 110)
 
 BUCKET = "datasets"
+CKPT_BUCKET = "ckpts"
 
 
 def write_config(path: Path, regions: dict[str, RcloneS3Server]) -> Path:
@@ -94,12 +99,13 @@ def main() -> int:
         for name, server in regions.items():
             server.start()
             server.create_bucket(BUCKET)
+            server.create_bucket(CKPT_BUCKET)
             console.print(f"[green]started[/green] {name}: S3 endpoint {server.endpoint}")
         config_path = write_config(work / "objstore.toml", regions)
         config = Config.load(config_path)
         summary = populate(config, args.shards, args.shard_tokens)
         summary.update(sync_regions(config_path, work))
-        summary.update(cache_region_b(work, regions["region-b"]))
+        summary.update(cache_region_b(work, regions["region-b"], config_path))
         show(config_path, summary)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: cleaning up[/yellow]")
@@ -189,7 +195,7 @@ def sync_regions(config_path: Path, work: Path) -> dict[str, object]:
     return {"sync": report, "check": check}
 
 
-def cache_region_b(work: Path, region_b: RcloneS3Server) -> dict[str, object]:
+def cache_region_b(work: Path, region_b: RcloneS3Server, config_path: Path) -> dict[str, object]:
     """Two pcache workers over region-b: warm the dataset, then read it through the cache."""
     from objstore.config import Secret
     from pcache.client import PcacheClient
@@ -239,7 +245,7 @@ def cache_region_b(work: Path, region_b: RcloneS3Server) -> dict[str, object]:
         elapsed = time.perf_counter() - started - 0.0
         per_node = {n.node_id: client.status(n.address)["blocks"]["blocks"] for n in cluster.nodes}
         client.close()
-        mounted = read_through_mount(work, env, store, objects)
+        mounted = read_through_mount(work, env, store, objects, config_path)
     return {
         "mount": mounted,
         "cache": {
@@ -256,7 +262,7 @@ def cache_region_b(work: Path, region_b: RcloneS3Server) -> dict[str, object]:
 
 
 def read_through_mount(
-    work: Path, env: dict[str, str], store: Store, objects: list[ObjectInfo]
+    work: Path, env: dict[str, str], store: Store, objects: list[ObjectInfo], config_path: Path
 ) -> dict[str, object]:
     """``pcache mount`` the namespace and read the dataset as plain files."""
     from tests.servers.pcache_mount import force_unmount
@@ -297,6 +303,7 @@ def read_through_mount(
         snapshot = json.loads(stats.stdout) if stats.returncode == 0 else {}
         console.print(f"[dim]$ pcache stats {mountpoint}[/dim]")
         console.print(pcache("stats", str(mountpoint)).stdout.rstrip())
+        training = train_and_checkpoint(work, mountpoint / "tokens", config_path)
     finally:
         done = pcache("umount", str(mountpoint))
         if done.returncode != 0:
@@ -309,7 +316,61 @@ def read_through_mount(
         "objects": len(objects),
         "rate": read_bytes / max(elapsed, 1e-9),
         "blocks_by_source": snapshot.get("blocks_by_source", {}),
+        "training": training,
     }
+
+
+def train_and_checkpoint(work: Path, tokens: Path, config_path: Path) -> dict[str, object]:
+    """The MoE trainer on 2 simulated nodes (2 ranks each, EP 2) reading the dataset through
+    the mount, checkpointing to region-b through ckpt; then the checkpoint synced back to
+    region-a with babel-sync and its CRCs checked there with ``ckpt verify``."""
+    root_b = f"s3://region-b@{CKPT_BUCKET}/moe/"
+    root_a = f"s3://region-a@{CKPT_BUCKET}/moe/"
+    args = ["--data", str(tokens), "--ckpt-root", root_b, "--steps", "4", "--save-every", "2",
+            "--ep", "2", "--simulate-nodes", "2", "--report", str(work / "train.json")]  # fmt: skip
+    console.print(f"[dim]$ torchrun --nproc-per-node 4 -m ckpt.trainer {' '.join(args)}[/dim]")
+    env = {**os.environ, "OBJSTORE_CONFIG": str(config_path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "ckpt.trainer",
+         *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"training failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    report = json.loads((work / "train.json").read_text())
+    last = report["saves"][-1]
+    console.print(f"trained {report['steps']} steps, loss {report['losses'][0]:.3f} -> "
+                  f"{report['losses'][-1]:.3f}; checkpoint {last['url']}")  # fmt: skip
+    synced = run_cli(["sync", root_b, root_a, "--json", "--journal", str(work / "journal-ckpt")],
+                     config_path)  # fmt: skip
+    if synced.returncode != 0:
+        raise SystemExit(f"checkpoint sync failed: {synced.stderr.strip()}")
+    step_dir = last["url"].rstrip("/").rsplit("/", 1)[1]
+    console.print(f"[dim]$ ckpt verify {root_a}{step_dir}/[/dim]")
+    verify = subprocess.run(
+        [sys.executable, "-m", "ckpt.cli", "verify", f"{root_a}{step_dir}/", "--json"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    verified = json.loads(verify.stdout) if verify.returncode in (0, 6) else {}
+    return {
+        "steps": report["steps"],
+        "loss_first": report["losses"][0],
+        "loss_last": report["losses"][-1],
+        "save_s": last["seconds"],
+        "node_bytes": last["node_bytes"],
+        "synced": json.loads(synced.stdout)["counters"],
+        "verify_exit": verify.returncode,
+        "verified_items": verified.get("items", 0),
+    }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def show(config_path: Path, summary: dict[str, object]) -> None:
@@ -387,7 +448,26 @@ def show(config_path: Path, summary: dict[str, object]) -> None:
             "blocks by tier "
             + ", ".join(f"{k}: {v}" for k, v in sorted(mount["blocks_by_source"].items())),  # type: ignore[index]
         )
+    training = None if mount["skipped"] else mount["training"]  # type: ignore[index]
+    if training:
+        table.add_row(
+            "MoE trained through the mount (2 nodes)",
+            f"{training['steps']} steps, loss {training['loss_first']:.3f} -> {training['loss_last']:.3f}",
+        )
+        table.add_row(
+            "checkpoint saved via ckpt (bytes per node)",
+            f"{training['save_s']:.2f} s, "
+            + ", ".join(f"{k}: {v:,}" for k, v in training["node_bytes"].items()),
+        )
+        table.add_row(
+            "checkpoint synced back to region-a",
+            f"{training['synced']['copied']} files, verified {training['synced']['verified']}; "
+            f"ckpt verify: {training['verified_items']} items, "
+            + ("ok" if training["verify_exit"] == 0 else f"exit {training['verify_exit']}"),
+        )
     console.print(table)
+    if training and training["verify_exit"] != 0:
+        raise SystemExit("the checkpoint synced to region-a does not verify")
     if cache["identical"] != cache["read_objects"]:  # type: ignore[index]
         raise SystemExit("data read through pcache differs from region-b")
     if not mount["skipped"] and mount["identical"] != mount["objects"]:  # type: ignore[index]

@@ -35,4 +35,10 @@ def test_demo_runs_end_to_end_and_cleans_up() -> None:
     if os.path.exists("/dev/fuse") and shutil.which("fusermount3"):
         assert re.search(r"read via pcache mount \(identical\)\s*│\s*7/7", done.stdout)
         assert "pcache stats" in done.stdout and "p99 ms" in done.stdout
+        assert re.search(r"MoE trained through the mount \(2 nodes\)\s*│\s*4 steps", done.stdout)
+        assert re.search(r"sim-node-0: [\d,]+, sim-node-1: [\d,]+", done.stdout)
+        assert re.search(
+            r"synced back to region-a\s*│\s*10 files, verified 10; ckpt verify: \d+ items, ok",
+            done.stdout,
+        )
     assert not (REPO / ".demo").exists()
