@@ -117,6 +117,23 @@ def test_async_save_and_resume_from_it(dataset: str, tmp_path: Path) -> None:
     assert b["resumed_from"] == 3 and b["param_digest"] == a["param_digest"]
 
 
+def test_ckpt_train_with_a_config_file(dataset: str, tmp_path: Path) -> None:
+    config = tmp_path / "train.toml"
+    config.write_text(
+        f'[train]\ndata = "{dataset}"\nckpt_root = "{tmp_path / "ck"}"\nsteps = 2\n'
+        f'save_every = 2\nreport = "{tmp_path / "report.json"}"\n'
+        "[model]\nn_layers = 1\nn_experts = 4\ntop_k = 1\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "ckpt.cli", "train", "--config", str(config)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["world"] == 1 and report["steps"] == 2 and len(report["losses"]) == 2
+    assert (tmp_path / "ck" / "step-00000002" / ".metadata").exists()
+
+
 def test_bad_configuration_is_one_line(tmp_path: Path) -> None:
     config = tmp_path / "train.toml"
     config.write_text("[train]\nstepz = 3\n")
