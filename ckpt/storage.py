@@ -143,7 +143,40 @@ def read_metadata(backend: Backend) -> Metadata:
         raise CheckpointError(f"{backend.url}: unreadable {METADATA}: {exc}") from None
 
 
-class Writer(StorageWriter):
+class _OnBackend:
+    """The checkpoint URL and its backend, opened on first use (Writer and Reader share it)."""
+
+    url: str | None
+    _backend: Backend | None
+
+    def _set_target(
+        self, url: Any, backend: Backend | None, config: Any, options: dict[str, Any]
+    ) -> None:
+        self.url = str(url) if url is not None else None
+        self._backend, self._config, self._options = backend, config, options
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            if self.url is None:
+                raise CheckpointError(
+                    f"no checkpoint URL: pass one to {type(self).__name__} or checkpoint_id"
+                )
+            self._backend = open_backend(self.url, config=self._config, **self._options)
+        return self._backend
+
+    def _retarget(self, checkpoint_id: Any) -> None:
+        if checkpoint_id is not None and str(checkpoint_id) != self.url:
+            self._close_backend()
+            self.url = str(checkpoint_id)
+
+    def _close_backend(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+
+class Writer(_OnBackend, StorageWriter):
     """Writes a DCP checkpoint to ``url`` (any objstore URL, or ``pcache://NS/PREFIX``).
 
     Each rank writes one file of the items its planner gave it, streamed: items are serialized
@@ -166,30 +199,15 @@ class Writer(StorageWriter):
         **backend_options: Any,
     ) -> None:
         super().__init__()
-        self.url = str(url) if url is not None else None
-        self._backend = backend
-        self._config = config
-        self._options = backend_options
+        self._set_target(url, backend, config, backend_options)
         self.save_id = uuid.uuid4().hex
         self.is_coordinator = False
         self.rank = 0
         self.nodes: list[str] = []
         self.bytes_written = 0
 
-    @property
-    def backend(self) -> Backend:
-        if self._backend is None:
-            if self.url is None:
-                raise CheckpointError("no checkpoint URL: pass one to Writer or checkpoint_id")
-            self._backend = open_backend(self.url, config=self._config, **self._options)
-        return self._backend
-
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id is not None and str(checkpoint_id) != self.url:
-            if self._backend is not None:
-                self._backend.close()
-                self._backend = None
-            self.url = str(checkpoint_id)
+        self._retarget(checkpoint_id)
         self.save_id = uuid.uuid4().hex
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -268,12 +286,10 @@ class Writer(StorageWriter):
         return is_supported_url(str(checkpoint_id))
 
     def close(self) -> None:
-        if self._backend is not None:
-            self._backend.close()
-            self._backend = None
+        self._close_backend()
 
 
-class Reader(StorageReader):
+class Reader(_OnBackend, StorageReader):
     """Reads a DCP checkpoint from ``url`` (any objstore URL, or ``pcache://NS/PREFIX``).
 
     Args:
@@ -295,33 +311,18 @@ class Reader(StorageReader):
         **backend_options: Any,
     ) -> None:
         super().__init__()
-        self.url = str(url) if url is not None else None
+        self._set_target(url, backend, config, backend_options)
         self.verify = verify
         self.share_per_node = share_per_node
-        self._backend = backend
-        self._config = config
-        self._options = backend_options
         self.metadata: Metadata | None = None
         self.rank = 0
         self._published: list[Path] = []
         self.bytes_read = 0
         self.items_shared = 0
 
-    @property
-    def backend(self) -> Backend:
-        if self._backend is None:
-            if self.url is None:
-                raise CheckpointError("no checkpoint URL: pass one to Reader or checkpoint_id")
-            self._backend = open_backend(self.url, config=self._config, **self._options)
-        return self._backend
-
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.release_shared()
-        if checkpoint_id is not None and str(checkpoint_id) != self.url:
-            if self._backend is not None:
-                self._backend.close()
-                self._backend = None
-            self.url = str(checkpoint_id)
+        self._retarget(checkpoint_id)
         self.metadata = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
@@ -468,6 +469,4 @@ class Reader(StorageReader):
 
     def close(self) -> None:
         self.release_shared()
-        if self._backend is not None:
-            self._backend.close()
-            self._backend = None
+        self._close_backend()

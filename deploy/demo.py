@@ -48,6 +48,7 @@ from objstore import Config, ObjectInfo, Store, open_store  # noqa: E402
 from objstore import checksum as crc  # noqa: E402
 from tests.servers.pcache_cluster import PcacheCluster  # noqa: E402
 from tests.servers.rclone_s3 import RcloneS3Server  # noqa: E402
+from tests.servers.s3_process import free_port  # noqa: E402
 
 log = logging.getLogger("demo")
 console = Console(width=None if sys.stdout.isatty() else 110)
@@ -363,14 +364,6 @@ def train_and_checkpoint(work: Path, tokens: Path, config_path: Path) -> dict[st
         "verify_exit": verify.returncode,
         "verified_items": verified.get("items", 0),
     }
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def show(config_path: Path, summary: dict[str, object]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +13,9 @@ from ckpt.storage import CheckpointError, Reader, Writer
 from ckpt.trainer.data import TokenData, write_token_dataset
 from objstore import Config, open_store
 from tests.conftest import unique_bucket
-from tests.pcache.conftest import ClusterFactory
 from tests.servers.s3_process import write_config
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def make_cluster(rclone_s3: Any, tmp_path: Path) -> Iterator[ClusterFactory]:
-    factory = ClusterFactory(rclone_s3, tmp_path)
-    try:
-        yield factory
-    finally:
-        factory.close()
 
 
 def sample_state(scale: float) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,16 +18,10 @@ from ckpt.api import is_complete, load
 from ckpt.storage import CheckpointNotFound, CorruptCheckpoint
 from tests.ckpt import scenarios
 from tests.conftest import unique_bucket
-from tests.servers.s3_process import write_config
+from tests.servers.s3_process import free_port, write_config
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def torchrun(

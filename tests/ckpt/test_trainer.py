@@ -15,7 +15,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from objstore import open_store
-from tests.ckpt.test_distributed import free_port
+from tests.servers.s3_process import free_port
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[2]

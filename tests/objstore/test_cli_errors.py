@@ -16,6 +16,7 @@ import pytest
 
 from objstore.cli import ExitCode
 from tests.conftest import unique_bucket
+from tests.servers.s3_process import write_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,17 +39,6 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     assert lines[0].startswith("babel-sync: error: "), lines[0]
     assert "Traceback" not in result.stderr
     return lines[0]
-
-
-def write_config(path: Path, **profiles: dict[str, object]) -> Path:
-    lines = []
-    for name, table in profiles.items():
-        lines.append(f"[profiles.{name}]")
-        lines += [
-            f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in table.items()
-        ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture
