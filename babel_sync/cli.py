@@ -38,6 +38,9 @@ from .transfer import TransferOptions
 log = logging.getLogger(__name__)
 
 
+SECTIONS = ("service",)  # a config file may also configure `babel-sync serve`
+
+
 def _fmt_time(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
 
@@ -74,7 +77,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    store = open_store(args.url, load_config(args))
+    store = open_store(args.url, load_config(args, SECTIONS))
     if not args.recursive:
         count = 0
         for page in store.iter_pages(args.prefix, delimiter="/"):
@@ -171,7 +174,7 @@ def _print_objects(objects: Iterable[ObjectInfo], as_json: bool, limit: int) -> 
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
-    store, key = open_object(args.url, load_config(args))
+    store, key = open_object(args.url, load_config(args, SECTIONS))
     info = store.stat(key)
     record = {
         "key": info.key,
@@ -223,13 +226,18 @@ def _run_job(args: argparse.Namespace, mode: str) -> int:
         args.src,
         args.dst,
         options,
-        config=load_config(args),
+        config=load_config(args, SECTIONS),
         counters=counters,
         plan_out=sys.stdout if options.dry_run else None,
     )
     with (
         _few_collections(),
-        Reporter(counters, enabled=not args.quiet and not args.json, interval=args.stats_interval),
+        Reporter(
+            counters,
+            enabled=not args.quiet and not args.json,
+            interval=args.stats_interval,
+            json_lines=args.progress_json,
+        ),
     ):
         report = job.run()
     _print_report(report, args)
@@ -324,6 +332,11 @@ def _add_job_options(p: argparse.ArgumentParser, *, mirror: bool) -> None:
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     p.add_argument(
+        "--progress-json",
+        action="store_true",
+        help="progress as 'PROGRESS {json}' lines on stderr, for programs",
+    )
+    p.add_argument(
         "--stats-interval",
         type=float,
         default=5.0,
@@ -379,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     stat.add_argument("--json", action="store_true", help="machine-readable output")
     add_common_options(stat, subcommand=True)
     stat.set_defaults(func=cmd_stat)
+    from .service.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 

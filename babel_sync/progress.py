@@ -6,6 +6,7 @@ ETA); otherwise it prints a plain line every few seconds, which is what logs and
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
@@ -70,6 +71,16 @@ def describe(snap: dict[str, Any]) -> str:
     )
 
 
+PROGRESS_PREFIX = "PROGRESS "
+
+
+def progress_line(snap: dict[str, Any]) -> str:
+    """``PROGRESS {json}``: the counters with the elapsed seconds instead of a clock reading."""
+    out = {k: v for k, v in snap.items() if k != "started"}
+    out["elapsed"] = round(time.monotonic() - float(snap["started"]), 3)
+    return PROGRESS_PREFIX + json.dumps(out, separators=(",", ":"))
+
+
 class Reporter:
     """Shows :class:`Counters` until stopped: rich on a TTY, plain lines otherwise, or nothing."""
 
@@ -80,11 +91,13 @@ class Reporter:
         stream: TextIO | None = None,
         interval: float = 5.0,
         enabled: bool = True,
+        json_lines: bool = False,
     ) -> None:
         self.counters = counters
         self.stream = stream or sys.stderr
         self.interval = interval
-        self.enabled = enabled
+        self.enabled = enabled or json_lines
+        self.json_lines = json_lines
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -100,6 +113,11 @@ class Reporter:
             self._thread.join()
 
     def _run(self) -> None:
+        if self.json_lines:  # for programs (babel-sync serve): one snapshot per line
+            while not self._stop.wait(self.interval):
+                print(progress_line(self.counters.snapshot()), file=self.stream, flush=True)
+            print(progress_line(self.counters.snapshot()), file=self.stream, flush=True)
+            return
         if self.stream.isatty():
             console = Console(file=self.stream)
             with Live(self._table(), console=console, refresh_per_second=4, transient=True) as live:

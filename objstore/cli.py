@@ -153,8 +153,10 @@ def setup_logging(verbosity: int) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-def load_config(args: argparse.Namespace) -> Config:
-    return Config.load(getattr(args, "config", None))
+def load_config(args: argparse.Namespace, sections: Sequence[str] = ()) -> Config:
+    """The profiles of ``--config`` (or ``$OBJSTORE_CONFIG``); ``sections`` are other tables
+    the command's file may hold (``babel-sync``'s ``[service]``)."""
+    return Config.load(getattr(args, "config", None), sections=sections)
 
 
 def print_json(obj: Any) -> None:

@@ -1,0 +1,1 @@
+"""``babel-sync serve``: the monitored sync service (job queue, JSON API, metrics)."""

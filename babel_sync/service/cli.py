@@ -1,0 +1,151 @@
+"""``babel-sync serve`` and ``babel-sync jobs ...`` (the API's command-line client).
+
+The client finds the service through ``--server`` / ``$BABEL_SYNC_SERVER`` (default
+``http://127.0.0.1:8470``) and its token through ``--token`` / ``$BABEL_SYNC_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+from objstore.cli import CommandError, ExitCode, add_common_options, print_json
+
+from .config import DEFAULT_LISTEN, ServiceConfig
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .app import serve
+
+    config = ServiceConfig.load(getattr(args, "config", None))
+    if config.objstore_config is None and getattr(args, "config", None):
+        # one file for both: [service] and the jobs' [profiles.*]
+        config = ServiceConfig(
+            config.token, config.listen, config.state_dir, config.max_concurrent, config.bwlimit,
+            args.config,
+        )  # fmt: skip
+    logging.getLogger().setLevel(logging.INFO)
+    print(
+        f"babel-sync serve: http://{config.listen}/ (state in {config.state_dir})", file=sys.stderr
+    )
+    serve(config)
+    return ExitCode.OK
+
+
+def _request(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    server = (
+        args.server or os.environ.get("BABEL_SYNC_SERVER") or f"http://{DEFAULT_LISTEN}"
+    ).rstrip("/")
+    token = args.token or os.environ.get("BABEL_SYNC_TOKEN", "")
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        server + path, data=data, method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except (ValueError, AttributeError):
+            message = exc.reason
+        code = {401: ExitCode.ACCESS, 404: ExitCode.NOT_FOUND, 400: ExitCode.USAGE}.get(
+            exc.code, ExitCode.FAILED
+        )
+        raise CommandError(f"{server}: {exc.code} {message}", code) from None
+    except urllib.error.URLError as exc:
+        raise CommandError(f"{server}: unreachable ({exc.reason})", ExitCode.UNREACHABLE) from None
+
+
+def _line(job: dict[str, Any]) -> str:
+    p = job.get("progress", {})
+    pct = f"{job['percent']:.0f}%" if job.get("percent") is not None else "-"
+    return (f"{job['id']}  {job['state']:<13} {pct:>5}  {p.get('copied', 0):>7} objects "
+            f"{p.get('copied_bytes', 0):>14,} bytes  {job['spec']['source']} -> {job['spec']['destination']}")  # fmt: skip
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    what = args.jobs_command
+    if what == "submit":
+        spec: dict[str, Any] = {"source": args.src, "destination": args.dst, "mode": args.mode,
+                                "verify": args.verify, "transfers": args.transfers}  # fmt: skip
+        if args.delete:
+            spec["delete"] = True
+        if args.bwlimit:
+            spec["bwlimit"] = args.bwlimit
+        if args.every:
+            spec["every_minutes"] = args.every
+        if args.name:
+            spec["name"] = args.name
+        job = _request(args, "POST", "/api/v1/jobs", spec)
+        print_json(job) if args.json else print(job["id"])
+    elif what == "list":
+        jobs = _request(args, "GET", "/api/v1/jobs")["jobs"]
+        if args.json:
+            print_json(jobs)
+        else:
+            for job in jobs:
+                print(_line(job))
+    elif what == "show":
+        job = _request(args, "GET", f"/api/v1/jobs/{args.id}")
+        if args.json:
+            print_json(job)
+        else:
+            print(_line(job))
+            if job.get("error"):
+                print(f"error: {job['error']}")
+            if job.get("report"):
+                print(json.dumps(job["report"], indent=2))
+    elif what == "delete":
+        _request(args, "DELETE", f"/api/v1/jobs/{args.id}")
+    else:
+        job = _request(args, "POST", f"/api/v1/jobs/{args.id}/{what}")
+        print_json(job) if args.json else print(_line(job))
+    return ExitCode.OK
+
+
+def add_commands(sub: Any) -> None:
+    serve = sub.add_parser(
+        "serve", help="run the sync service (job queue, API, metrics)",
+        description="Run the sync service. --config FILE holds its [service] table and the "
+        "jobs' [profiles.*]; BABEL_SYNC_TOKEN and BABEL_SYNC_LISTEN override.",
+    )  # fmt: skip
+    add_common_options(serve, subcommand=True)
+    serve.set_defaults(func=cmd_serve)
+
+    jobs = sub.add_parser("jobs", help="submit and control jobs on a running service")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
+
+    def client(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--server", help="service URL (default: $BABEL_SYNC_SERVER or http://127.0.0.1:8470)"
+        )
+        p.add_argument("--token", help="API token (default: $BABEL_SYNC_TOKEN)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        add_common_options(p, subcommand=True)
+        p.set_defaults(func=cmd_jobs)
+
+    submit = jobs_sub.add_parser("submit", help="queue a sync/copy/check job")
+    submit.add_argument("src")
+    submit.add_argument("dst")
+    submit.add_argument("--mode", choices=["sync", "copy", "check"], default="sync")
+    submit.add_argument("--delete", action="store_true")
+    submit.add_argument("--verify", choices=["none", "runtime", "sample", "full"], default="sample")
+    submit.add_argument("--transfers", type=int, default=16)
+    submit.add_argument("--bwlimit", help="bytes per second for this job, e.g. 50M")
+    submit.add_argument("--every", type=float, metavar="MIN", help="run again every MIN minutes")
+    submit.add_argument("--name", default="")
+    client(submit)
+    client(jobs_sub.add_parser("list", help="all jobs"))
+    for action in ("show", "pause", "resume", "cancel", "delete"):
+        p = jobs_sub.add_parser(action, help=f"{action} one job")
+        p.add_argument("id")
+        client(p)

@@ -1,0 +1,325 @@
+"""``babel-sync serve`` as a real process over the real S3 server: the API contract, auth,
+jobs that run, pause, resume and cancel, restarts mid-job, events, metrics, the CLI client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from objstore import Config, open_store
+from tests.conftest import unique_bucket
+from tests.servers.s3_process import free_port, wait_for_port
+
+pytestmark = pytest.mark.timeout(180)
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "test-service-token-0123456789"
+
+
+class Service:
+    def __init__(
+        self, tmp: Path, profiles: dict[str, dict[str, Any]], max_concurrent: int = 2
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = tmp / "service.toml"
+        lines = ["[service]", f'listen = "127.0.0.1:{self.port}"', f'token = "{TOKEN}"',
+                 f'state_dir = "{tmp / "state"}"', f"max_concurrent = {max_concurrent}"]  # fmt: skip
+        for name, profile in profiles.items():
+            lines.append(f"[profiles.{name}]")
+            lines += [
+                f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in profile.items()
+            ]
+        self.config.write_text("\n".join(lines) + "\n")
+        self.log = tmp / "service.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Service:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "babel_sync.cli", "serve", "--config", str(self.config)],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        wait_for_port("127.0.0.1", self.port, 30, self.proc)
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def call(
+        self, method: str, path: str, body: Any = None, token: str | None = TOKEN
+    ) -> tuple[int, Any]:
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                raw = r.read()
+                return r.status, json.loads(raw) if raw[:1] in (b"{", b"[") else raw.decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def wait_state(
+        self, job_id: str, states: tuple[str, ...], timeout: float = 90
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            _, job = self.call("GET", f"/api/v1/jobs/{job_id}")
+            if job["state"] in states:
+                return job
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job stayed {job['state']}: {job}")
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def buckets(rclone_s3) -> tuple[str, str, Any]:
+    src, dst = unique_bucket("svs"), unique_bucket("svd")
+    rclone_s3.create_bucket(src)
+    rclone_s3.create_bucket(dst)
+    store = open_store(
+        f"s3://s3@{src}/", Config.from_mapping({"profiles": {"s3": rclone_s3.profile()}}, env={})
+    )
+    return src, dst, store
+
+
+def profiles(rclone_s3: Any, s3_proxy: Any) -> dict[str, dict[str, Any]]:
+    """``s3``, and ``far``: the same server through a proxy, so copies between them stream
+    through the job (and its bandwidth limit) instead of being server-side copies."""
+    return {"s3": rclone_s3.profile(), "far": rclone_s3.profile(endpoint=s3_proxy.endpoint)}
+
+
+@pytest.fixture
+def service(rclone_s3, s3_proxy, tmp_path: Path) -> Iterator[Service]:
+    svc = Service(tmp_path, profiles(rclone_s3, s3_proxy)).start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def fill(store: Any, count: int, size: int) -> None:
+    for i in range(count):
+        store.put(f"data/f-{i:04d}.bin", os.urandom(size))
+
+
+def test_every_request_needs_the_token(service: Service) -> None:
+    assert service.call("GET", "/healthz", token=None)[0] == 200
+    for token in (None, "wrong-token-wrong-token"):
+        status, body = service.call("GET", "/api/v1/jobs", token=token)
+        assert status == 401 and "token" in body["error"]
+        assert service.call("POST", "/api/v1/jobs", {"source": "x"}, token=token)[0] == 401
+    assert service.call("GET", "/metrics", token=None)[0] == 401
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"destination": "s3://s3@b/"}, "source"),
+        ({"source": "s3://s3@b/", "destination": "s3:/x"}, "destination"),
+        ({"source": "s3://s3@b/", "destination": "s3://s3@c/", "mode": "move"}, "mode"),
+        ({"source": "s3://s3@b/", "destination": "s3://s3@c/", "transfers": 0}, "transfers"),
+        ({"source": "s3://s3@b/", "destination": "s3://s3@c/", "colour": "red"}, "colour"),
+        (
+            {"source": "s3://s3@b/", "destination": "s3://s3@c/", "mode": "copy", "delete": True},
+            "delete",
+        ),
+        ([1, 2], "body"),
+    ],
+)
+def test_bad_requests_name_the_field(service: Service, body: Any, field: str) -> None:
+    status, answer = service.call("POST", "/api/v1/jobs", body)
+    assert status == 400 and answer["field"] == field, answer
+    assert answer["error"].startswith(f"{field}: ")
+
+
+def test_unknown_job_is_404(service: Service) -> None:
+    assert service.call("GET", "/api/v1/jobs/nope")[0] == 404
+    assert service.call("POST", "/api/v1/jobs/nope/cancel")[0] == 404
+
+
+def test_openapi_document_lists_every_route(service: Service) -> None:
+    status, doc = service.call("GET", "/api/v1/openapi.json")
+    assert status == 200 and doc["openapi"].startswith("3.")
+    assert {
+        "/api/v1/jobs",
+        "/api/v1/jobs/{id}",
+        "/api/v1/jobs/{id}/pause",
+        "/api/v1/events",
+    } <= set(doc["paths"])
+    spec = doc["components"]["schemas"]["JobSpec"]
+    from babel_sync.service.jobs import JobSpec
+
+    assert set(spec["properties"]) == set(JobSpec.__dataclass_fields__)
+
+
+def test_a_job_runs_to_a_verified_result(service: Service, buckets) -> None:
+    src, dst, store = buckets
+    fill(store, 12, 40_000)
+    status, job = service.call(
+        "POST",
+        "/api/v1/jobs",
+        {"source": f"s3://s3@{src}/", "destination": f"s3://s3@{dst}/", "name": "t1"},
+    )
+    assert status == 201 and job["state"] == "queued"
+    done = service.wait_state(job["id"], ("succeeded", "failed", "verify_failed"))
+    assert done["state"] == "succeeded", done
+    assert (
+        done["report"]["counters"]["copied"] == 12 and done["report"]["counters"]["verified"] == 12
+    )
+    assert done["report"]["verification"]["mode"] == "sample"
+    assert done["progress"]["copied_bytes"] == 12 * 40_000, done["progress"]
+    assert done["percent"] == 100.0
+    _, metrics = service.call("GET", "/metrics")
+    assert (
+        f'babel_sync_job_transferred_bytes_total{{job="{job["id"]}",name="t1"}} 480000.0' in metrics
+    )
+    assert 'babel_sync_jobs{state="succeeded"} 1.0' in metrics
+    _, listing = service.call("GET", "/api/v1/jobs?state=succeeded")
+    assert [j["id"] for j in listing["jobs"]] == [job["id"]]
+
+
+def test_pause_resume_and_cancel(service: Service, buckets, rclone_s3) -> None:
+    src, dst, store = buckets
+    fill(store, 60, 64 * 1024)
+    spec = {
+        "source": f"s3://s3@{src}/",
+        "destination": f"s3://far@{dst}/",
+        "bwlimit": "600K",
+        "transfers": 2,
+    }
+    _, job = service.call("POST", "/api/v1/jobs", spec)
+    service.wait_state(job["id"], ("running",))
+    deadline = time.monotonic() + 30
+    while service.call("GET", f"/api/v1/jobs/{job['id']}")[1]["progress"].get("copied", 0) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    status, paused = service.call("POST", f"/api/v1/jobs/{job['id']}/pause")
+    assert status == 200 and paused["state"] == "paused"
+    dst_store = open_store(
+        f"s3://s3@{dst}/", Config.from_mapping({"profiles": {"s3": rclone_s3.profile()}}, env={})
+    )
+    copied_at_pause = len(list(dst_store.iter_list()))
+    time.sleep(1.5)
+    assert service.call("GET", f"/api/v1/jobs/{job['id']}")[1]["state"] == "paused"
+    assert service.call("POST", f"/api/v1/jobs/{job['id']}/pause")[0] == 400  # not twice
+    assert service.call("POST", f"/api/v1/jobs/{job['id']}/resume")[1]["state"] == "queued"
+    done = service.wait_state(job["id"], ("succeeded", "failed"), timeout=120)
+    assert done["state"] == "succeeded" and done["runs"] == 2
+    counters = done["report"]["counters"]
+    assert (
+        counters["copied"] + counters["skipped"] == 60
+        and counters["skipped"] >= copied_at_pause > 0
+    )
+    # cancel: a second job stops for good
+    _, other = service.call(
+        "POST", "/api/v1/jobs", {**spec, "destination": f"s3://s3@{dst}/again/"}
+    )
+    service.wait_state(other["id"], ("running",))
+    assert service.call("POST", f"/api/v1/jobs/{other['id']}/cancel")[1]["state"] == "cancelled"
+    time.sleep(1)
+    assert service.call("GET", f"/api/v1/jobs/{other['id']}")[1]["state"] == "cancelled"
+    assert service.call("DELETE", f"/api/v1/jobs/{other['id']}")[0] == 200
+    assert service.call("GET", f"/api/v1/jobs/{other['id']}")[0] == 404
+
+
+def test_restart_mid_job_resumes_and_loses_nothing(
+    rclone_s3, s3_proxy, tmp_path: Path, buckets
+) -> None:
+    src, dst, store = buckets
+    fill(store, 50, 64 * 1024)
+    svc = Service(tmp_path, profiles(rclone_s3, s3_proxy)).start()
+    try:
+        spec = {
+            "source": f"s3://s3@{src}/",
+            "destination": f"s3://far@{dst}/",
+            "bwlimit": "500K",
+            "transfers": 2,
+        }
+        _, job = svc.call("POST", "/api/v1/jobs", spec)
+        deadline = time.monotonic() + 30
+        while svc.call("GET", f"/api/v1/jobs/{job['id']}")[1]["progress"].get("copied", 0) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        svc.kill()  # no goodbye: the job's process dies with the service
+        svc.start()
+        done = svc.wait_state(job["id"], ("succeeded", "failed"), timeout=120)
+    finally:
+        svc.stop()
+    assert done["state"] == "succeeded", done
+    counters = done["report"]["counters"]
+    assert counters["skipped"] > 0 and counters["copied"] + counters["skipped"] == 50
+    assert counters["mismatches"] == 0
+    dst_store = open_store(
+        f"s3://s3@{dst}/", Config.from_mapping({"profiles": {"s3": rclone_s3.profile()}}, env={})
+    )
+    assert sorted(o.key for o in dst_store.iter_list()) == sorted(o.key for o in store.iter_list())
+
+
+def test_event_stream_reports_progress(service: Service, buckets) -> None:
+    src, dst, store = buckets
+    fill(store, 5, 10_000)
+    request = urllib.request.Request(
+        service.url + "/api/v1/events", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    stream = urllib.request.urlopen(request, timeout=30)
+    _, job = service.call(
+        "POST", "/api/v1/jobs", {"source": f"s3://s3@{src}/", "destination": f"s3://s3@{dst}/"}
+    )
+    states = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = stream.readline().decode().strip()
+        if line.startswith("data: "):
+            event = json.loads(line[6:])
+            if event["job"]["id"] == job["id"]:
+                states.append(event["job"]["state"])
+                if event["job"]["state"] == "succeeded":
+                    break
+    stream.close()
+    assert states[0] == "queued" and "running" in states and states[-1] == "succeeded"
+
+
+def test_cli_client(service: Service, buckets) -> None:
+    src, dst, store = buckets
+    fill(store, 3, 1000)
+    env = {**os.environ, "BABEL_SYNC_SERVER": service.url, "BABEL_SYNC_TOKEN": TOKEN}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "babel_sync.cli", "jobs", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    submitted = cli("submit", f"s3://s3@{src}/", f"s3://s3@{dst}/", "--name", "from-cli")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    service.wait_state(job_id, ("succeeded",))
+    shown = cli("show", job_id, "--json")
+    assert json.loads(shown.stdout)["spec"]["name"] == "from-cli"
+    assert job_id in cli("list").stdout
+    missing = cli("show", "nope")
+    assert missing.returncode == 3 and "404" in missing.stderr
+    wrong = subprocess.run([sys.executable, "-m", "babel_sync.cli", "jobs", "list", "--token", "bad-token-bad-token"],
+                           cwd=REPO, env={**env}, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert wrong.returncode == 4 and "401" in wrong.stderr
