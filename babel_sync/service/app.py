@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RUNNER: web.AppKey[JobRunner] = web.AppKey("runner", JobRunner)
-OPEN_PATHS = {"/healthz"}
+OPEN_PATHS = {"/healthz", "/"}  # the dashboard page holds no data: its API calls carry the token
+DASHBOARD = Path(__file__).with_name("static") / "index.html"
 
 
 @web.middleware
@@ -58,6 +60,15 @@ async def _body(request: web.Request) -> Any:
         return await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadRequest("body", "not valid JSON") from None
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    return web.Response(
+        body=DASHBOARD.read_bytes(),
+        content_type="text/html",
+        headers={"Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'; "
+                 "script-src 'unsafe-inline'; connect-src 'self'"},
+    )  # fmt: skip
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -210,6 +221,7 @@ def build_app(config: ServiceConfig, runner: JobRunner | None = None) -> web.App
         await runner.stop()
 
     app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/", dashboard)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/openapi.json", openapi)
