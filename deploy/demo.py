@@ -18,7 +18,8 @@ This first version sets up the two regions later issues build on:
 7. while mounted, trains the bundled MoE (``torchrun -m ckpt.trainer``: 4 ranks on 2 simulated
    nodes, expert parallelism 2) on the dataset read through the mount, checkpointing every 2
    steps to region-b through ckpt (node-aware placement), syncs the checkpoints back to region-a
-   with ``babel-sync sync`` and checks every item's CRC there with ``ckpt verify``; unmounts.
+   as a job on ``babel-sync serve`` (its dashboard URL printed) and checks every item's CRC
+   there with ``ckpt verify``; unmounts.
 
 Everything lives under ``.demo/`` and is removed on exit (also on Ctrl-C); it can run twice in a row.
 """
@@ -262,6 +263,32 @@ def cache_region_b(work: Path, region_b: RcloneS3Server, config_path: Path) -> d
     }
 
 
+def sync_by_service(work: Path, config_path: Path, source: str, dest: str) -> dict[str, object]:
+    """Start ``babel-sync serve``, submit ``source -> dest`` as a job, wait for its result."""
+    import tomllib
+
+    from tests.servers.sync_service import TOKEN, Service
+
+    profiles = tomllib.loads(config_path.read_text())["profiles"]
+    service = Service(work / "service", profiles).start()
+    try:
+        console.print(
+            f"[green]started[/green] babel-sync serve: dashboard {service.url}/#token={TOKEN}"
+        )
+        console.print(f"[dim]$ babel-sync jobs submit {source} {dest} --name checkpoint-back[/dim]")
+        _, job = service.call(
+            "POST",
+            "/api/v1/jobs",
+            {"source": source, "destination": dest, "name": "checkpoint-back"},
+        )
+        done = service.wait_state(job["id"], ("succeeded", "failed", "verify_failed"), timeout=180)
+        if done["state"] != "succeeded":
+            raise SystemExit(f"checkpoint sync job {done['state']}: {done.get('error')}")
+        return done
+    finally:
+        service.stop()
+
+
 def read_through_mount(
     work: Path, env: dict[str, str], store: Store, objects: list[ObjectInfo], config_path: Path
 ) -> dict[str, object]:
@@ -343,10 +370,7 @@ def train_and_checkpoint(work: Path, tokens: Path, config_path: Path) -> dict[st
     last = report["saves"][-1]
     console.print(f"trained {report['steps']} steps, loss {report['losses'][0]:.3f} -> "
                   f"{report['losses'][-1]:.3f}; checkpoint {last['url']}")  # fmt: skip
-    synced = run_cli(["sync", root_b, root_a, "--json", "--journal", str(work / "journal-ckpt")],
-                     config_path)  # fmt: skip
-    if synced.returncode != 0:
-        raise SystemExit(f"checkpoint sync failed: {synced.stderr.strip()}")
+    synced = sync_by_service(work, config_path, root_b, root_a)
     step_dir = last["url"].rstrip("/").rsplit("/", 1)[1]
     console.print(f"[dim]$ ckpt verify {root_a}{step_dir}/[/dim]")
     verify = subprocess.run(
@@ -360,7 +384,8 @@ def train_and_checkpoint(work: Path, tokens: Path, config_path: Path) -> dict[st
         "loss_last": report["losses"][-1],
         "save_s": last["seconds"],
         "node_bytes": last["node_bytes"],
-        "synced": json.loads(synced.stdout)["counters"],
+        "synced": synced["report"]["counters"],
+        "job": synced["id"],
         "verify_exit": verify.returncode,
         "verified_items": verified.get("items", 0),
     }
@@ -452,6 +477,7 @@ def show(config_path: Path, summary: dict[str, object]) -> None:
             f"{training['save_s']:.2f} s, "
             + ", ".join(f"{k}: {v:,}" for k, v in training["node_bytes"].items()),
         )
+        table.add_row("sync job on babel-sync serve", str(training["job"]))
         table.add_row(
             "checkpoint synced back to region-a",
             f"{training['synced']['copied']} files, verified {training['synced']['verified']}; "

@@ -20,11 +20,14 @@ TOKEN = "test-service-token-0123456789"
 
 
 class Service:
+    """A ``babel-sync serve`` process on a free port with ``profiles`` for its jobs."""
+
     def __init__(
         self, tmp: Path, profiles: dict[str, dict[str, Any]], max_concurrent: int = 2
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        tmp.mkdir(parents=True, exist_ok=True)
         self.config = tmp / "service.toml"
         lines = ["[service]", f'listen = "127.0.0.1:{self.port}"', f'token = "{TOKEN}"',
                  f'state_dir = "{tmp / "state"}"', f"max_concurrent = {max_concurrent}"]  # fmt: skip
