@@ -19,10 +19,10 @@ def _job_spec() -> dict[str, Any]:
             "delete": {"type": "boolean", "default": False},
             "verify": {"type": "string", "enum": list(VERIFY), "default": "sample"},
             "transfers": {"type": "integer", "minimum": 1, "maximum": 1024, "default": 16},
-            "bwlimit": {"type": "string", "description": "bytes per second, e.g. 50M"},
+            "bwlimit": {"type": ["string", "null"], "description": "bytes per second, e.g. 50M"},
             "include": {"type": "array", "items": {"type": "string"}},
             "exclude": {"type": "array", "items": {"type": "string"}},
-            "every_minutes": {"type": "number", "exclusiveMinimum": 0},
+            "every_minutes": {"type": ["number", "null"], "exclusiveMinimum": 0},
             "name": {"type": "string", "maxLength": 200},
         },
     }
@@ -67,7 +67,7 @@ def document() -> dict[str, Any]:
         "post": {"responses": {"200": job, "400": error, "401": error, "404": error}},
     }
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "babel-sync service", "version": "1"},
         "security": [{"bearer": []}],
         "paths": {

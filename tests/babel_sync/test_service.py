@@ -220,3 +220,77 @@ def test_cli_client(service: Service, buckets) -> None:
     wrong = subprocess.run([sys.executable, "-m", "babel_sync.cli", "jobs", "list", "--token", "bad-token-bad-token"],
                            cwd=REPO, env={**env}, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert wrong.returncode == 4 and "401" in wrong.stderr
+
+
+def _schema(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
+
+
+def test_responses_match_the_openapi_document(service: Service, buckets) -> None:
+    """A contract test in the spirit of schemathesis: every answer validates against the
+    document's schemas, and every constrained field of JobSpec refuses a value outside them."""
+    import jsonschema
+
+    src, dst, store = buckets
+    fill(store, 2, 1000)
+    _, doc = service.call("GET", "/api/v1/openapi.json")
+    job_schema, error_schema = _schema(doc, "Job"), _schema(doc, "Error")
+    valid = {"source": f"s3://s3@{src}/", "destination": f"s3://s3@{dst}/", "name": "contract"}
+    jsonschema.validate(valid, _schema(doc, "JobSpec"))
+    status, job = service.call("POST", "/api/v1/jobs", valid)
+    assert status == 201
+    jsonschema.validate(job, job_schema)
+    done = service.wait_state(job["id"], ("succeeded",))
+    jsonschema.validate(done, job_schema)
+    _, listing = service.call("GET", "/api/v1/jobs")
+    for item in listing["jobs"]:
+        jsonschema.validate(item, job_schema)
+    for method, path, body in (
+        ("GET", "/api/v1/jobs/nope", None),
+        ("POST", "/api/v1/jobs/nope/pause", None),
+        ("POST", f"/api/v1/jobs/{job['id']}/resume", None),  # not paused: 400
+        ("POST", "/api/v1/jobs", {"source": 1}),
+    ):
+        status, answer = service.call(method, path, body)
+        assert status in (400, 404), (method, path, status)
+        jsonschema.validate(answer, error_schema)
+        template = path.replace(job["id"], "{id}").replace("nope", "{id}")
+        assert str(status) in doc["paths"][template][method.lower()]["responses"], (
+            template,
+            status,
+        )
+    # every enum, bound and type in JobSpec is enforced by the service as documented
+    props = doc["components"]["schemas"]["JobSpec"]["properties"]
+    wrong: dict[str, Any] = {}
+    for name, raw in props.items():
+        kind = raw.get("type")
+        if isinstance(kind, list):
+            kind = next(t for t in kind if t != "null")
+        prop = {**raw, "type": kind}
+        if "enum" in prop:
+            wrong[name] = "not-" + prop["enum"][0]
+        elif prop.get("type") == "integer":
+            wrong[name] = prop.get("maximum", 10) + 1
+        elif prop.get("type") == "boolean":
+            wrong[name] = "yes"
+        elif prop.get("type") == "array":
+            wrong[name] = "not-a-list"
+        elif prop.get("type") == "number":
+            wrong[name] = -1
+        elif "maxLength" in prop:
+            wrong[name] = "x" * (prop["maxLength"] + 1)
+    assert set(wrong) >= {
+        "mode",
+        "verify",
+        "transfers",
+        "delete",
+        "include",
+        "exclude",
+        "every_minutes",
+        "name",
+    }
+    for name, value in wrong.items():
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**valid, name: value}, _schema(doc, "JobSpec"))
+        status, answer = service.call("POST", "/api/v1/jobs", {**valid, name: value})
+        assert status == 400 and answer["field"] == name, (name, value, answer)
