@@ -83,6 +83,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             spec["bwlimit"] = args.bwlimit
         if args.every:
             spec["every_minutes"] = args.every
+        if args.daily_at:
+            spec["daily_at"] = args.daily_at
         if args.name:
             spec["name"] = args.name
         job = _request(args, "POST", "/api/v1/jobs", spec)
@@ -142,6 +144,7 @@ def add_commands(sub: Any) -> None:
     submit.add_argument("--transfers", type=int, default=16)
     submit.add_argument("--bwlimit", help="bytes per second for this job, e.g. 50M")
     submit.add_argument("--every", type=float, metavar="MIN", help="run again every MIN minutes")
+    submit.add_argument("--daily-at", metavar="HH:MM", help="run every day at this UTC time")
     submit.add_argument("--name", default="")
     client(submit)
     client(jobs_sub.add_parser("list", help="all jobs"))

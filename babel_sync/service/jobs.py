@@ -3,13 +3,17 @@
 A job is submitted as JSON (the CLI's options, by their CLI names), validated here field by
 field (:class:`BadRequest` names the field), and stored under its id with its state. States:
 ``queued`` -> ``running`` -> ``succeeded`` | ``failed`` | ``verify_failed``; ``paused`` and
-``cancelled`` by request. A running job's own progress lives in its journal (the sync engine's),
+``cancelled`` by request; ``scheduled`` while a ``daily_at`` job waits for its first run. A job
+with a schedule (``every_minutes`` after each start, or ``daily_at`` a UTC time) runs again when
+due, never while its previous run is still going. A running job's own progress lives in its journal (the sync engine's),
 so a job interrupted by a pause or a restart of the service continues where it stopped.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import threading
 import time
 import uuid
@@ -24,7 +28,18 @@ from objstore.url import parse_url
 MODES = ("sync", "copy", "check")
 VERIFY = ("none", "runtime", "sample", "full")
 FINAL = ("succeeded", "failed", "verify_failed", "cancelled")
-STATES = ("queued", "running", "paused", *FINAL)
+STATES = ("scheduled", "queued", "running", "paused", *FINAL)
+_DAILY = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+
+
+def next_daily(at: str, now: float) -> float:
+    """The next time (epoch seconds) the UTC clock reads ``HH:MM`` after ``now``."""
+    match = _DAILY.match(at)
+    if match is None:
+        raise ValueError(f"not HH:MM: {at!r}")
+    day = now - now % 86400
+    when = day + 3600 * int(match.group(1)) + 60 * int(match.group(2))
+    return when if when > now else when + 86400
 
 
 class BadRequest(ValueError):
@@ -58,6 +73,7 @@ class JobSpec:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     every_minutes: float | None = None  # a schedule: run again this long after each start
+    daily_at: str | None = None  # a schedule: every day at this UTC time, "HH:MM"
     name: str = ""
 
     @classmethod
@@ -100,11 +116,16 @@ class JobSpec:
 
             try:
                 parse_size(str(bwlimit))
-            except ValueError as exc:
+            except (ValueError, argparse.ArgumentTypeError) as exc:
                 raise BadRequest("bwlimit", str(exc)) from None
         every = body.get("every_minutes")
         if every is not None and (not isinstance(every, int | float) or every <= 0):
             raise BadRequest("every_minutes", "a positive number of minutes")
+        daily = body.get("daily_at")
+        if daily is not None and (not isinstance(daily, str) or not _DAILY.match(daily)):
+            raise BadRequest("daily_at", "a UTC time of day, HH:MM")
+        if daily is not None and every is not None:
+            raise BadRequest("daily_at", "one schedule per job: every_minutes or daily_at")
         rules: dict[str, tuple[str, ...]] = {}
         for name in ("include", "exclude"):
             value = body.get(name, [])
@@ -117,7 +138,7 @@ class JobSpec:
         return cls(
             body["source"], body["destination"], mode, delete, verify, transfers,
             None if bwlimit is None else str(bwlimit), rules["include"], rules["exclude"],
-            None if every is None else float(every), name,
+            None if every is None else float(every), daily, name,
         )  # fmt: skip
 
     def cli_args(self) -> list[str]:

@@ -23,6 +23,7 @@ def _job_spec() -> dict[str, Any]:
             "include": {"type": "array", "items": {"type": "string"}},
             "exclude": {"type": "array", "items": {"type": "string"}},
             "every_minutes": {"type": ["number", "null"], "exclusiveMinimum": 0},
+            "daily_at": {"type": ["string", "null"], "pattern": "^([01][0-9]|2[0-3]):[0-5][0-9]$"},
             "name": {"type": "string", "maxLength": 200},
         },
     }

@@ -30,7 +30,7 @@ from typing import Any
 from babel_sync.progress import PROGRESS_PREFIX
 from objstore.cli import parse_size
 
-from .jobs import FINAL, BadRequest, Job, JobSpec, JobStore
+from .jobs import FINAL, BadRequest, Job, JobSpec, JobStore, next_daily
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ class JobRunner:
 
     def submit(self, spec: JobSpec) -> Job:
         job = Job(self.store.new_id(), spec)
+        if spec.daily_at:
+            job.state, job.next_run = "scheduled", next_daily(spec.daily_at, time.time())
         self.store.put(job)
         self._changed(job)
         self._wake.set()
@@ -105,7 +107,7 @@ class JobRunner:
 
     async def pause(self, job_id: str) -> Job:
         job = self.get(job_id)
-        if job.state not in ("queued", "running"):
+        if job.state not in ("scheduled", "queued", "running"):
             raise BadRequest("state", f"a {job.state} job cannot be paused")
         await self._set_final(job, "paused")
         return job
@@ -150,7 +152,7 @@ class JobRunner:
                 if len(self._procs) >= self.options.max_concurrent:
                     break
                 due = job.state == "queued" or (
-                    job.state in ("succeeded", "failed", "verify_failed")
+                    job.state in ("scheduled", "succeeded", "failed", "verify_failed")
                     and job.next_run is not None
                     and job.next_run <= now
                 )
@@ -239,6 +241,8 @@ class JobRunner:
         self.totals["succeeded" if code == 0 else "failed"] += 1
         if job.spec.every_minutes and job.started is not None:
             job.next_run = job.started + 60 * job.spec.every_minutes
+        elif job.spec.daily_at:
+            job.next_run = next_daily(job.spec.daily_at, time.time())
         self.store.put(job)
         self._changed(job)
         self._wake.set()

@@ -294,3 +294,22 @@ def test_responses_match_the_openapi_document(service: Service, buckets) -> None
             jsonschema.validate({**valid, name: value}, _schema(doc, "JobSpec"))
         status, answer = service.call("POST", "/api/v1/jobs", {**valid, name: value})
         assert status == 400 and answer["field"] == name, (name, value, answer)
+
+
+def test_a_scheduled_job_runs_again(service: Service, buckets) -> None:
+    src, dst, store = buckets
+    fill(store, 2, 1000)
+    spec = {"source": f"s3://s3@{src}/", "destination": f"s3://s3@{dst}/", "every_minutes": 0.03}
+    _, job = service.call("POST", "/api/v1/jobs", spec)
+    first = service.wait_state(job["id"], ("succeeded",))
+    assert first["runs"] == 1 and first["next_run"] == pytest.approx(first["started"] + 1.8)
+    store.put("data/late.bin", b"arrived after the first run")
+    deadline = time.monotonic() + 30
+    while True:
+        _, now = service.call("GET", f"/api/v1/jobs/{job['id']}")
+        if now["runs"] >= 2 and now["state"] == "succeeded":
+            break
+        assert time.monotonic() < deadline, now
+        time.sleep(0.2)
+    assert now["report"]["counters"]["copied"] == 1  # only the new object
+    assert now["started"] >= first["started"] + 1.8
