@@ -13,10 +13,12 @@ import functools
 import gc
 import logging
 import operator
+import os
 import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 from objstore import ObjectInfo, open_object, open_store
@@ -216,6 +218,8 @@ def _options(args: argparse.Namespace, mode: str) -> SyncOptions:
         compare="size" if args.size_only else "checksum",
         max_memory=parse_size(args.max_memory),
         journal_dir=Path(args.journal) if args.journal else None,
+        engine=args.engine,
+        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"),
     )
 
 
@@ -230,8 +234,11 @@ def _run_job(args: argparse.Namespace, mode: str) -> int:
         counters=counters,
         plan_out=sys.stdout if options.dry_run else None,
     )
+    # Ray's driver prints cluster messages (a worker lost, a task retried) on stdout; stdout is
+    # the report's, so anything else printed during the run goes to stderr
     with (
         _few_collections(),
+        contextlib.redirect_stdout(sys.stderr) if options.engine == "ray" else nullcontext(),
         Reporter(
             counters,
             enabled=not args.quiet and not args.json,
@@ -331,6 +338,17 @@ def _add_job_options(p: argparse.ArgumentParser, *, mirror: bool) -> None:
     )
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="where transfers run: this process (local) or a Ray cluster (ray)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="the Ray cluster for --engine ray (default: $RAY_ADDRESS, else auto)",
+    )
     p.add_argument(
         "--progress-json",
         action="store_true",

@@ -76,6 +76,8 @@ class SyncOptions:
         compare: ``checksum`` (the full ladder) or ``size``.
         max_memory: transfer buffers in flight across the job.
         journal_dir: where the job's journal lives (default: under ~/.cache/babel-sync).
+        engine: ``local`` (threads in this process) or ``ray`` (transfers as Ray tasks on the
+            cluster at ``ray_address``; see :mod:`babel_sync.ray_engine`).
     """
 
     mode: str = "sync"
@@ -93,6 +95,8 @@ class SyncOptions:
     compare: str = "checksum"
     max_memory: int = 1 << 30
     journal_dir: Path | None = None
+    engine: str = "local"
+    ray_address: str | None = None
 
 
 @dataclass
@@ -107,6 +111,7 @@ class SyncReport:
     verification: dict[str, Any] = field(default_factory=dict)
     journal: str = ""
     seconds: float = 0.0
+    engine: dict[str, Any] = field(default_factory=lambda: {"name": "local"})
 
     @property
     def exit_code(self) -> ExitCode:
@@ -128,6 +133,7 @@ class SyncReport:
             "journal": self.journal,
             "seconds": round(self.seconds, 3),
             "exit_code": int(self.exit_code),
+            "engine": self.engine,
         }
 
 
@@ -152,7 +158,11 @@ class SyncJob:
     ) -> None:
         if options.verify not in VERIFY_MODES:
             raise CommandError(f"--verify must be one of {', '.join(VERIFY_MODES)}", ExitCode.USAGE)
+        if options.engine not in ("local", "ray"):
+            raise CommandError("--engine must be local or ray", ExitCode.USAGE)
         self.options = options
+        self.source, self.destination, self.config = source, destination, config
+        self._ray: Any = None  # the RayExecutor of an --engine ray job
         self.src: Store = open_store(source, config)
         self.dst: Store = open_store(destination, config)
         self.counters = counters or Counters()
@@ -179,6 +189,10 @@ class SyncJob:
 
     def run(self) -> SyncReport:
         started = time.monotonic()
+        if self.options.engine == "ray" and self._ray is None:
+            from .ray_engine import RayExecutor
+
+            self._ray = RayExecutor(self, self.options.ray_address or "auto")
         self.src.check_root()
         dst_exists = self._destination_exists()
         with Journal(self.journal_dir, self.identity) as journal:
@@ -216,6 +230,7 @@ class SyncJob:
             },
             str(self.journal_dir),
             time.monotonic() - started,
+            self._ray.describe() if self._ray is not None else {"name": "local"},
         )
 
     def _destination_exists(self) -> bool:
@@ -248,6 +263,8 @@ class SyncJob:
             else:
                 self.counters.add(dst_listed=len(kept))
 
+        if self._ray is not None:  # every page request a Ray task; the scheduler stays here
+            store = self._ray.listing_store(side)  # type: ignore[assignment]
         lister = ParallelLister(
             store, workers=self.options.list_workers, on_objects=on_objects, state=state
         )
@@ -302,6 +319,9 @@ class SyncJob:
     def _execute(self, journal: Journal, items: Callable[[], Iterator[PlanItem]]) -> None:
         self.counters.phase = "transferring"
         opts = self.options
+        if self._ray is not None:
+            self._ray.run(journal, items)
+            return
         with (
             ThreadPoolExecutor(opts.transfers, thread_name_prefix="part") as part_pool,
             ThreadPoolExecutor(opts.transfers, thread_name_prefix="object") as object_pool,

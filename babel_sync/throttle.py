@@ -26,16 +26,20 @@ class Bandwidth:
         self._lock = threading.Lock()
 
     def consume(self, nbytes: int) -> None:
+        wait = self.reserve(nbytes)
+        if wait > 0:
+            time.sleep(wait)
+
+    def reserve(self, nbytes: int) -> float:
+        """Take ``nbytes`` from the bucket; returns how long the caller must wait first."""
         if not self.rate or nbytes <= 0:
-            return
+            return 0.0
         with self._lock:
             now = time.monotonic()
             self._tokens = min(self.rate, self._tokens + (now - self._stamp) * self.rate)
             self._stamp = now
             self._tokens -= nbytes
-            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
-        if wait > 0:
-            time.sleep(wait)
+            return -self._tokens / self.rate if self._tokens < 0 else 0.0
 
 
 class MemoryBudget:
