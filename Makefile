@@ -4,7 +4,7 @@ PY_SYS ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS := pcache,ckpt,test,lint
+EXTRAS := pcache,ckpt,test,lint,ray
 PYTEST_ARGS ?=
 
 .PHONY: setup test demo lint format bench clean

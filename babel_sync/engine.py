@@ -155,6 +155,7 @@ class SyncJob:
         config: Config | None = None,
         counters: Counters | None = None,
         plan_out: TextIO | None = None,
+        stores: tuple[Store, Store] | None = None,
     ) -> None:
         if options.verify not in VERIFY_MODES:
             raise CommandError(f"--verify must be one of {', '.join(VERIFY_MODES)}", ExitCode.USAGE)
@@ -163,8 +164,9 @@ class SyncJob:
         self.options = options
         self.source, self.destination, self.config = source, destination, config
         self._ray: Any = None  # the RayExecutor of an --engine ray job
-        self.src: Store = open_store(source, config)
-        self.dst: Store = open_store(destination, config)
+        # ``stores``: already open ones (a Ray worker reuses its stores across tasks)
+        self.src: Store = stores[0] if stores else open_store(source, config)
+        self.dst: Store = stores[1] if stores else open_store(destination, config)
         self.counters = counters or Counters()
         self.plan_out = plan_out
         self.identity = {

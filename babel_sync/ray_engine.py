@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 BATCH_OBJECTS = 64
 BATCH_BYTES = 256 * 1024 * 1024
 TASK_TRANSFERS = 4  # objects (and parts) in flight inside one task
-IN_FLIGHT_PER_CPU = 2  # batches queued per cluster CPU
+TASKS_PER_CPU = 4  # batches running at once per cluster CPU
+IN_FLIGHT_PER_CPU = 2 * TASKS_PER_CPU  # batches submitted per cluster CPU
 
 
 _stores: dict[tuple[str, bytes], Any] = {}
@@ -53,6 +54,9 @@ def _store(url: str, config: Any) -> Any:
     import pickle
 
     from objstore import open_store
+    from objstore.s3 import S3Store
+
+    S3Store.lazy_client = True  # the lean data path serves transfers; boto3 only if needed
 
     key = (url, pickle.dumps(config))
     store = _stores.get(key)
@@ -180,22 +184,21 @@ def run_batch(
     task_options = replace(options, transfers=min(options.transfers, TASK_TRANSFERS),
                            sample_seed=seed, journal_dir=None)  # fmt: skip
     counters = Counters()
-    job = SyncJob(source, destination, task_options, config=config, counters=counters)
+    stores = (_store(source, config), _store(destination, config))
+    job = SyncJob(
+        source, destination, task_options, config=config, counters=counters, stores=stores
+    )
     journal = ItemJournal(states)
     bandwidth = _ClusterBandwidth(limiter) if limiter is not None else Bandwidth(None)
-    try:
-        with ThreadPoolExecutor(TASK_TRANSFERS, thread_name_prefix="part") as parts, \
-                ThreadPoolExecutor(TASK_TRANSFERS, thread_name_prefix="object") as objects:  # fmt: skip
-            transferer = Transferer(
-                job.src, job.dst, journal,  # type: ignore[arg-type]  # the slice it uses
-                part_pool=parts, options=task_options.transfer, bandwidth=bandwidth,
-                budget=MemoryBudget(task_options.max_memory // 4),
-                on_bytes=lambda n: counters.add(bytes_moved=n),
-            )  # fmt: skip
-            list(objects.map(lambda it: job._do_item(transferer, journal, it), items))  # type: ignore[arg-type]
-    finally:
-        job.src.close()
-        job.dst.close()
+    with ThreadPoolExecutor(TASK_TRANSFERS, thread_name_prefix="part") as parts, \
+            ThreadPoolExecutor(TASK_TRANSFERS, thread_name_prefix="object") as objects:  # fmt: skip
+        transferer = Transferer(
+            job.src, job.dst, journal,  # type: ignore[arg-type]  # the slice it uses
+            part_pool=parts, options=task_options.transfer, bandwidth=bandwidth,
+            budget=MemoryBudget(task_options.max_memory // 4),
+            on_bytes=lambda n: counters.add(bytes_moved=n),
+        )  # fmt: skip
+        list(objects.map(lambda it: job._do_item(transferer, journal, it), items))  # type: ignore[arg-type]
     snap = counters.snapshot()
     return BatchResult(
         journal.changes(),
@@ -235,7 +238,10 @@ class RayExecutor:
         self.ray = ray
         self.address = address
         self.listers: list[RayListingStore] = []
-        self.task = ray.remote(max_retries=3, retry_exceptions=False)(run_batch)
+        # transfers wait on the network, not a CPU: TASKS_PER_CPU batches share one
+        self.task = ray.remote(num_cpus=1 / TASKS_PER_CPU, max_retries=3, retry_exceptions=False)(
+            run_batch
+        )
         rate = job.options.bwlimit
         self.limiter: Any = ray.remote(RateLimiter).remote(rate) if rate else None
         self.nodes: dict[str, int] = {}

@@ -8,7 +8,10 @@ at once) gets all 20 at the same moment while a client polls the API (``GET /api
 into fresh destinations. Printed: total time and throughput of both, their ratio, and the API's
 latency percentiles while the jobs ran.
 
-    .venv/bin/python bench/service_load.py [--concurrent 4] [--json]
+Then the whole source once with the local engine and once with ``--engine ray`` on a local Ray
+cluster of two nodes (``ray start --head`` plus a worker).
+
+    .venv/bin/python bench/service_load.py [--concurrent 4] [--ray-cpus 1] [--json]
 """
 
 from __future__ import annotations
@@ -119,6 +122,45 @@ def run_cli_sequential(config: Path, prefixes: list[str]) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - started}
 
 
+def run_engines(work: Path, config: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The whole source synced by the local engine, then by the Ray engine on a local Ray
+    cluster of two nodes (head + worker, ``--ray-cpus`` CPUs each)."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    out: dict[str, Any] = {}
+
+    def sync(dst: str, *extra: str) -> float:
+        started = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "babel_sync.cli", "sync", "s3://region-a@src/", dst, "--json",
+             "--config", str(config), *extra],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"sync to {dst} failed: {done.stderr.strip()[-800:]}")
+        return time.perf_counter() - started
+
+    out["local_s"] = sync("s3://region-b@eng-local/", "--journal", str(work / "j-local"))
+    port = 6400 + os.getpid() % 500
+    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
+    started = subprocess.run(
+        [ray, "start", "--head", "--port", str(port), "--num-cpus", str(args.ray_cpus),
+         "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(work / "ray")],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    if started.returncode != 0:
+        raise RuntimeError(f"ray start failed: {started.stderr.strip()[-500:]}")
+    try:
+        subprocess.run([ray, "start", "--address", f"127.0.0.1:{port}", "--num-cpus",
+                        str(args.ray_cpus), "--disable-usage-stats"], env=env, check=True,
+                       capture_output=True)  # fmt: skip
+        out["ray_s"] = sync("s3://region-b@eng-ray/", "--journal", str(work / "j-ray"),
+                            "--engine", "ray", "--ray-address", f"127.0.0.1:{port}")  # fmt: skip
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -129,6 +171,8 @@ def main() -> int:
         "--small-objects", type=int, default=200, help="16 KiB objects per small job"
     )
     parser.add_argument("--large-objects", type=int, default=4, help="16 MiB objects per large job")
+    parser.add_argument("--ray-cpus", type=int, default=1,
+                        help="CPUs per node of the 2-node local Ray cluster (0: skip the Ray run)")  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="service-load-", dir="/var/tmp") as tmp:
@@ -138,7 +182,7 @@ def main() -> int:
                            secret_access_key="benchSecretKeyForRegionB000000000000002")  # fmt: skip
         with a, b:
             a.create_bucket("src")
-            for bucket in ("svc", "cli"):
+            for bucket in ("svc", "cli", "eng-local", "eng-ray"):
                 b.create_bucket(bucket)
             profiles = {"region-a": a.profile(), "region-b": b.profile()}
             config = work / "objstore.toml"
@@ -156,8 +200,9 @@ def main() -> int:
             service = run_service(work, profiles, prefixes, args)
             print("CLI: one after another ...", file=sys.stderr)
             cli = run_cli_sequential(config, prefixes)
+            engines = run_engines(work, config, args) if args.ray_cpus else {}
     result = {"bytes": total, "jobs": args.jobs, "concurrent": args.concurrent, "service": service, "cli": cli,
-              "service_vs_cli": cli["seconds"] / service["seconds"]}  # fmt: skip
+              "service_vs_cli": cli["seconds"] / service["seconds"], "engines": engines}  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -174,6 +219,11 @@ def main() -> int:
     print(f"service throughput / sequential CLI: {result['service_vs_cli']:.2f}x")
     print(f"API latency while the jobs ran ({service['api_requests']:,} requests): "
           f"p50 {service['api_p50_ms']:.1f} ms, p99 {service['api_p99_ms']:.1f} ms, max {service['api_max_ms']:.1f} ms")  # fmt: skip
+    if engines:
+        print(f"one sync of all {mb:,.0f} MB: local engine {engines['local_s']:.2f} s "
+              f"({mb / engines['local_s']:.1f} MB/s), Ray engine on 2 local nodes "
+              f"{engines['ray_s']:.2f} s ({mb / engines['ray_s']:.1f} MB/s): "
+              f"{engines['local_s'] / engines['ray_s']:.2f}x")  # fmt: skip
     return 0
 
 

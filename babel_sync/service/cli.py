@@ -87,6 +87,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             spec["daily_at"] = args.daily_at
         if args.name:
             spec["name"] = args.name
+        if args.engine != "local":
+            spec["engine"] = args.engine
+        if args.ray_address:
+            spec["ray_address"] = args.ray_address
         job = _request(args, "POST", "/api/v1/jobs", spec)
         print_json(job) if args.json else print(job["id"])
     elif what == "list":
@@ -146,6 +150,8 @@ def add_commands(sub: Any) -> None:
     submit.add_argument("--every", type=float, metavar="MIN", help="run again every MIN minutes")
     submit.add_argument("--daily-at", metavar="HH:MM", help="run every day at this UTC time")
     submit.add_argument("--name", default="")
+    submit.add_argument("--engine", choices=["local", "ray"], default="local")
+    submit.add_argument("--ray-address", metavar="ADDR", help="the Ray cluster for --engine ray")
     client(submit)
     client(jobs_sub.add_parser("list", help="all jobs"))
     for action in ("show", "pause", "resume", "cancel", "delete"):

@@ -75,6 +75,8 @@ class JobSpec:
     every_minutes: float | None = None  # a schedule: run again this long after each start
     daily_at: str | None = None  # a schedule: every day at this UTC time, "HH:MM"
     name: str = ""
+    engine: str = "local"  # or "ray": transfers as tasks on a Ray cluster
+    ray_address: str | None = None
 
     @classmethod
     def from_json(cls, body: Any) -> JobSpec:
@@ -135,10 +137,16 @@ class JobSpec:
         name = body.get("name", "")
         if not isinstance(name, str) or len(name) > 200:
             raise BadRequest("name", "a string of at most 200 characters")
+        engine = body.get("engine", "local")
+        if engine not in ("local", "ray"):
+            raise BadRequest("engine", "local or ray")
+        ray_address = body.get("ray_address")
+        if ray_address is not None and (not isinstance(ray_address, str) or not ray_address):
+            raise BadRequest("ray_address", "HOST:PORT of the Ray cluster, or auto")
         return cls(
             body["source"], body["destination"], mode, delete, verify, transfers,
             None if bwlimit is None else str(bwlimit), rules["include"], rules["exclude"],
-            None if every is None else float(every), daily, name,
+            None if every is None else float(every), daily, name, engine, ray_address,
         )  # fmt: skip
 
     def cli_args(self) -> list[str]:
@@ -153,6 +161,10 @@ class JobSpec:
             args += ["--include", pattern]
         for pattern in self.exclude:
             args += ["--exclude", pattern]
+        if self.engine == "ray":
+            args += ["--engine", "ray"]
+            if self.ray_address:
+                args += ["--ray-address", self.ray_address]
         return args
 
 

@@ -25,6 +25,8 @@ def _job_spec() -> dict[str, Any]:
             "every_minutes": {"type": ["number", "null"], "exclusiveMinimum": 0},
             "daily_at": {"type": ["string", "null"], "pattern": "^([01][0-9]|2[0-3]):[0-5][0-9]$"},
             "name": {"type": "string", "maxLength": 200},
+            "engine": {"type": "string", "enum": ["local", "ray"], "default": "local"},
+            "ray_address": {"type": ["string", "null"], "description": "HOST:PORT, or auto"},
         },
     }
 

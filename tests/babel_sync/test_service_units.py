@@ -31,6 +31,8 @@ def test_next_daily_by_hand() -> None:
         ({"every_minutes": 0}, "every_minutes"),
         ({"bwlimit": "fast"}, "bwlimit"),
         ({"include": "*.bin"}, "include"),
+        ({"engine": "spark"}, "engine"),
+        ({"ray_address": ""}, "ray_address"),
     ],
 )
 def test_job_spec_refuses(extra: dict, field: str) -> None:
@@ -48,6 +50,8 @@ def test_cli_arguments_of_a_job() -> None:
     ]  # fmt: skip
     job = Job("j1", spec)
     assert Job.from_json(job.to_json()) == job
+    ray = JobSpec.from_json({**SPEC, "engine": "ray", "ray_address": "10.0.0.1:6379"})
+    assert ray.cli_args()[-4:] == ["--engine", "ray", "--ray-address", "10.0.0.1:6379"]
 
 
 def test_global_bandwidth_is_split_between_running_jobs(tmp_path: Path) -> None:
