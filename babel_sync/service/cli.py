@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from objstore.cli import CommandError, ExitCode, add_common_options, print_json
+from objstore.cli import CommandError, ExitCode, add_common_options, print_json, use_json_logs
 
 from .config import DEFAULT_LISTEN, ServiceConfig
 
@@ -32,6 +32,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.config,
         )  # fmt: skip
     logging.getLogger().setLevel(logging.INFO)
+    if not args.plain_logs:
+        use_json_logs()
     print(
         f"babel-sync serve: http://{config.listen}/ (state in {config.state_dir})", file=sys.stderr
     )
@@ -124,6 +126,7 @@ def add_commands(sub: Any) -> None:
         description="Run the sync service. --config FILE holds its [service] table and the "
         "jobs' [profiles.*]; BABEL_SYNC_TOKEN and BABEL_SYNC_LISTEN override.",
     )  # fmt: skip
+    serve.add_argument("--plain-logs", action="store_true", help="text logs instead of JSON lines")
     add_common_options(serve, subcommand=True)
     serve.set_defaults(func=cmd_serve)
 

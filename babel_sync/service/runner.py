@@ -193,7 +193,9 @@ class JobRunner:
 
     async def _run(self, job: Job) -> None:
         cmd = self._command(job)
-        log.info("job %s: %s", job.id, " ".join(cmd[1:]))
+        log.info(
+            "job %s started (run %d)", job.id, job.runs, extra={"job": job.id, "event": "start"}
+        )
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
@@ -239,6 +241,8 @@ class JobRunner:
             job.state = "failed"
             job.error = errors[-1] if errors else f"exit code {code}"
         self.totals["succeeded" if code == 0 else "failed"] += 1
+        log.info("job %s %s", job.id, job.state, extra={"job": job.id, "event": job.state,
+                 "exit_code": code, "copied": job.progress.get("copied", 0)})  # fmt: skip
         if job.spec.every_minutes and job.started is not None:
             job.next_run = job.started + 60 * job.spec.every_minutes
         elif job.spec.daily_at:

@@ -96,6 +96,13 @@ def test_a_job_runs_to_a_verified_result(service: Service, buckets) -> None:
     assert 'babel_sync_jobs{state="succeeded"} 1.0' in metrics
     _, listing = service.call("GET", "/api/v1/jobs?state=succeeded")
     assert [j["id"] for j in listing["jobs"]] == [job["id"]]
+    # JSON logs: one object per line, the job's events findable by id, the token nowhere
+    text = service.log.read_text()
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    mine = [e for e in events if e.get("job") == job["id"]]
+    assert [e["event"] for e in mine] == ["start", "succeeded"] and mine[1]["copied"] == 12
+    assert all({"ts", "level", "logger", "msg"} <= set(e) for e in events)
+    assert TOKEN not in text
 
 
 def test_pause_resume_and_cancel(service: Service, buckets, rclone_s3) -> None:
