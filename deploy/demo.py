@@ -5,9 +5,9 @@ This first version sets up the two regions later issues build on:
 1. starts two real S3 endpoints (``rclone serve s3``): "region-a" and "region-b";
 2. writes a generated token dataset (shards + an index) and a multipart "checkpoint" into
    region-a through objstore, checking the service's CRC-64/NVME against our own;
-3. syncs region-a -> region-b with ``babel-sync sync`` (bytes move between the two endpoints,
-   CRC-checked while streaming, the multipart checkpoint sample-verified), then confirms with
-   ``babel-sync check``;
+3. starts ``babel-sync serve`` (its dashboard URL printed) and syncs region-a -> region-b as a
+   job on it (bytes move between the two endpoints, CRC-checked while streaming, large objects
+   sample-verified), then confirms with the ``babel-sync check`` CLI;
 4. lists both regions the way a user would (``babel-sync ls``), and shows what a user sees for
    a mistake (a missing bucket: one line and an exit code);
 5. starts two pcache workers ("node1", "node2") over region-b, warms the synced dataset into
@@ -18,8 +18,8 @@ This first version sets up the two regions later issues build on:
 7. while mounted, trains the bundled MoE (``torchrun -m ckpt.trainer``: 4 ranks on 2 simulated
    nodes, expert parallelism 2) on the dataset read through the mount, checkpointing every 2
    steps to region-b through ckpt (node-aware placement), syncs the checkpoints back to region-a
-   as a job on ``babel-sync serve`` (its dashboard URL printed) and checks every item's CRC
-   there with ``ckpt verify``; unmounts.
+   as a second job on the service and checks every item's CRC there with ``ckpt verify``;
+   unmounts.
 
 Everything lives under ``.demo/`` and is removed on exit (also on Ctrl-C); it can run twice in a row.
 """
@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -50,6 +51,7 @@ from objstore import checksum as crc  # noqa: E402
 from tests.servers.pcache_cluster import PcacheCluster  # noqa: E402
 from tests.servers.rclone_s3 import RcloneS3Server  # noqa: E402
 from tests.servers.s3_process import free_port  # noqa: E402
+from tests.servers.sync_service import TOKEN, Service  # noqa: E402
 
 log = logging.getLogger("demo")
 console = Console(width=None if sys.stdout.isatty() else 110)
@@ -97,6 +99,7 @@ def main() -> int:
         ),
     }
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    services: list[Service] = []
     try:
         for name, server in regions.items():
             server.start()
@@ -105,14 +108,21 @@ def main() -> int:
             console.print(f"[green]started[/green] {name}: S3 endpoint {server.endpoint}")
         config_path = write_config(work / "objstore.toml", regions)
         config = Config.load(config_path)
+        service = Service(work / "service", {n: s.profile() for n, s in regions.items()}).start()
+        services.append(service)
+        console.print(
+            f"[green]started[/green] babel-sync serve: dashboard {service.url}/#token={TOKEN}"
+        )
         summary = populate(config, args.shards, args.shard_tokens)
-        summary.update(sync_regions(config_path, work))
-        summary.update(cache_region_b(work, regions["region-b"], config_path))
+        summary.update(sync_regions(config_path, work, service))
+        summary.update(cache_region_b(work, regions["region-b"], config_path, service))
         show(config_path, summary)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: cleaning up[/yellow]")
         return 130
     finally:
+        for service in services:
+            service.stop()
         for server in regions.values():
             server.stop()
         if not args.keep:
@@ -164,24 +174,14 @@ def populate(config: Config, shards: int, shard_tokens: int) -> dict[str, object
     }
 
 
-def sync_regions(config_path: Path, work: Path) -> dict[str, object]:
-    """region-a -> region-b with babel-sync, then an independent check of the result."""
-    journal = ["--journal", str(work / "journal")]
-    synced = run_cli(
-        [
-            "sync",
-            f"s3://region-a@{BUCKET}/",
-            f"s3://region-b@{BUCKET}/",
-            "--json",
-            "--part-size",
-            "8MiB",
-            *journal,
-        ],
-        config_path,
+def sync_regions(config_path: Path, work: Path, service: Service) -> dict[str, object]:
+    """region-a -> region-b as a job on ``babel-sync serve``, then an independent check of the
+    result with the ``babel-sync check`` CLI."""
+    job = submit_job(
+        service, f"s3://region-a@{BUCKET}/", f"s3://region-b@{BUCKET}/", "region-sync", "8MiB"
     )
-    if synced.returncode != 0:
-        raise SystemExit(f"sync failed ({synced.returncode}): {synced.stderr.strip()}")
-    report = json.loads(synced.stdout)
+    report = dict(job["report"])
+    report["job"] = job["id"]
     checked = run_cli(
         [
             "check",
@@ -197,7 +197,27 @@ def sync_regions(config_path: Path, work: Path) -> dict[str, object]:
     return {"sync": report, "check": check}
 
 
-def cache_region_b(work: Path, region_b: RcloneS3Server, config_path: Path) -> dict[str, object]:
+def submit_job(
+    service: Service, source: str, dest: str, name: str, part_size: str | None = None
+) -> dict[str, Any]:
+    """Submit ``source -> dest`` to the service (as ``babel-sync jobs submit`` would) and wait."""
+    spec = {"source": source, "destination": dest, "name": name}
+    extra = ""
+    if part_size:
+        spec["part_size"] = part_size
+        extra = f" --part-size {part_size}"
+    console.print(f"[dim]$ babel-sync jobs submit {source} {dest} --name {name}{extra}[/dim]")
+    _, job = service.call("POST", "/api/v1/jobs", spec)
+    console.print(f"job {job['id']}: {service.url}/#job={job['id']}")
+    done = service.wait_state(job["id"], ("succeeded", "failed", "verify_failed"), timeout=300)
+    if done["state"] != "succeeded":
+        raise SystemExit(f"sync job {name} {done['state']}: {done.get('error')}")
+    return done
+
+
+def cache_region_b(
+    work: Path, region_b: RcloneS3Server, config_path: Path, service: Service
+) -> dict[str, object]:
     """Two pcache workers over region-b: warm the dataset, then read it through the cache."""
     from objstore.config import Secret
     from pcache.client import PcacheClient
@@ -247,7 +267,7 @@ def cache_region_b(work: Path, region_b: RcloneS3Server, config_path: Path) -> d
         elapsed = time.perf_counter() - started - 0.0
         per_node = {n.node_id: client.status(n.address)["blocks"]["blocks"] for n in cluster.nodes}
         client.close()
-        mounted = read_through_mount(work, env, store, objects, config_path)
+        mounted = read_through_mount(work, env, store, objects, config_path, service)
     return {
         "mount": mounted,
         "cache": {
@@ -263,34 +283,13 @@ def cache_region_b(work: Path, region_b: RcloneS3Server, config_path: Path) -> d
     }
 
 
-def sync_by_service(work: Path, config_path: Path, source: str, dest: str) -> dict[str, object]:
-    """Start ``babel-sync serve``, submit ``source -> dest`` as a job, wait for its result."""
-    import tomllib
-
-    from tests.servers.sync_service import TOKEN, Service
-
-    profiles = tomllib.loads(config_path.read_text())["profiles"]
-    service = Service(work / "service", profiles).start()
-    try:
-        console.print(
-            f"[green]started[/green] babel-sync serve: dashboard {service.url}/#token={TOKEN}"
-        )
-        console.print(f"[dim]$ babel-sync jobs submit {source} {dest} --name checkpoint-back[/dim]")
-        _, job = service.call(
-            "POST",
-            "/api/v1/jobs",
-            {"source": source, "destination": dest, "name": "checkpoint-back"},
-        )
-        done = service.wait_state(job["id"], ("succeeded", "failed", "verify_failed"), timeout=180)
-        if done["state"] != "succeeded":
-            raise SystemExit(f"checkpoint sync job {done['state']}: {done.get('error')}")
-        return done
-    finally:
-        service.stop()
-
-
 def read_through_mount(
-    work: Path, env: dict[str, str], store: Store, objects: list[ObjectInfo], config_path: Path
+    work: Path,
+    env: dict[str, str],
+    store: Store,
+    objects: list[ObjectInfo],
+    config_path: Path,
+    service: Service,
 ) -> dict[str, object]:
     """``pcache mount`` the namespace and read the dataset as plain files."""
     from tests.servers.pcache_mount import force_unmount
@@ -331,7 +330,7 @@ def read_through_mount(
         snapshot = json.loads(stats.stdout) if stats.returncode == 0 else {}
         console.print(f"[dim]$ pcache stats {mountpoint}[/dim]")
         console.print(pcache("stats", str(mountpoint)).stdout.rstrip())
-        training = train_and_checkpoint(work, mountpoint / "tokens", config_path)
+        training = train_and_checkpoint(work, mountpoint / "tokens", config_path, service)
     finally:
         done = pcache("umount", str(mountpoint))
         if done.returncode != 0:
@@ -348,7 +347,9 @@ def read_through_mount(
     }
 
 
-def train_and_checkpoint(work: Path, tokens: Path, config_path: Path) -> dict[str, object]:
+def train_and_checkpoint(
+    work: Path, tokens: Path, config_path: Path, service: Service
+) -> dict[str, object]:
     """The MoE trainer on 2 simulated nodes (2 ranks each, EP 2) reading the dataset through
     the mount, checkpointing to region-b through ckpt; then the checkpoint synced back to
     region-a with babel-sync and its CRCs checked there with ``ckpt verify``."""
@@ -370,7 +371,7 @@ def train_and_checkpoint(work: Path, tokens: Path, config_path: Path) -> dict[st
     last = report["saves"][-1]
     console.print(f"trained {report['steps']} steps, loss {report['losses'][0]:.3f} -> "
                   f"{report['losses'][-1]:.3f}; checkpoint {last['url']}")  # fmt: skip
-    synced = sync_by_service(work, config_path, root_b, root_a)
+    synced = submit_job(service, root_b, root_a, "checkpoint-back")
     step_dir = last["url"].rstrip("/").rsplit("/", 1)[1]
     console.print(f"[dim]$ ckpt verify {root_a}{step_dir}/[/dim]")
     verify = subprocess.run(
@@ -423,6 +424,7 @@ def show(config_path: Path, summary: dict[str, object]) -> None:
     sync = summary["sync"]
     counters = sync["counters"]  # type: ignore[index]
     verification = sync["verification"]  # type: ignore[index]
+    table.add_row("sync job on babel-sync serve", str(sync["job"]))  # type: ignore[index]
     table.add_row(
         "synced region-a -> region-b",
         f"{counters['copied']} objects, {counters['bytes_moved']:,} bytes",
@@ -477,7 +479,7 @@ def show(config_path: Path, summary: dict[str, object]) -> None:
             f"{training['save_s']:.2f} s, "
             + ", ".join(f"{k}: {v:,}" for k, v in training["node_bytes"].items()),
         )
-        table.add_row("sync job on babel-sync serve", str(training["job"]))
+        table.add_row("checkpoint sync job", str(training["job"]))
         table.add_row(
             "checkpoint synced back to region-a",
             f"{training['synced']['copied']} files, verified {training['synced']['verified']}; "

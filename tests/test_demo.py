@@ -28,6 +28,8 @@ def test_demo_runs_end_to_end_and_cleans_up() -> None:
     assert "6/6" in done.stdout
     assert "bucket does not exist: 'no-such-bucket'" in done.stdout
     assert "synced region-a -> region-b" in done.stdout and "8 objects" in done.stdout
+    assert "started babel-sync serve: dashboard http://127.0.0.1:" in done.stdout
+    assert re.search(r"sync job on babel-sync serve\s*│\s*\d{8}-\d{6}-", done.stdout)
     assert re.search(r"check region-a vs region-b\s*│\s*match", done.stdout)
     assert "pcache warmup of region-b (2 workers)" in done.stdout
     assert re.search(r"read through pcache \(identical to region-b\)\s*│\s*7/7", done.stdout)

@@ -89,6 +89,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             spec["daily_at"] = args.daily_at
         if args.name:
             spec["name"] = args.name
+        if args.part_size:
+            spec["part_size"] = args.part_size
         if args.engine != "local":
             spec["engine"] = args.engine
         if args.ray_address:
@@ -153,6 +155,7 @@ def add_commands(sub: Any) -> None:
     submit.add_argument("--every", type=float, metavar="MIN", help="run again every MIN minutes")
     submit.add_argument("--daily-at", metavar="HH:MM", help="run every day at this UTC time")
     submit.add_argument("--name", default="")
+    submit.add_argument("--part-size", help="multipart part size, e.g. 64MiB (default: auto)")
     submit.add_argument("--engine", choices=["local", "ray"], default="local")
     submit.add_argument("--ray-address", metavar="ADDR", help="the Ray cluster for --engine ray")
     client(submit)

@@ -77,6 +77,7 @@ class JobSpec:
     name: str = ""
     engine: str = "local"  # or "ray": transfers as tasks on a Ray cluster
     ray_address: str | None = None
+    part_size: str | None = None  # multipart part size as the CLI reads it ("8MiB"); None: auto
 
     @classmethod
     def from_json(cls, body: Any) -> JobSpec:
@@ -137,6 +138,15 @@ class JobSpec:
         name = body.get("name", "")
         if not isinstance(name, str) or len(name) > 200:
             raise BadRequest("name", "a string of at most 200 characters")
+        part_size = body.get("part_size")
+        if part_size is not None:
+            from objstore.cli import parse_size
+
+            try:
+                if parse_size(str(part_size)) < 5 * 1024 * 1024:
+                    raise BadRequest("part_size", "at least 5 MiB (the S3 minimum)")
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                raise BadRequest("part_size", str(exc)) from None
         engine = body.get("engine", "local")
         if engine not in ("local", "ray"):
             raise BadRequest("engine", "local or ray")
@@ -147,6 +157,7 @@ class JobSpec:
             body["source"], body["destination"], mode, delete, verify, transfers,
             None if bwlimit is None else str(bwlimit), rules["include"], rules["exclude"],
             None if every is None else float(every), daily, name, engine, ray_address,
+            None if part_size is None else str(part_size),
         )  # fmt: skip
 
     def cli_args(self) -> list[str]:
@@ -157,6 +168,8 @@ class JobSpec:
             args.append("--delete")
         if self.bwlimit:
             args += ["--bwlimit", self.bwlimit]
+        if self.part_size:
+            args += ["--part-size", self.part_size]
         for pattern in self.include:
             args += ["--include", pattern]
         for pattern in self.exclude:

@@ -20,6 +20,10 @@ def _job_spec() -> dict[str, Any]:
             "verify": {"type": "string", "enum": list(VERIFY), "default": "sample"},
             "transfers": {"type": "integer", "minimum": 1, "maximum": 1024, "default": 16},
             "bwlimit": {"type": ["string", "null"], "description": "bytes per second, e.g. 50M"},
+            "part_size": {
+                "type": ["string", "null"],
+                "description": "multipart part size, e.g. 64MiB (>= 5 MiB)",
+            },
             "include": {"type": "array", "items": {"type": "string"}},
             "exclude": {"type": "array", "items": {"type": "string"}},
             "every_minutes": {"type": ["number", "null"], "exclusiveMinimum": 0},

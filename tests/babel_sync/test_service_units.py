@@ -32,6 +32,7 @@ def test_next_daily_by_hand() -> None:
         ({"bwlimit": "fast"}, "bwlimit"),
         ({"include": "*.bin"}, "include"),
         ({"engine": "spark"}, "engine"),
+        ({"part_size": "1MiB"}, "part_size"),
         ({"ray_address": ""}, "ray_address"),
     ],
 )
