@@ -168,6 +168,22 @@ class _JobCollector:
             for job in jobs:
                 family.add_metric([job.id, job.spec.name], float(job.progress.get(key, 0)))
             yield family
+        errors = CounterMetricFamily(
+            "babel_sync_job_errors", "errors by kind", labels=["job", "name", "kind"]
+        )
+        retries = CounterMetricFamily(
+            "babel_sync_job_retries", "objects copied again after a failed verification",
+            labels=["job", "name"],
+        )  # fmt: skip
+        for job in jobs:
+            labels = [job.id, job.spec.name]
+            errors.add_metric([*labels, "transfer"], float(job.progress.get("failed", 0)))
+            errors.add_metric([*labels, "verification"], float(job.progress.get("mismatches", 0)))
+            errors.add_metric([*labels, "job"], float(job.state == "failed"))
+            verification = (job.report or {}).get("verification", {})
+            retries.add_metric(labels, float(verification.get("retried", 0)))
+        yield errors
+        yield retries
         rate = GaugeMetricFamily("babel_sync_job_rate_bytes", "bytes/s", labels=["job", "name"])
         state = GaugeMetricFamily("babel_sync_jobs", "jobs by state", labels=["state"])
         counts: dict[str, int] = {}

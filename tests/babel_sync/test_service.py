@@ -94,6 +94,11 @@ def test_a_job_runs_to_a_verified_result(service: Service, buckets) -> None:
         f'babel_sync_job_transferred_bytes_total{{job="{job["id"]}",name="t1"}} 480000.0' in metrics
     )
     assert 'babel_sync_jobs{state="succeeded"} 1.0' in metrics
+    assert (
+        f'babel_sync_job_errors_total{{job="{job["id"]}",kind="verification",name="t1"}} 0.0'
+        in metrics
+    )
+    assert f'babel_sync_job_retries_total{{job="{job["id"]}",name="t1"}} 0.0' in metrics
     _, listing = service.call("GET", "/api/v1/jobs?state=succeeded")
     assert [j["id"] for j in listing["jobs"]] == [job["id"]]
     # JSON logs: one object per line, the job's events findable by id, the token nowhere
