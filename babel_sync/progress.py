@@ -76,8 +76,11 @@ PROGRESS_PREFIX = "PROGRESS "
 
 def progress_line(snap: dict[str, Any]) -> str:
     """``PROGRESS {json}``: the counters with the elapsed seconds instead of a clock reading."""
+    from objstore.retry import retry_count
+
     out = {k: v for k, v in snap.items() if k != "started"}
     out["elapsed"] = round(time.monotonic() - float(snap["started"]), 3)
+    out["request_retries"] = retry_count()  # this process's requests retried (transient errors)
     return PROGRESS_PREFIX + json.dumps(out, separators=(",", ":"))
 
 

@@ -94,6 +94,15 @@ class AIMDLimiter:
             log.info("throttled by the service: concurrency limit now %d", int(self._limit))
 
 
+_retries = 0
+_retries_lock = threading.Lock()
+
+
+def retry_count() -> int:
+    """Requests this process has retried so far (for progress reports and metrics)."""
+    return _retries
+
+
 def call_with_retry(
     fn: Callable[[], T],
     policy: RetryPolicy,
@@ -138,6 +147,9 @@ def call_with_retry(
                 policy.max_attempts - 1,
                 pause,
             )
+            global _retries
+            with _retries_lock:
+                _retries += 1
             sleep(pause)
             attempt += 1
 

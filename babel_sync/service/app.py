@@ -162,6 +162,7 @@ class _JobCollector:
             "mismatches": ("mismatches", "verification mismatches"),
             "failed_objects": ("failed", "objects that failed"),
             "resumed_parts": ("resumed_parts", "parts resumed from the journal"),
+            "request_retries": ("request_retries", "store requests retried after transient errors"),
         }
         for name, (key, text) in per_job.items():
             family = CounterMetricFamily(f"babel_sync_job_{name}", text, labels=["job", "name"])

@@ -99,6 +99,7 @@ def test_a_job_runs_to_a_verified_result(service: Service, buckets) -> None:
         in metrics
     )
     assert f'babel_sync_job_retries_total{{job="{job["id"]}",name="t1"}} 0.0' in metrics
+    assert f'babel_sync_job_request_retries_total{{job="{job["id"]}",name="t1"}} 0.0' in metrics
     _, listing = service.call("GET", "/api/v1/jobs?state=succeeded")
     assert [j["id"] for j in listing["jobs"]] == [job["id"]]
     # JSON logs: one object per line, the job's events findable by id, the token nowhere

@@ -79,9 +79,11 @@ def test_succeeds_after_transient_failures(failures: int) -> None:
     fn = Flaky(errors, result=42)
     slept: list[float] = []
     policy = RetryPolicy(max_attempts=5, base_delay=0.1, max_delay=10.0, deadline=1000.0)
+    before = retry_mod.retry_count()
     assert call_with_retry(fn, policy, sleep=slept.append) == 42
     assert fn.calls == failures + 1
     assert len(slept) == failures
+    assert retry_mod.retry_count() - before == failures  # counted for progress and metrics
     assert all(d > 0 for d in slept)
 
 
