@@ -77,6 +77,14 @@ class Service:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
 
+    def wait_copied(self, job_id: str, count: int, timeout: float = 30) -> None:
+        """Until the running job has copied ``count`` objects."""
+        deadline = time.monotonic() + timeout
+        while self.call("GET", f"/api/v1/jobs/{job_id}")[1]["progress"].get("copied", 0) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} copied fewer than {count} in {timeout:.0f} s")
+            time.sleep(0.1)
+
     def wait_state(
         self, job_id: str, states: tuple[str, ...], timeout: float = 90
     ) -> dict[str, Any]:
