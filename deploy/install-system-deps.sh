@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the project needs (FUSE for pcache, headers to build pyfuse3,
-# iproute2 for network-namespace tests, chromium for the dashboard test). Idempotent: does nothing when all are present.
+# iproute2 for network-namespace tests, chromium for the dashboard test, systemd for
+# `systemd-analyze verify` of the units). Idempotent: does nothing when all are present.
 set -euo pipefail
-PKGS=(fuse3 libfuse3-dev pkg-config iproute2 chromium)
+PKGS=(fuse3 libfuse3-dev pkg-config iproute2 chromium systemd)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
