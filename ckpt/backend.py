@@ -225,7 +225,7 @@ class PcacheBackend(Backend):
         from pcache.config import ClientConfig
 
         path = url[len(PCACHE_SCHEME) :].strip("/")
-        if "/" not in path and not path:
+        if not path:
             raise ValueError(f"{url!r}: expected pcache://NAMESPACE/PREFIX")
         self.url = url
         self.root = path + "/"

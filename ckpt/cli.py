@@ -44,6 +44,7 @@ def describe(metadata: Any) -> dict[str, Any]:
     extra = getattr(metadata, "ckpt", None) or {}
     crcs = extra.get("crc32c", {})
     items = []
+    with_crc = {index.fqn for index in crcs}
     sizes: dict[str, int] = {}
     for index, info in (metadata.storage_data or {}).items():
         sizes[index.fqn] = sizes.get(index.fqn, 0) + info.length
@@ -55,7 +56,7 @@ def describe(metadata: Any) -> dict[str, Any]:
             entry["type"] = "tensor"
             entry["shape"] = list(md.size)
             entry["dtype"] = str(md.properties.dtype).replace("torch.", "")
-        entry["crc"] = any(i.fqn == fqn for i in crcs)
+        entry["crc"] = fqn in with_crc
         items.append(entry)
     nodes: dict[str, dict[str, int]] = {}
     for _, f in sorted(extra.get("files", {}).items()):

@@ -196,11 +196,19 @@ class JobRunner:
         log.info(
             "job %s started (run %d)", job.id, job.runs, extra={"job": job.id, "event": "start"}
         )
-        proc = await asyncio.create_subprocess_exec(
-            *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )  # fmt: skip
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )  # fmt: skip
+        except OSError as exc:  # never a job stuck "running" without a process
+            self._live.pop(job.id, None)
+            job.state, job.finished, job.error = "failed", time.time(), f"cannot start: {exc}"
+            self.totals["failed"] += 1
+            self.store.put(job)
+            self._changed(job)
+            return
         self._procs[job.id] = proc
         errors: list[str] = []
         last_save = 0.0

@@ -84,3 +84,18 @@ def test_a_daily_job_waits_for_its_time(tmp_path: Path) -> None:
     assert (
         job.state == "scheduled" and job.next_run is not None and job.next_run % 86400 == 3 * 3600
     )
+
+
+def test_a_job_whose_process_cannot_start_fails_with_the_reason(tmp_path: Path) -> None:
+    async def scenario() -> Job:
+        runner = JobRunner(RunnerOptions(tmp_path, python=str(tmp_path / "no-such-python")))
+        try:
+            job = runner.submit(JobSpec.from_json(SPEC))
+            runner._launch(job)
+            await asyncio.gather(*runner._tasks)
+            return runner.get(job.id)
+        finally:
+            runner.store.close()
+
+    job = asyncio.run(scenario())
+    assert job.state == "failed" and "cannot start" in job.error and job.id
