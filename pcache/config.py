@@ -12,6 +12,8 @@ One file serves a node: ``[profiles.*]`` (endpoints and credentials, see
     block_size = "4MiB"
     peers = [{ id = "node-2", address = "http://10.0.0.2:7070", weight = 1.0 }]
     membership_file = ""               # or a file of [[nodes]] that may change at run time
+    peers_dns = ""                     # or NAME[:PORT] resolving to every worker (k8s headless Service)
+    weight = 1.0                       # this worker's share of blocks (its cache capacity)
 
     [[pcache.cache_dirs]]              # one per NVMe disk
     path = "/nvme0/pcache"
@@ -21,7 +23,7 @@ One file serves a node: ``[profiles.*]`` (endpoints and credentials, see
     datasets = "s3://region-b@datasets"
 
 Environment overrides: ``PCACHE_CONFIG`` (the file), ``PCACHE_NODE_ID``, ``PCACHE_LISTEN``,
-``PCACHE_TOKEN``, ``PCACHE_WORKER`` (the local worker a client talks to). Unknown keys are
+``PCACHE_ADVERTISE``, ``PCACHE_PEERS_DNS``, ``PCACHE_TOKEN``, ``PCACHE_WORKER`` (the local worker a client talks to). Unknown keys are
 rejected; the token is a :class:`~objstore.config.Secret`.
 """
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -38,6 +41,8 @@ from typing import Any
 
 from objstore.config import Config, Secret, read_toml
 from objstore.errors import ConfigError
+
+from .membership import parse_dns_target
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,10 @@ class WorkerConfig:
         block_size: bytes per cached block.
         peers: the static peer list (this node may be in it; it is skipped).
         membership_file: a node list that may change at run time (overrides ``peers``).
+        peers_dns: ``NAME[:PORT]`` whose addresses are the workers (a Kubernetes headless
+            Service); each new address is asked its node id. Excludes ``membership_file``.
+        peers_dns_interval: seconds between two lookups of ``peers_dns``.
+        weight: this worker's share of blocks relative to the others (its cache capacity).
         metadata_ttl: seconds a stat or listing is trusted.
         negative_ttl: seconds a "does not exist" is trusted.
         immutable: the datasets never change: metadata never expires.
@@ -113,6 +122,9 @@ class WorkerConfig:
     block_size: int = 4 << 20
     peers: tuple[PeerConfig, ...] = ()
     membership_file: Path | None = None
+    peers_dns: str = ""
+    peers_dns_interval: float = 10.0
+    weight: float = 1.0
     metadata_ttl: float = 30.0
     negative_ttl: float = 5.0
     immutable: bool = False
@@ -146,7 +158,16 @@ class WorkerConfig:
             raise ConfigError("pcache.block_size must be a power of two >= 64KiB")
         if self.upload_part_size < 5 << 20:
             raise ConfigError("pcache.upload_part_size must be >= 5MiB (S3/OSS minimum)")
-        for name in ("metadata_ttl", "negative_ttl", "request_timeout"):
+        if self.peers_dns and self.membership_file:
+            raise ConfigError("pcache.peers_dns and pcache.membership_file exclude each other")
+        if self.peers_dns:
+            try:
+                parse_dns_target(self.peers_dns, self.port)
+            except ValueError as exc:
+                raise ConfigError(f"pcache.{exc}") from None
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ConfigError(f"pcache.weight must be > 0, got {self.weight!r}")
+        for name in ("metadata_ttl", "negative_ttl", "request_timeout", "peers_dns_interval"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"pcache.{name} must be >= 0")
         for name in ("readahead_blocks",):
@@ -155,6 +176,10 @@ class WorkerConfig:
         for name in ("fetch_concurrency", "upload_concurrency"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"pcache.{name} must be >= 1")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
 
     @property
     def address(self) -> str:
@@ -206,6 +231,8 @@ class WorkerConfig:
         for key, var in (
             ("node_id", "PCACHE_NODE_ID"),
             ("listen", "PCACHE_LISTEN"),
+            ("advertise", "PCACHE_ADVERTISE"),
+            ("peers_dns", "PCACHE_PEERS_DNS"),
             ("token", "PCACHE_TOKEN"),
         ):
             if env.get(var):
@@ -235,10 +262,11 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
     for key in ("block_size", "upload_part_size"):
         if key in out:
             out[key] = parse_size(out[key], f"{where} {key}")
-    for key in ("metadata_ttl", "negative_ttl", "request_timeout"):
+    for key in ("metadata_ttl", "negative_ttl", "request_timeout", "peers_dns_interval", "weight"):
         if key in out:
             if isinstance(out[key], bool) or not isinstance(out[key], int | float):
-                raise ConfigError(f"{where} {key} must be a number of seconds")
+                unit = "" if key == "weight" else " of seconds"
+                raise ConfigError(f"{where} {key} must be a number{unit}")
             out[key] = float(out[key])
     for key in ("readahead_blocks", "fetch_concurrency", "upload_concurrency"):
         if key in out and (isinstance(out[key], bool) or not isinstance(out[key], int)):

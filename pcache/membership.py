@@ -11,24 +11,29 @@ or ``{"nodes": [{"id": "node-a", "address": "http://10.0.0.1:7070", "weight": 2.
 `Membership.nodes()` picks up edits at run time with one ``stat`` per poll interval; a file
 that stops parsing keeps the last good list, with one warning per bad version of the file.
 Feed the result to `pcache.selection.WorkerSelector.set_nodes`.
+
+`DnsMembership` finds the workers through one DNS name instead (a Kubernetes headless Service
+answers with one address per worker pod) and asks each new address for its node id.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import os
+import socket
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from pcache.selection import Node, check_unique_ids
 
-__all__ = ["Membership", "load_nodes", "parse_nodes"]
+__all__ = ["DnsMembership", "Membership", "load_nodes", "parse_dns_target", "parse_nodes"]
 
 log = logging.getLogger(__name__)
 
@@ -230,3 +235,121 @@ class Membership:
 def _signature(st: os.stat_result) -> tuple[int, ...]:
     # The inode catches an atomic rename; ctime catches a same-size rewrite within one mtime tick.
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+Identify = Callable[[str], Awaitable[tuple[str, float]]]
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def resolve_addresses(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (A and AAAA), sorted, without duplicates."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def parse_dns_target(target: str, default_port: int) -> tuple[str, int]:
+    """``"NAME"`` or ``"NAME:PORT"`` -> (name, port).
+
+    Raises:
+        ValueError: empty name or a port that is not 1..65535.
+    """
+    host, sep, port = target.rpartition(":")
+    if not sep:
+        host, port = target, str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"peers_dns {target!r}: expected NAME or NAME:PORT")
+    return host, int(port)
+
+
+class DnsMembership(Membership):
+    """Workers discovered through one DNS name, such as a Kubernetes headless Service.
+
+    The name resolves to one address per worker pod. An address seen for the first time is asked
+    who it is (``identify``: the worker's ``/v1/info``, which names its stable node id and
+    weight), because selection hashes node ids, never addresses. Addresses that leave the DNS
+    answer leave the list; one that cannot be identified yet is retried at the next refresh.
+    A failed lookup keeps the last list (a DNS hiccup must not empty the cluster).
+
+    Call order: construct, then ``await refresh()`` periodically from one task (the worker's
+    housekeeping); ``nodes()`` and ``version`` may be read from any thread.
+
+    Args:
+        host: The DNS name.
+        port: The workers' port.
+        scheme: ``http`` or ``https``.
+        interval_s: At most one lookup per this many seconds (``refresh(force=True)`` ignores it).
+        resolve: Name -> addresses; injectable for tests.
+        clock: Monotonic clock in seconds.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        scheme: str = "http",
+        interval_s: float = 10.0,
+        resolve: Resolve = resolve_addresses,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.host, self.port, self.scheme = host, port, scheme
+        self._interval_s = interval_s
+        self._resolve = resolve
+        self._clock = clock
+        self._identified: dict[str, Node] = {}  # address URL -> node
+        self._failed_lookup = False
+
+    def _url(self, address: str) -> str:
+        host = f"[{address}]" if ":" in address else address
+        return f"{self.scheme}://{host}:{self.port}"
+
+    async def refresh(self, identify: Identify, *, force: bool = False) -> None:
+        """Look the name up (if due) and identify new addresses; never raises."""
+        now = self._clock()
+        if not force and now < self._next_check:
+            return
+        self._next_check = now + self._interval_s
+        try:
+            addresses = await self._resolve(self.host, self.port)
+        except OSError as exc:
+            if not self._failed_lookup:
+                log.warning(
+                    "peers_dns %s: lookup failed (%s); keeping %d nodes",
+                    self.host,
+                    exc,
+                    len(self._nodes),
+                )
+            self._failed_lookup = True
+            return
+        self._failed_lookup = False
+        urls = [self._url(a) for a in addresses]
+        known = {u: n for u, n in self._identified.items() if u in urls}
+
+        async def ask(url: str) -> None:
+            try:
+                node_id, weight = await identify(url)
+                known[url] = Node(node_id, url, weight)
+            except Exception as exc:  # retried at the next refresh
+                log.warning("peers_dns %s: %s did not identify itself: %s", self.host, url, exc)
+
+        await asyncio.gather(*(ask(u) for u in urls if u not in known))
+        self._identified = known
+        by_id: dict[str, Node] = {}
+        for url in urls:  # one node per id: a pod replaced in place keeps its id
+            node = known.get(url)
+            if node is not None:
+                by_id[node.node_id] = node
+        nodes = tuple(sorted(by_id.values(), key=lambda n: n.node_id))
+        if nodes != self._nodes:
+            old = {n.node_id for n in self._nodes}
+            log.info(
+                "peers_dns %s: %d nodes (added %s, removed %s)",
+                self.host,
+                len(nodes),
+                sorted(set(by_id) - old),
+                sorted(old - set(by_id)),
+            )
+            with self._lock:
+                self._nodes = nodes
+                self._version += 1

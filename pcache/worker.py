@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -31,7 +32,7 @@ from .blockindex import BlockId
 from .blockstore import BlockStore, CacheDir
 from .config import WorkerConfig
 from .fetch import BlockFetcher, PeerClient
-from .membership import Membership
+from .membership import DnsMembership, Membership, parse_dns_target
 from .metacache import MISSING, MetadataCache, Missing
 from .protocol import (
     SOURCE_HEADER,
@@ -72,14 +73,20 @@ class Worker:
         self.meta = MetadataCache(
             config.metadata_ttl, config.negative_ttl, immutable=config.immutable
         )
-        self.membership = (
-            Membership.from_file(config.membership_file)
-            if config.membership_file
-            else Membership(
-                [Node(p.id, p.address, p.weight) for p in config.peers]
-                or [Node(config.node_id, config.address)]
+        self.membership: Membership
+        if config.peers_dns:
+            host, port = parse_dns_target(config.peers_dns, config.port)
+            scheme = urlsplit(config.address).scheme or "http"
+            self.membership = DnsMembership(
+                host, port, scheme=scheme, interval_s=config.peers_dns_interval
             )
-        )
+        elif config.membership_file:
+            self.membership = Membership.from_file(config.membership_file)
+        else:
+            self.membership = Membership(
+                [Node(p.id, p.address, p.weight) for p in config.peers]
+                or [Node(config.node_id, config.address, config.weight)]
+            )
         nodes = self._nodes_with_self(self.membership.nodes())
         self.selector = WorkerSelector(nodes, local_id=config.node_id)
         self.peers = PeerClient(config.token.reveal(), config.request_timeout)
@@ -107,7 +114,7 @@ class Worker:
     def _nodes_with_self(self, nodes: list[Node]) -> list[Node]:
         if any(n.node_id == self.config.node_id for n in nodes):
             return nodes
-        return [*nodes, Node(self.config.node_id, self.config.address)]
+        return [*nodes, Node(self.config.node_id, self.config.address, self.config.weight)]
 
     def members(self) -> list[Node]:
         """Every node of the cluster (this one included), whatever their health."""
@@ -115,6 +122,19 @@ class Worker:
 
     def refresh_membership(self) -> None:
         self.selector.set_nodes(self.members())
+
+    async def discover(self, *, force: bool = False) -> None:
+        """With ``peers_dns``: look the workers up (when due) and use the new list."""
+        if isinstance(self.membership, DnsMembership):
+            await self.membership.refresh(self._identify, force=force)
+            self.refresh_membership()
+
+    async def _identify(self, address: str) -> tuple[str, float]:
+        async with self.peers._client().get(f"{address}/v1/info") as response:
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status} from /v1/info")
+            body = await response.json()
+        return str(body["node_id"]), float(body.get("weight", 1.0))
 
     def _uploaded(self, namespace: str, key: str, info: ObjectInfo) -> None:
         self.meta.invalidate(namespace, key)
@@ -308,6 +328,7 @@ async def info(request: web.Request) -> web.Response:
         {
             "node_id": worker.config.node_id,
             "address": worker.config.address,
+            "weight": worker.config.weight,
             "block_size": worker.blocks.block_size,
             "namespaces": sorted(worker.stores),
             "backends": {name: str(store.url) for name, store in worker.stores.items()},
@@ -581,6 +602,7 @@ async def _housekeeping(worker: Worker) -> None:
         await asyncio.sleep(1.0)
         ticks += 1
         try:
+            await worker.discover()
             worker.refresh_membership()
             if ticks % 60 == 0:
                 await asyncio.to_thread(worker.writeback.reap_idle, SESSION_IDLE_S)

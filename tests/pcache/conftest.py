@@ -37,6 +37,7 @@ class ClusterFactory:
         dirs_per_node: int = 1,
         profile: dict[str, Any] | None = None,
         start: bool = True,
+        cluster_args: dict[str, Any] | None = None,
         **extra: Any,
     ) -> tuple[PcacheCluster, Store]:
         bucket = unique_bucket("pc")
@@ -51,6 +52,7 @@ class ClusterFactory:
             capacity=capacity,
             dirs_per_node=dirs_per_node,
             extra=extra,
+            **(cluster_args or {}),
         )
         self.clusters.append(cluster)
         if start:

@@ -115,6 +115,30 @@ def test_worker_config_errors(tmp_path: Path) -> None:
     config = WorkerConfig.load(good, env={"PCACHE_TOKEN": "from-env"})
     assert config.token.reveal() == "from-env" and "from-env" not in repr(config)
     assert config.cache_dirs[0].capacity == 1 << 30
+    # discovery through DNS (Kubernetes): the node id and the name come from the environment
+    k8s = WorkerConfig.load(
+        good,
+        env={
+            "PCACHE_TOKEN": "t",
+            "PCACHE_NODE_ID": "gpu-node-17",
+            "PCACHE_PEERS_DNS": "pcache-workers.pcache.svc",
+            "PCACHE_ADVERTISE": "http://10.1.2.3:7070",
+        },
+    )
+    assert (k8s.node_id, k8s.peers_dns, k8s.address) == (
+        "gpu-node-17",
+        "pcache-workers.pcache.svc",
+        "http://10.1.2.3:7070",
+    )
+    for extra, message in (
+        ('peers_dns = "w:99999"', "expected NAME or NAME:PORT"),
+        ('peers_dns = "w"\nmembership_file = "/m.toml"', "exclude each other"),
+        ("weight = 0", "weight must be > 0"),
+        ('weight = "x"', "weight must be a number"),
+    ):
+        bad.write_text(good.read_text() + extra + "\n")
+        with pytest.raises(ConfigError, match=message):
+            WorkerConfig.load(bad, env={"PCACHE_TOKEN": "t"})
 
 
 @pytest.mark.parametrize(

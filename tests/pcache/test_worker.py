@@ -21,6 +21,7 @@ from pcache.localcache import LocalCacheReader, open_files_limit, raise_open_fil
 from pcache.protocol import Unauthorized
 from tests.pcache.conftest import MiB, disk_usage
 from tests.servers.proxies import FaultProxy
+from tests.servers.s3_process import free_port
 
 
 def _get(url: str, token: str | None) -> tuple[int, bytes]:
@@ -514,3 +515,52 @@ def test_listings_see_own_writes_despite_ttl(make_cluster) -> None:
     assert [o.key for o in client.ls("data/dir/")[0]] == ["dir/b.txt"]
     client.invalidate("data/dir/c.txt")
     assert [o.key for o in client.ls("data/dir/")[0]] == ["dir/b.txt", "dir/c.txt"]
+
+
+def test_peers_found_through_dns(make_cluster, payload, tmp_path: Path) -> None:
+    """``peers_dns``: the workers come from a name with one address per worker (a Kubernetes
+    headless Service). The name is real DNS-through-glibc: each worker runs in a mount namespace
+    whose /etc/hosts gives ``pcache-workers`` both workers' addresses."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n127.0.0.1 pcache-workers\n127.0.0.2 pcache-workers\n")
+    port = free_port()
+    private_hosts = [
+        "unshare", "--mount", "--propagation", "private", "sh", "-c",
+        f'mount --bind "{hosts}" /etc/hosts && exec "$@"', "sh",
+    ]  # fmt: skip
+    cluster, store = make_cluster(
+        2,
+        peers_dns=f"pcache-workers:{port}",
+        peers_dns_interval=0.5,
+        weight=2.0,
+        cluster_args={
+            "hosts": ["127.0.0.1", "127.0.0.2"],
+            "ports": [port, port],
+            "command_prefix": private_hosts,
+        },
+    )
+    expected = {
+        "node1": (f"http://127.0.0.1:{port}", 2.0),
+        "node2": (f"http://127.0.0.2:{port}", 2.0),
+    }
+    clients = [make_cluster.client(cluster, i) for i in (0, 1)]
+
+    def members(client: PcacheClient) -> dict[str, tuple[str, float]]:
+        return {n["id"]: (n["address"], n["weight"]) for n in client.info(refresh=True)["nodes"]}
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(members(c) != expected for c in clients):
+        time.sleep(0.2)
+    assert [members(c) for c in clients] == [expected, expected], cluster.logs()
+    data = payload(3 * MiB)
+    store.put("dns/obj.bin", data)
+    assert clients[0].read("data/dns/obj.bin") == data
+    assert clients[1].read("data/dns/obj.bin") == data
+    # the second worker leaves the name (its pod is gone): the first drops it
+    hosts.write_text("127.0.0.1 localhost\n127.0.0.1 pcache-workers\n")
+    cluster.kill(cluster.nodes[1])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and set(members(clients[0])) != {"node1"}:
+        time.sleep(0.2)
+    assert members(clients[0]) == {"node1": expected["node1"]}
+    assert clients[0].read("data/dns/obj.bin") == data

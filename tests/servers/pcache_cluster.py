@@ -70,6 +70,8 @@ class PcacheCluster:
         extra: more ``[pcache]`` keys for every node.
         hosts: per-node host addresses (network namespaces); default 127.0.0.1.
         netns: per-node network namespace names to start the workers in.
+        ports: per-node ports (default: a free port each).
+        command_prefix: argv put before each worker's command (e.g. ``unshare``).
     """
 
     def __init__(
@@ -85,7 +87,10 @@ class PcacheCluster:
         hosts: Sequence[str] | None = None,
         netns: Sequence[str] | None = None,
         block_size: str = "1MiB",
+        ports: Sequence[int] | None = None,
+        command_prefix: Sequence[str] = (),
     ) -> None:
+        self.command_prefix = list(command_prefix)
         self.root = root
         self.token = secrets.token_hex(16)
         self.profiles = profiles
@@ -96,7 +101,7 @@ class PcacheCluster:
             node_root.mkdir(parents=True, exist_ok=True)
             node = WorkerNode(
                 f"node{i + 1}",
-                free_port(),
+                ports[i] if ports else free_port(),
                 node_root,
                 node_root / "pcache.toml",
                 host=hosts[i] if hosts else "127.0.0.1",
@@ -154,6 +159,7 @@ class PcacheCluster:
         targets = [node] if node else self.nodes
         for n in targets:
             cmd = [sys.executable, "-m", "pcache.cli", "worker", "--config", str(n.config_path)]
+            cmd = [*self.command_prefix, *cmd]
             if n.netns:
                 cmd = ["ip", "netns", "exec", n.netns, *cmd]
             log_file = n.log_path.open("ab")
