@@ -10,6 +10,7 @@ end it with the file system unmounted.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import shutil
@@ -104,6 +105,15 @@ def check_mountpoint(mountpoint: Path) -> None:
     if not os.path.exists(FUSE_DEVICE):
         raise CommandError(f"{FUSE_DEVICE} is missing: FUSE is not available here", ExitCode.USAGE)
     if is_mounted(mountpoint):
+        try:
+            os.stat(mountpoint)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                raise CommandError(
+                    f"{mountpoint} is a stale mount (its process died); clear it with "
+                    f"`pcache umount {mountpoint}`, then mount again",
+                    ExitCode.USAGE,
+                ) from None
         raise CommandError(f"{mountpoint} is already a mount point", ExitCode.USAGE)
     if not mountpoint.exists():
         raise CommandError(f"mount point {mountpoint} does not exist", ExitCode.USAGE)

@@ -288,6 +288,40 @@ def test_missing_and_vanished_objects_give_enoent(mounts, store: Store) -> None:
         assert excinfo.value.errno == errno.ENOENT
 
 
+def test_stale_mount_after_a_killed_daemon(cluster2, store: Store, tmp_path: Path) -> None:
+    """A mount whose process was killed (-9) is stale: mounting again names the fix, and
+    ``pcache umount`` clears it."""
+    cluster, _ = cluster2
+    store.put("stale/x.txt", b"still here")
+    mountpoint = tmp_path / "stale"
+    mountpoint.mkdir()
+    args = ("data/stale", str(mountpoint), "--worker", cluster.nodes[0].address, "--read-only")
+    log = str(tmp_path / "daemon.log")
+    try:
+        started = pcache(cluster, "mount", *args, "--log-file", log)
+        assert started.returncode == 0, started.stderr + Path(log).read_text()
+        os.kill(int(started.stdout.split("(pid ")[1].split(",")[0]), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.stat(mountpoint)
+            except OSError as exc:
+                assert exc.errno == errno.ENOTCONN
+                break
+            time.sleep(0.05)
+        again = pcache(cluster, "mount", *args)
+        assert again.returncode == 2
+        assert "stale mount" in again.stderr and "pcache umount" in again.stderr
+        assert pcache(cluster, "umount", str(mountpoint)).returncode == 0
+        assert not os.path.ismount(mountpoint)
+        remounted = pcache(cluster, "mount", *args, "--log-file", log)
+        assert remounted.returncode == 0, remounted.stderr
+        assert (mountpoint / "x.txt").read_bytes() == b"still here"
+        assert pcache(cluster, "umount", str(mountpoint)).returncode == 0
+    finally:
+        force_unmount(mountpoint)
+
+
 def test_statfs_reports_the_cache_disks(mounts) -> None:
     a, _ = mounts
     stats = os.statvfs(a)
