@@ -6,9 +6,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from babel_sync.service.config import ServiceConfig
 from objstore.config import Config
@@ -54,3 +56,81 @@ def test_serve_example_config_loads() -> None:
     assert profiles.profile("region-a", "s3").endpoint == "https://s3.region-a.example.com"
     with pytest.raises(ValueError, match="token"):
         ServiceConfig.load(str(example), env={})  # no token anywhere: refused
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of deploy/docker/Dockerfile, continuation lines joined."""
+    text = (REPO / "deploy/docker/Dockerfile").read_text()
+    text = re.sub(r"\\\n\s*", " ", text)
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_copies_what_the_package_needs() -> None:
+    """No Docker daemon here: check the Dockerfile against the repository instead. Every COPY
+    source exists and is not excluded by .dockerignore, the packages copied are the packages
+    setuptools ships, and the extras it installs exist."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    ignored = {
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    copied = set()
+    for word, args in dockerfile_instructions():
+        if word == "COPY" and not args.startswith("--from"):
+            *sources, _dest = args.split()
+            for source in sources:
+                assert (REPO / source).exists(), source
+                assert source not in ignored and source.split("/")[0] not in ignored, source
+                copied.add(source.split("/")[0])
+    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in include}
+    assert packages <= copied, packages - copied
+    assert pyproject["project"]["readme"] in copied
+    extras = set(pyproject["project"]["optional-dependencies"])
+    text = (REPO / "deploy/docker/Dockerfile").read_text()
+    named = re.findall(r"EXTRAS=([a-z,]+)", text)
+    assert named, "the Dockerfile names no extras"
+    for value in named:
+        assert set(value.split(",")) <= extras, value
+
+
+def test_dockerfile_debian_packages_exist() -> None:
+    """The apt packages are in the Debian release of the base image (bookworm, as here)."""
+    base = next(a for w, a in dockerfile_instructions() if w == "ARG" and a.startswith("PYTHON_"))
+    assert base.endswith("-bookworm")
+    if shutil.which("apt-cache") is None or "bookworm" not in Path("/etc/os-release").read_text():
+        pytest.skip("needs apt-cache on Debian bookworm")
+    names = set()
+    for word, args in dockerfile_instructions():
+        if word == "RUN" and "apt-get install" in args:
+            install = args.split("apt-get install", 1)[1].split("&&")[0].split()
+            names |= {n for n in install if not n.startswith("-")}
+    assert {"fuse3", "libfuse3-3", "libfuse3-dev"} <= names
+    for name in sorted(names):
+        shown = subprocess.run(["apt-cache", "show", name], capture_output=True, timeout=60)
+        assert shown.returncode == 0 and shown.stdout, f"no Debian package {name}"
+
+
+def test_commands_in_manifests_are_installed_entry_points() -> None:
+    scripts = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"])
+    scripts |= {"torchrun", "sh"}  # torch's launcher (ckpt extra), the image's shell
+    checked = 0
+    for path in sorted((REPO / "deploy/k8s").rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            spec = (doc or {}).get("spec", {})
+            pod = spec.get("template", {}).get("spec", spec)
+            for c in pod.get("containers", []):
+                command = c["command"]
+                assert command[0] in scripts, (path.name, command[0])
+                checked += 1
+                if command[0] == "sh":  # the commands the script runs
+                    for used in re.findall(r"(?:exec |\()(\S+) ", command[-1]):
+                        assert used in scripts, (path.name, used)
+    assert checked >= 4
