@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 EXTRAS := pcache,ckpt,test,lint,ray
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint format bench clean
+.PHONY: setup test demo lint format bench docs clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+docs: setup
+	$(PY) docs/config_reference.py
 
 bench: setup
 	$(PY) bench/checksum.py

@@ -13,8 +13,12 @@ The file comes from ``--config`` or ``$OBJSTORE_CONFIG``. The standard AWS varia
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``,
 ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``) and OSS variables (``OSS_ACCESS_KEY_ID``,
 ``OSS_ACCESS_KEY_SECRET``, ``OSS_SESSION_TOKEN``, ``OSS_ENDPOINT``, ``OSS_REGION``) override the
-``default`` profile for ``s3://`` and ``oss://`` URLs respectively. Unknown keys are rejected;
-secrets are :class:`Secret` values whose ``repr`` never shows them.
+``default`` profile for ``s3://`` and ``oss://`` URLs respectively. Any profile's key can also
+come from ``OBJSTORE_PROFILE_<NAME>_<KEY>`` (the name upper-cased, ``-`` and ``.`` as ``_``:
+``OBJSTORE_PROFILE_REGION_B_SECRET_ACCESS_KEY``), as rclone's ``RCLONE_CONFIG_<REMOTE>_<KEY>``
+do; these win over the file, so a Kubernetes Secret or a systemd EnvironmentFile can hold the
+credentials while the file holds the rest. Unknown keys are rejected; secrets are
+:class:`Secret` values whose ``repr`` never shows them.
 """
 
 from __future__ import annotations
@@ -139,6 +143,11 @@ _ENV_OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
         "endpoint": ("OSS_ENDPOINT",),
     },
 }
+
+
+def profile_env_prefix(name: str) -> str:
+    """``region-b`` -> ``OBJSTORE_PROFILE_REGION_B_``: the variables that set its keys."""
+    return "OBJSTORE_PROFILE_" + name.upper().replace("-", "_").replace(".", "_") + "_"
 
 
 def _coerce(profile: str, key: str, value: Any, source: str) -> Any:
@@ -270,7 +279,8 @@ class Config:
             ConfigError: the profile is not defined.
         """
         name = name or DEFAULT_PROFILE
-        if name not in self.profiles and name != DEFAULT_PROFILE:
+        from_env = self._profile_env(name)
+        if name not in self.profiles and name != DEFAULT_PROFILE and not from_env:
             where = (
                 f"in {self.path}"
                 if self.path
@@ -285,4 +295,18 @@ class Config:
                     if self.env.get(var):
                         values[key] = _coerce(name, key, self.env[var], f"${var}")
                         break
+        for key, (var, value) in from_env.items():
+            values[key] = _coerce(name, key, value, f"${var}")
         return Profile(name=name, **values)
+
+    def _profile_env(self, name: str) -> dict[str, tuple[str, str]]:
+        """The ``OBJSTORE_PROFILE_<NAME>_<KEY>`` variables set for profile ``name``."""
+        prefix = profile_env_prefix(name)
+        found = {}
+        for key in _FIELDS:
+            if key == "storage_options":
+                continue  # a table; the file only
+            var = prefix + key.upper()
+            if self.env.get(var):
+                found[key] = (var, self.env[var])
+        return found

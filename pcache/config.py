@@ -67,7 +67,12 @@ def parse_size(value: Any, what: str) -> int:
 
 @dataclass(frozen=True)
 class CacheDirConfig:
-    """One cache directory (one NVMe disk) and the bytes it may hold."""
+    """One cache directory (one NVMe disk) and the bytes it may hold.
+
+    Attributes:
+        path: the directory (created if missing); one per disk.
+        capacity: bytes pcache may keep there (``"800GiB"``); eviction keeps it below.
+    """
 
     path: Path
     capacity: int
@@ -75,7 +80,13 @@ class CacheDirConfig:
 
 @dataclass(frozen=True)
 class PeerConfig:
-    """A node of the cluster as the static peer list names it."""
+    """A node of the cluster as the static peer list names it.
+
+    Attributes:
+        id: the node's ``node_id``.
+        address: its URL, ``http://host:port``.
+        weight: its share of blocks relative to the others (its cache capacity).
+    """
 
     id: str
     address: str
@@ -309,6 +320,19 @@ class ClientConfig:
     """What a client needs: its local worker and the cluster token.
 
     The rest (the cluster's members, block size, namespaces) the client asks the worker for.
+    Clients (the mount, the fsspec filesystem, ckpt's ``pcache://``) read these from the
+    environment, or the worker's address and token from a ``[pcache]`` table.
+
+    Attributes:
+        worker: the local worker's URL. ``$PCACHE_WORKER``; else the file's ``advertise`` or
+            ``listen``.
+        token: the cluster token. ``$PCACHE_TOKEN``; else the file's ``token``.
+        timeout: seconds for one request to a worker before trying the next one, then the
+            backing store. ``$PCACHE_TIMEOUT``.
+        shm: move large reads and writes through shared memory (/dev/shm) with a worker on the
+            same node.
+        shm_threshold: reads of at least this many bytes use shared memory.
+        direct_reads: read local cache hits straight from the worker's cache files.
     """
 
     worker: str = "http://127.0.0.1:7070"

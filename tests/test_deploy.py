@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -13,7 +14,8 @@ import pytest
 import yaml
 
 from babel_sync.service.config import ServiceConfig
-from objstore.config import Config
+from objstore.config import Config, Profile
+from pcache.config import WorkerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 UNITS = sorted((REPO / "deploy/systemd").iterdir())
@@ -134,3 +136,32 @@ def test_commands_in_manifests_are_installed_entry_points() -> None:
                     for used in re.findall(r"(?:exec |\()(\S+) ", command[-1]):
                         assert used in scripts, (path.name, used)
     assert checked >= 4
+
+
+def keys_named(text: str) -> set[str]:
+    """Keys an example file sets or shows commented out (``key =``, ``# key =``, tables)."""
+    keys = set(re.findall(r"^#?\s*(\w+) =", text, re.MULTILINE))
+    return keys | set(re.findall(r"^\[\[?[\w.-]*?\.?(\w+)\]", text, re.MULTILINE))
+
+
+@pytest.mark.parametrize(
+    ("example", "classes"),
+    [
+        ("deploy/pcache/pcache.toml.example", (WorkerConfig, Profile)),
+        ("deploy/babel-sync/serve.toml.example", (ServiceConfig,)),
+    ],
+)
+def test_examples_show_every_option(example: str, classes: tuple[type, ...]) -> None:
+    named = keys_named((REPO / example).read_text())
+    for cls in classes:
+        fields = {f.name for f in dataclasses.fields(cls)} - {"name", "profiles"}
+        assert fields <= named, f"{example} does not show {sorted(fields - named)}"
+
+
+def test_pcache_example_config_loads() -> None:
+    config = WorkerConfig.load(
+        REPO / "deploy/pcache/pcache.toml.example",
+        env={"PCACHE_TOKEN": "t" * 24, "OBJSTORE_PROFILE_REGION_B_ACCESS_KEY_ID": "AK"},
+    )
+    assert config.membership_file is not None and len(config.cache_dirs) == 2
+    assert config.profiles.profile("region-b", "s3").access_key_id == "AK"

@@ -180,6 +180,9 @@ def test_pcache_daemonset_config_loads_as_the_worker_would(tmp_path: Path) -> No
     config = WorkerConfig.load(config_path, env=env_of(worker, secrets))
     assert config.node_id == "gpu-node-17"  # from the node name: stable across pod restarts
     assert config.address == "http://10.1.2.3:7070"
+    for url in config.backends.values():  # credentials reach every backend's profile
+        profile = config.profiles.profile(url.split("://")[1].split("@")[0], "s3")
+        assert profile.access_key_id and profile.secret_access_key, url
     host, port = parse_dns_target(config.peers_dns, config.port)
     service = docs[("Service", "pcache-workers")]
     namespace = documents(K8S / "kustomization.yaml")[0]["namespace"]

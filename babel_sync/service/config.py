@@ -27,6 +27,19 @@ DEFAULT_STATE_DIR = Path("~/.local/state/babel-sync")
 
 @dataclass(frozen=True)
 class ServiceConfig:
+    """The ``[service]`` table of ``babel-sync serve``.
+
+    Attributes:
+        token: every request must carry ``Authorization: Bearer <token>``; 16+ characters.
+            ``$BABEL_SYNC_TOKEN`` overrides.
+        listen: ``HOST:PORT`` of the API, dashboard and /metrics. ``$BABEL_SYNC_LISTEN`` overrides.
+        state_dir: the job database (LMDB) and the jobs' journals.
+        max_concurrent: jobs running at once; the others wait in the queue.
+        bwlimit: bytes per second across all running jobs (``"200M"``), split evenly at each
+            job's start; a job's own bwlimit takes precedence.
+        objstore_config: the file holding the jobs' ``[profiles.*]`` (default: this file).
+    """
+
     token: Secret
     listen: str = DEFAULT_LISTEN
     state_dir: Path = DEFAULT_STATE_DIR

@@ -24,6 +24,23 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The ``[model]`` table of ``ckpt train --config``: the MoE decoder's shape.
+
+    Attributes:
+        vocab: vocabulary size (token ids in the data must be below it).
+        d_model: hidden size.
+        n_layers: decoder blocks, each attention + MoE.
+        n_heads: attention heads.
+        seq_len: tokens per sample.
+        n_experts: routed (fine-grained) experts per MoE layer; divisible by ``ep``.
+        expert_hidden: hidden size of one routed expert.
+        n_shared_experts: experts every token goes through.
+        shared_hidden: hidden size of one shared expert.
+        top_k: routed experts per token (dropless).
+        aux_loss_coef: weight of the Switch load-balance loss.
+        z_loss_coef: weight of the router z-loss.
+    """
+
     vocab: int = 32_768
     d_model: int = 64
     n_layers: int = 2

@@ -36,6 +36,26 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The ``[train]`` table of ``ckpt train --config`` (flags of the same names override).
+
+    Attributes:
+        data: token shards: a local path, an objstore URL or a pcache mount.
+        ckpt_root: where ``step-NNNNNNNN/`` checkpoints go (any objstore URL or ``pcache://``).
+        steps: optimizer steps to run in total (a resumed run continues up to it).
+        save_every: steps between checkpoints.
+        batch_size: samples per rank per step.
+        ep: expert-parallel size; data-parallel size is world size / ``ep`` for experts.
+        lr: AdamW learning rate.
+        seed: seeds the model and the data order (the same on every rank).
+        planner: ``node-aware``, ``megatron`` or ``torch``: who writes replicated items.
+        resume: ``auto`` continues from the newest complete checkpoint; ``none`` starts over.
+        async_save: write checkpoints in the background while training goes on.
+        verify_load: check every item's CRC when resuming.
+        simulate_nodes: split the ranks into this many "nodes" (one-machine tests and demos).
+        report: write a JSON summary here (rank 0).
+        model: the ``[model]`` table.
+    """
+
     data: str = ""
     ckpt_root: str = ""
     steps: int = 20

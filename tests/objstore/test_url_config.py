@@ -682,3 +682,30 @@ def test_fast_timestamp_parser_agrees_with_botocore(text: str) -> None:
     from objstore.s3 import fast_timestamp
 
     assert fast_timestamp(text) == botocore.parsers.DEFAULT_TIMESTAMP_PARSER(text)
+
+
+def test_profile_keys_from_objstore_profile_variables() -> None:
+    """OBJSTORE_PROFILE_<NAME>_<KEY> sets any profile's key (credentials from a Kubernetes
+    Secret or an EnvironmentFile while the file holds the endpoints), over the file."""
+    env = {
+        "OBJSTORE_PROFILE_REGION_B_ACCESS_KEY_ID": "AKIA-B",
+        "OBJSTORE_PROFILE_REGION_B_SECRET_ACCESS_KEY": "secret-b",
+        "OBJSTORE_PROFILE_REGION_B_MAX_ATTEMPTS": "4",
+        "OBJSTORE_PROFILE_ONLY_ENV_ENDPOINT": "http://10.0.0.9:9000",
+        **AWS_ENV,
+    }
+    config = Config.from_mapping(
+        {"profiles": {"region-b": {"endpoint": "http://b:1", "access_key_id": "file-key"}}},
+        env=env,
+    )
+    b = config.profile("region-b", "s3")
+    assert (b.endpoint, b.access_key_id, b.max_attempts) == ("http://b:1", "AKIA-B", 4)
+    assert b.secret_access_key.reveal() == "secret-b" and "secret-b" not in repr(b)
+    assert config.profile("only-env", "s3").endpoint == "http://10.0.0.9:9000"
+    with pytest.raises(ConfigError, match=r"\$OBJSTORE_PROFILE_REGION_B_MAX_ATTEMPTS.*number"):
+        Config.from_mapping(
+            {"profiles": {"region-b": {}}},
+            env={"OBJSTORE_PROFILE_REGION_B_MAX_ATTEMPTS": "many"},
+        ).profile("region-b", "s3")
+    with pytest.raises(ConfigError, match="unknown profile 'region-c'"):
+        config.profile("region-c", "s3")
