@@ -5,13 +5,73 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def session_processes(sid: int) -> list[str]:
+    """Command lines of the processes still in session ``sid``."""
+    left = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[3]) == sid and fields[0] != "Z":  # field 6 of stat: the session
+                left.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, ValueError):
+            continue
+    return left
+
+
+@pytest.mark.timeout(300)
+def test_demo_interrupted_mid_training_cleans_up() -> None:
+    """Ctrl-C (SIGINT to the whole foreground process group, as a terminal sends it) while the
+    trainer runs on the mount: exit 130, no process, mount or .demo/ left behind. The next
+    test then runs the demo again, in a row."""
+    demo = subprocess.Popen(
+        [sys.executable, "deploy/demo.py", "--shards", "6", "--shard-tokens", "65536"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    seen = []
+    fuse = os.path.exists("/dev/fuse") and shutil.which("fusermount3")
+    marker = "torchrun --nproc-per-node" if fuse else "pcache warmup"
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            seen.append(line)
+            if marker in line:
+                break
+        assert any(marker in line for line in seen), "".join(seen)
+        time.sleep(3)  # the trainer's ranks are up, reading through the mount
+        os.killpg(demo.pid, signal.SIGINT)
+        rest, _ = demo.communicate(timeout=120)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
+    output = "".join(seen) + rest
+    assert demo.returncode == 130, output
+    assert "interrupted: cleaning up" in output
+    assert "Traceback" not in output, output
+    deadline = time.monotonic() + 10
+    while session_processes(demo.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert session_processes(demo.pid) == []
+    assert str(REPO / ".demo") not in Path("/proc/self/mountinfo").read_text()
+    assert not (REPO / ".demo").exists()
 
 
 @pytest.mark.timeout(300)
