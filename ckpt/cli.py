@@ -1,6 +1,6 @@
 """The ``ckpt`` command line: inspect and verify checkpoints, run the bundled trainer.
 
-``ckpt inspect URL`` lists a checkpoint's items, sizes, which node and rank wrote each file and
+``ckpt dataset URL`` writes a synthetic token dataset for the trainer; ``ckpt inspect URL`` lists a checkpoint's items, sizes, which node and rank wrote each file and
 whether CRCs were recorded; ``ckpt verify URL`` reads every item and checks its CRC32C (exit 6 on
 a mismatch, 3 when there is no complete checkpoint); ``ckpt train ...`` is the trainer
 (``torchrun -m ckpt.trainer`` for several ranks; its ``--config`` is the training TOML, store
@@ -135,6 +135,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return ExitCode.VERIFY if bad else ExitCode.OK
 
 
+def cmd_dataset(args: argparse.Namespace) -> int:
+    from objstore import open_store
+
+    from .trainer.data import write_token_dataset
+
+    if args.shards < 1 or args.tokens < 1:
+        raise CommandError("--shards and --tokens must be >= 1", ExitCode.USAGE)
+    store = open_store(args.url, Config.load(args.config))
+    index = write_token_dataset(store, args.shards, args.tokens, seed=args.seed)
+    total = sum(s["tokens"] for s in index)
+    result = {"url": args.url, "shards": len(index), "tokens": total, "bytes": 2 * total}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"{args.url}: {len(index)} shards, {total:,} tokens ({2 * total:,} bytes) + index.json"
+        )
+    return ExitCode.OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckpt",
@@ -152,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         add_common_options(p, subcommand=True)
         p.set_defaults(func=func)
+    text = "write a synthetic token dataset (uint16 shards + index.json) for the trainer"
+    p = sub.add_parser("dataset", help=text, description=text)
+    p.add_argument("url", help="where the shards go (objstore URL or path)")
+    p.add_argument("--shards", type=int, default=8, help="shard files (default 8)")
+    p.add_argument("--tokens", type=int, default=262_144, help="tokens per shard (default 262144)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_common_options(p, subcommand=True)
+    p.set_defaults(func=cmd_dataset)
     sub.add_parser(
         "train", help="run the bundled MoE trainer (see `ckpt train --help`)", add_help=False
     )

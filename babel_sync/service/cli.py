@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from objstore.cli import CommandError, ExitCode, add_common_options, print_json, use_json_logs
 
 from .config import DEFAULT_LISTEN, ServiceConfig
+from .jobs import FINAL
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -96,7 +98,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if args.ray_address:
             spec["ray_address"] = args.ray_address
         job = _request(args, "POST", "/api/v1/jobs", spec)
+        if args.wait:
+            return _wait(args, job["id"])
         print_json(job) if args.json else print(job["id"])
+    elif what == "wait":
+        return _wait(args, args.id)
     elif what == "list":
         jobs = _request(args, "GET", "/api/v1/jobs")["jobs"]
         if args.json:
@@ -120,6 +126,42 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         job = _request(args, "POST", f"/api/v1/jobs/{args.id}/{what}")
         print_json(job) if args.json else print(_line(job))
     return ExitCode.OK
+
+
+# what a finished job means for the exit status
+_OUTCOME = {"succeeded": ExitCode.OK, "verify_failed": ExitCode.VERIFY}
+
+
+def _wait(args: argparse.Namespace, job_id: str) -> int:
+    """Poll until the job ends; its outcome is the exit status (0, 6 verification, 1 other)."""
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    shown = ""
+    while True:
+        job = _request(args, "GET", f"/api/v1/jobs/{job_id}")
+        if job["state"] in FINAL:
+            break
+        if job["state"] == "scheduled":
+            raise CommandError(
+                f"job {job_id} is scheduled (it runs again and again); `jobs wait` is for one run",
+                ExitCode.USAGE,
+            )
+        if not args.json and sys.stderr.isatty():
+            line = _line(job)
+            if line != shown:
+                print("\r" + line[:150], end="", file=sys.stderr, flush=True)
+                shown = line
+        if deadline is not None and time.monotonic() > deadline:
+            raise CommandError(f"job {job_id} still {job['state']} after {args.timeout:g}s")
+        time.sleep(args.poll)
+    if shown:
+        print(file=sys.stderr)
+    if args.json:
+        print_json(job)
+    else:
+        print(_line(job))
+        if job.get("error"):
+            print(f"error: {job['error']}")
+    return _OUTCOME.get(job["state"], ExitCode.FAILED)
 
 
 def add_commands(sub: Any) -> None:
@@ -158,7 +200,24 @@ def add_commands(sub: Any) -> None:
     submit.add_argument("--part-size", help="multipart part size, e.g. 64MiB (default: auto)")
     submit.add_argument("--engine", choices=["local", "ray"], default="local")
     submit.add_argument("--ray-address", metavar="ADDR", help="the Ray cluster for --engine ray")
+    submit.add_argument(
+        "--wait", action="store_true",
+        help="wait for the job to end; exit 0 if it succeeded, 6 on a verification mismatch, "
+        "1 if it failed or was cancelled",
+    )  # fmt: skip
+
+    def waiting(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds")
+        p.add_argument("--poll", type=float, default=1.0, metavar="S", help=argparse.SUPPRESS)
+
+    waiting(submit)
     client(submit)
+    wait = jobs_sub.add_parser(
+        "wait", help="wait for one job to end; its outcome is the exit status (as submit --wait)"
+    )
+    wait.add_argument("id")
+    waiting(wait)
+    client(wait)
     client(jobs_sub.add_parser("list", help="all jobs"))
     for action in ("show", "pause", "resume", "cancel", "delete"):
         p = jobs_sub.add_parser(action, help=f"{action} one job")

@@ -221,6 +221,15 @@ def test_cli_client(service: Service, buckets) -> None:
     wrong = subprocess.run([sys.executable, "-m", "babel_sync.cli", "jobs", "list", "--token", "bad-token-bad-token"],
                            cwd=REPO, env={**env}, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert wrong.returncode == 4 and "401" in wrong.stderr
+    # --wait: the job's outcome is the exit status
+    waited = cli("submit", f"s3://s3@{src}/", f"s3://s3@{dst}/", "--wait", "--verify", "full",
+                 "--json", "--poll", "0.2")  # fmt: skip
+    assert waited.returncode == 0, waited.stderr
+    assert json.loads(waited.stdout)["state"] == "succeeded"
+    assert cli("wait", job_id).returncode == 0 and "succeeded" in cli("wait", job_id).stdout
+    failing = cli("submit", f"s3://s3@{src}/", "s3://s3@no-such-bucket-anywhere/", "--wait",
+                  "--poll", "0.2")  # fmt: skip
+    assert failing.returncode == 1 and "failed" in failing.stdout, failing.stdout + failing.stderr
 
 
 def _schema(doc: dict[str, Any], name: str) -> dict[str, Any]:
