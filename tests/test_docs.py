@@ -1,8 +1,11 @@
-"""The documentation stays true: the configuration reference matches the code."""
+"""The documentation stays true: the configuration reference matches the code, and the
+commands the docs show parse with the tools' own parsers."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
+import shlex
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,3 +28,67 @@ def test_config_reference_is_up_to_date() -> None:
     assert written == generator.render(), "run `make docs` to regenerate docs/config-reference.md"
     for key in ("peers_dns", "secret_access_key", "max_concurrent", "simulate_nodes", "top_k"):
         assert f"| `{key}` |" in written
+
+
+def command_lines() -> list[tuple[str, str]]:
+    """(document, command line) for every babel-sync / pcache / ckpt / torchrun command shown in
+    a code block of the README or docs/ (continuations joined, comments and pipes cut)."""
+    found = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        fences = re.findall(r"^```(\w*)\n(.*?)^```", doc.read_text(), re.DOTALL | re.MULTILINE)
+        for language, block in fences:
+            if language not in ("", "bash", "sh", "console"):
+                continue
+            # continuations joined; a synopsis's optional [--flag [ARG]] is checked as given
+            text = block.replace("\\\n", " ").replace("[", " ").replace("]", " ")
+            for line in text.splitlines():
+                line = line.strip().removeprefix("$ ")
+                line = re.split(r"\s+#\s|\s[|>]|\s2>|\s&(?:\s|$)|\s&&\s", line)[0].strip()
+                # a synopsis's placeholders: "local|remote" -> the first choice, N -> a number
+                line = re.sub(r"(?<=\s)([\w-]+)\|[\w|-]+", r"\1", line)
+                line = re.sub(r"(?<=\s)N(?=\s|$)", "10", line)
+                if re.match(r"(babel-sync|pcache|ckpt|torchrun) ", line):
+                    found.append((doc.name, line))
+    return found
+
+
+def parse(argv: list[str]) -> None:
+    """Parse a command line with the tool's own parser (SystemExit on an unknown flag)."""
+    from babel_sync.cli import build_parser as babel_sync_parser
+    from ckpt.cli import build_parser as ckpt_parser
+    from ckpt.trainer.train import build_parser as trainer_parser
+    from pcache.cli import build_parser as pcache_parser
+
+    tool, args = argv[0], argv[1:]
+    if tool == "torchrun":  # check the trainer's own arguments
+        assert "-m" in args and args[args.index("-m") + 1] == "ckpt.trainer", argv
+        trainer_parser().parse_args(args[args.index("-m") + 2 :])
+    elif tool == "ckpt" and args[:1] == ["train"]:
+        trainer_parser().parse_args(args[1:])
+    else:
+        parser = {"babel-sync": babel_sync_parser, "pcache": pcache_parser, "ckpt": ckpt_parser}
+        parser[tool]().parse_args(args)
+
+
+def test_documented_commands_parse() -> None:
+    """Every command the docs show names a real subcommand with real flags. (The README's tour
+    also runs, in tests/test_readme.py.)"""
+    lines = command_lines()
+    assert len(lines) >= 20
+    bad = []
+    for doc, line in lines:
+        try:
+            parse(shlex.split(line))
+        except SystemExit:
+            bad.append(f"{doc}: {line}")
+    assert bad == []
+
+
+def test_a_wrong_flag_is_caught() -> None:
+    for line in ("babel-sync sync a b --verfy full", "pcache mount ds /mnt --red-only",
+                 "torchrun --nproc-per-node 2 -m ckpt.trainer --stpes 4"):  # fmt: skip
+        try:
+            parse(shlex.split(line))
+        except SystemExit:
+            continue
+        raise AssertionError(f"{line!r} parsed")
