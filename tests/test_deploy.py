@@ -30,6 +30,7 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
         "pcache-worker.service",
         "babel-sync.service",
         "mnt-datasets.mount",
+        "pcache-mount@.service",
     }
     copies = []
     for unit in UNITS:  # verified together: the mount unit requires the worker's
@@ -40,6 +41,41 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     done = subprocess.run([analyze, "verify", *copies], capture_output=True, text=True, timeout=60)
     problems = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert done.returncode == 0 and not problems, problems
+
+
+# options that give a unit a private mount namespace: a FUSE mount made there is invisible to
+# the rest of the system (systemd.exec(5): these imply a new mount namespace)
+MOUNT_NAMESPACE_OPTIONS = (
+    "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateMounts",
+    "ReadWritePaths", "ReadOnlyPaths", "InaccessiblePaths", "TemporaryFileSystem",
+    "BindPaths", "BindReadOnlyPaths", "ProtectKernelTunables", "ProtectKernelModules",
+    "ProtectKernelLogs", "ProtectControlGroups", "ProtectProc", "ProtectHostname",
+    "MountAPIVFS", "RootDirectory", "RootImage", "StateDirectory", "PrivateNetwork",
+)  # fmt: skip
+
+
+def unit_options(name: str) -> dict[str, str]:
+    lines = (REPO / "deploy/systemd" / name).read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+
+
+def test_mount_service_hardening_keeps_the_mount_visible() -> None:
+    options = unit_options("pcache-mount@.service")
+    assert not set(options) & set(MOUNT_NAMESPACE_OPTIONS), set(options) & set(
+        MOUNT_NAMESPACE_OPTIONS
+    )
+    assert options["CapabilityBoundingSet"] == "CAP_SYS_ADMIN"
+    assert options["DeviceAllow"] == "/dev/fuse rw" and options["DevicePolicy"] == "closed"
+    assert "@mount" in options["SystemCallFilter"]
+    assert "--foreground" in options["ExecStart"]
+
+
+def test_worker_unit_is_hardened() -> None:
+    options = unit_options("pcache-worker.service")
+    for key, value in (("NoNewPrivileges", "yes"), ("CapabilityBoundingSet", ""),
+                       ("ProtectSystem", "full"), ("SystemCallFilter", "@system-service")):  # fmt: skip
+        assert options.get(key) == value, key
+    assert "PrivateDevices" not in options  # /dev/shm is the shared-memory path to clients
 
 
 def test_babel_sync_unit_is_hardened() -> None:
