@@ -92,3 +92,15 @@ def test_a_wrong_flag_is_caught() -> None:
         except SystemExit:
             continue
         raise AssertionError(f"{line!r} parsed")
+
+
+def test_every_benchmark_is_documented_with_its_command() -> None:
+    """docs/benchmarks.md names a command for every bench script, and only scripts that exist."""
+    text = (REPO / "docs/benchmarks.md").read_text()
+    named = set(re.findall(r"bench/([\w/]+\.py)", text))
+    on_disk = {p.relative_to(REPO / "bench").as_posix() for p in (REPO / "bench").glob("*.py")}
+    on_disk -= {"measure.py", "netns.py"}  # helpers the benchmarks share, not benchmarks
+    assert on_disk <= named, f"undocumented benchmarks: {sorted(on_disk - named)}"
+    assert all((REPO / "bench" / name).exists() for name in named), named
+    for name in on_disk:
+        assert f"Command: `.venv/bin/python bench/{name}" in text, name
