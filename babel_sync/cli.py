@@ -307,7 +307,7 @@ def _add_job_options(p: argparse.ArgumentParser, *, mirror: bool) -> None:
         "--transfers", type=int, default=16, metavar="N", help="objects/parts in flight (16)"
     )
     p.add_argument(
-        "--list-workers", type=int, default=32, metavar="N", help="parallel listing workers (32)"
+        "--list-workers", type=int, default=64, metavar="N", help="parallel listing workers (64)"
     )
     p.add_argument(
         "--part-size", default="auto", metavar="auto|SIZE", help="multipart part size (auto)"
@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-R", "--recursive", action="store_true", help="list every key (parallel), not one level"
     )
     ls.add_argument(
-        "--list-workers", type=int, default=32, metavar="N", help="parallel listing workers (32)"
+        "--list-workers", type=int, default=64, metavar="N", help="parallel listing workers (64)"
     )
     ls.add_argument("--max", type=int, default=0, metavar="N", help="stop after N objects")
     ls.add_argument("--json", action="store_true", help="one JSON object per line")

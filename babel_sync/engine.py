@@ -86,7 +86,7 @@ class SyncOptions:
     key_filter: KeyFilter = field(default_factory=KeyFilter)
     dry_run: bool = False
     transfers: int = 16
-    list_workers: int = 32
+    list_workers: int = 64
     transfer: TransferOptions = field(default_factory=TransferOptions)
     bwlimit: float | None = None
     verify: str = "sample"

@@ -48,6 +48,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import operator
 import string
 import threading
 import time
@@ -71,6 +72,7 @@ _GEOMETRIC_MAX_WAYS = 3  # an unbounded cut: the owner keeps K, a part takes 2K,
 _MIN_STEAL_PAGES = 2  # stealing less than this costs more round trips than it saves
 _MAX_WIDTH = 64  # key characters after the task prefix that shape arithmetic looks at
 _FLOAT_CAP = 1e18
+_SIZE = operator.attrgetter("size")  # sum(map(_SIZE, objects)): half a generator's per-key CPU
 
 
 @dataclass(frozen=True)
@@ -367,12 +369,18 @@ class ParallelLister:
         fanout_depth: levels listed with delimiter ``/`` (0: one flat listing, split by range).
         split_ways: parts a task is cut into when its first page continues; ``None``: as many
             as there are idle workers.
+        split_ranges: ``False`` never cuts a range (no first-page splits, no stealing): each
+            task is listed start to end by one worker, parallel only across the prefixes of the
+            delimiter fan-out (a baseline for benchmarks, bench/sim/listing_sim.py). Then every
+            level down to ``fanout_depth`` gets a task per common prefix: listing a wide level
+            flat, and stopping at 4x the workers, pay off only when ranges are cut.
     """
 
     def __init__(self, store: Store, *, workers: int = 32,
                  on_objects: Callable[[list[ObjectInfo]], None],
                  state: ListingState | None = None, page_size: int = 1000,
-                 fanout_depth: int = 2, split_ways: int | None = None) -> None:  # fmt: skip
+                 fanout_depth: int = 2, split_ways: int | None = None,
+                 split_ranges: bool = True) -> None:  # fmt: skip
         if workers < 1 or page_size < 1 or fanout_depth < 0:
             raise ValueError("workers and page_size must be >= 1, fanout_depth >= 0")
         if split_ways is not None and split_ways < 1:
@@ -384,6 +392,7 @@ class ParallelLister:
         self.page_size = page_size
         self.fanout_depth = fanout_depth
         self.split_ways = split_ways
+        self.split_ranges = split_ranges
         self._cond = threading.Condition()
         self._pending: deque[_Running] = deque()
         self._running: dict[str, _Running] = {}
@@ -516,7 +525,8 @@ class ParallelLister:
                     self._finish_locked(r)
                     continue
                 return r
-            if tried_gen != self._gen:  # a steal can only succeed after some task progressed
+            # A steal can only succeed after some task progressed.
+            if self.split_ranges and tried_gen != self._gen:
                 tried_gen = self._gen
                 stolen = self._steal_locked()
                 if stolen is not None:
@@ -665,7 +675,7 @@ class ParallelLister:
                 self.on_objects(objects)
             with self._cond:
                 self._counts["objects"] += len(objects)
-                self._counts["bytes"] += sum(o.size for o in objects)
+                self._counts["bytes"] += sum(map(_SIZE, objects))
                 # Subdirectory tasks are saved together with the cursor that passes them,
                 # after on_objects took the page: saved any earlier, a page whose cursor is
                 # never saved (on_objects raised, the process died) would be listed again on
@@ -713,7 +723,8 @@ class ParallelLister:
         entries = len(objects) + len(subdirs)
         self._counts["pages"] += 1
         if (
-            r.task.delimited
+            self.split_ranges
+            and r.task.delimited
             and r.pages == 0
             and page.token is not None
             and 2 * len(subdirs) >= self.page_size
@@ -733,7 +744,10 @@ class ParallelLister:
             else:  # no list of keys unless a shape must be sampled (per-key CPU adds up)
                 keys = []
                 first, last = objects[0].key, objects[-1].key
-            if r.shape is None or not (r.shape.fits(first) and r.shape.fits(last)):
+            # The shape serves cuts only; sampling it costs about 1 ms per 1,000-key page.
+            if self.split_ranges and (
+                r.shape is None or not (r.shape.fits(first) and r.shape.fits(last))
+            ):
                 keys = keys or [o.key for o in objects]
                 r.shape = _Shape.sample(r.task.prefix, keys) or r.shape
             if r.shape is not None and entries >= 2:
@@ -766,6 +780,8 @@ class ParallelLister:
         return not r.more, objects, subdirs
 
     def _ways_locked(self, r: _Running) -> int:
+        if not self.split_ranges:
+            return 1
         idle = max(0, self._idle - len(self._pending))
         ways = self.split_ways if self.split_ways is not None else idle + 1
         if r.task.end is not None:  # bounded: no part smaller than a page
@@ -779,5 +795,6 @@ class ParallelLister:
         depth = parent.depth + 1
         # Fan out further only while a level is narrow: past 4x the workers there is enough
         # parallelism, and a delimited listing of each child costs requests for every subdir.
-        delimited = depth < self.fanout_depth and parent.prefixes_found <= 4 * self.workers
+        narrow = parent.prefixes_found <= 4 * self.workers or not self.split_ranges
+        delimited = depth < self.fanout_depth and narrow
         self._add_locked(ListTask(prefix, "", None, delimited), depth)

@@ -184,6 +184,19 @@ def test_flat_prefix_is_split_and_stolen(local_tree: tuple[Store, list[str]]) ->
     assert stats.tasks_done > 1
 
 
+def test_fanout_only_never_cuts_ranges(local_tree: tuple[Store, list[str]]) -> None:
+    """split_ranges=False (the benchmark baseline): a task per common prefix, even on the wide
+    root level, and each listed start to end by one worker."""
+    store, keys = local_tree
+    got, stats = list_parallel(store, workers=16, page_size=50, split_ranges=False)
+    assert_exact(got, keys)
+    assert stats.splits == stats.steals == 0 and stats.overfetched == 0
+    assert stats.tasks_done > 200 and stats.prefixes > 200  # p000/ ... p199/, flat/, ...
+    # The same tree with cuts lists the wide root level flat, split by range.
+    _, cut = list_parallel(store, workers=16, page_size=50)
+    assert cut.splits > 0 and cut.tasks_done < stats.tasks_done
+
+
 def test_stats_are_live(local_tree: tuple[Store, list[str]]) -> None:
     store, keys = local_tree
     snapshots: list[ListingStats] = []
