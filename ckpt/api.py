@@ -26,11 +26,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.planner import WriteItemType
 
 from .backend import open_backend
 from .placement import Item, Placement, place
-from .planner import BYTES_ITEM_SIZE, make_planner
+from .planner import BYTES_ITEM_SIZE, MegatronDefaultPlanner, make_planner, write_item_bytes
 from .storage import METADATA, CheckpointError, CheckpointNotFound, Reader, Writer
 from .topology import discover
 
@@ -131,10 +130,7 @@ class AsyncSaver:
         planner = DefaultSavePlanner()
         planner.set_up_planner(flat, is_coordinator=False)
         local = planner.create_local_plan()
-        mine = [
-            (wi.index, wi.tensor_storage_size() if wi.type != WriteItemType.BYTE_IO else None)
-            for wi in local.items
-        ]
+        mine = [(wi.index, write_item_bytes(wi)) for wi in local.items]
         if group is not None:
             gathered: list[Any] = [None] * dist.get_world_size(group)
             dist.all_gather_object(gathered, mine, group=group)
@@ -146,7 +142,7 @@ class AsyncSaver:
         for r, items in enumerate(gathered):
             for index, size in items:
                 holders.setdefault(index, []).append(r)
-                sizes[index] = size or BYTES_ITEM_SIZE
+                sizes[index] = size
         placement = place(
             [Item(i, sizes[i], tuple(h)) for i, h in holders.items()],
             discover(group).nodes,
@@ -176,8 +172,13 @@ class AsyncSaver:
         def run() -> SaveResult:
             writer = Writer(url, config=config)
             try:
+                # every staged item has one holder, so this planner only keeps each where it is;
+                # it is chosen for its plan validation (torch's is quadratic in a tensor's chunks)
                 dcp.save(
-                    staged, storage_writer=writer, planner=DefaultSavePlanner(), process_group=group
+                    staged,
+                    storage_writer=writer,
+                    planner=MegatronDefaultPlanner(group=group),
+                    process_group=group,
                 )
             finally:
                 writer.close()

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import random
+import zlib
+
 import pytest
 import torch
 from torch.distributed.checkpoint import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from ckpt.placement import Item, lower_bound, place
-from ckpt.planner import MegatronDefaultPlanner, NodeAwareSavePlanner, make_planner, plan_items
+from ckpt.planner import (
+    MegatronDefaultPlanner,
+    NodeAwareSavePlanner,
+    apply_placement,
+    index_plans,
+    make_planner,
+    plan_items,
+    validate_global_plan,
+    write_item_bytes,
+)
 from ckpt.topology import Topology
 
 MiB = 2**20
@@ -131,3 +151,136 @@ def test_planners_dedup_real_dcp_plans(cls) -> None:
     items = {it.key.fqn: it for it in plan_items(plans)}
     assert items["dense"].size == 256 * 256 * 4 and items["dense"].holders == (0, 1, 2, 3)
     assert planner.last_placement is not None
+
+
+def shard(fqn: str, offsets, sizes, shape, dtype=torch.float32) -> WriteItem:
+    """A DCP write item for one chunk of a global tensor, as DTensor / ShardedTensor make them."""
+    return WriteItem(
+        index=MetadataIndex(fqn, offsets),
+        type=WriteItemType.SHARD,
+        tensor_data=TensorWriteData(
+            chunk=ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)),
+            properties=TensorProperties(dtype=dtype),
+            size=torch.Size(shape),
+        ),
+    )
+
+
+def test_an_items_size_is_its_chunks_not_the_whole_tensors() -> None:
+    wi = shard("w", (1, 0), (1, 100), (4, 100), torch.bfloat16)
+    assert wi.tensor_storage_size() == 4 * 100 * 2  # torch counts the whole tensor
+    assert write_item_bytes(wi) == 100 * 2
+    assert plan_items([SavePlan([wi])])[0].size == 200
+
+
+def reference_place(items: list[Item], nodes: list[str]) -> dict:
+    """The node-aware policy as its definition reads: fixed items first, then replicated ones
+    largest first, each to the holder minimizing (node load, rank load, crc32 of key and rank)."""
+    node_bytes = dict.fromkeys(nodes, 0)
+    rank_bytes = [0] * len(nodes)
+    writer = {}
+    for it in items:
+        if len(it.holders) == 1:
+            writer[it.key] = it.holders[0]
+            rank_bytes[it.holders[0]] += it.size
+            node_bytes[nodes[it.holders[0]]] += it.size
+    for it in sorted(
+        (it for it in items if len(it.holders) > 1), key=lambda i: (-i.size, repr(i.key))
+    ):
+        r = min(
+            it.holders,
+            key=lambda r: (
+                node_bytes[nodes[r]],
+                rank_bytes[r],
+                zlib.crc32(f"{it.key!r}|{r}".encode()),
+            ),
+        )
+        writer[it.key] = r
+        rank_bytes[r] += it.size
+        node_bytes[nodes[r]] += it.size
+    return writer
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_node_aware_placement_is_its_definition(seed: int) -> None:
+    rng = random.Random(seed)
+    world, per_node = 24, rng.choice([2, 3, 4])
+    nodes = [f"n{r // per_node}" for r in range(world)]
+    items = []
+    for i in range(300):
+        holders = tuple(sorted(rng.sample(range(world), rng.choice([1, 2, 3, 8, 24]))))
+        items.append(
+            Item(f"i{i}", rng.choice([MiB, MiB, 2 * MiB, rng.randrange(1, 5 * MiB)]), holders)
+        )
+    assert place(items, nodes, "node_aware").writer == reference_place(items, nodes)
+
+
+def test_index_plans_groups_replicas_and_keeps_rank_order() -> None:
+    a = [shard("a", (i, 0), (1, 8), (4, 8)) for i in range(4)]
+    b = [shard("b", (i,), (1,), (3,)) for i in range(3)]
+    # ranks 0, 2, 4 are replicas; 1 and 3 hold the same items as each other, 5 one of its own
+    plans = [
+        SavePlan(a[:2] + b),
+        SavePlan(a[2:] + b),
+        SavePlan(list(a[:2] + b)),
+        SavePlan(a[2:] + b),
+        SavePlan(a[:2] + b),
+        SavePlan([*a[2:], b[0], shard("own", (0,), (5,), (5,))]),
+    ]
+    index = index_plans(plans)
+    holders = {(it.key.fqn, tuple(it.key.offset)): it.holders for it in index.items}
+    assert holders[("a", (0, 0))] == (0, 2, 4) and holders[("a", (3, 0))] == (1, 3, 5)
+    assert holders[("b", (0,))] == (0, 1, 2, 3, 4, 5) and holders[("b", (2,))] == (0, 1, 2, 3, 4)
+    assert holders[("own", (0,))] == (5,)
+    assert [it.key.fqn for it in index.items] == ["a", "a", "b", "b", "b", "a", "a", "own"]
+    placement = place(index.items, [f"n{r // 2}" for r in range(6)])
+    kept = apply_placement(plans, placement, index)
+    for rank, (plan, mine) in enumerate(zip(plans, kept, strict=True)):
+        assert mine.items == [wi for wi in plan.items if placement.writer[wi.index] == rank]
+    written = sorted((wi.index.fqn, tuple(wi.index.offset)) for p in kept for wi in p.items)
+    assert written == sorted(holders)
+
+
+def chunked(shape, boxes) -> TensorStorageMetadata:
+    return TensorStorageMetadata(
+        TensorProperties(dtype=torch.float32),
+        torch.Size(shape),
+        [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in boxes],
+    )
+
+
+@pytest.mark.parametrize(
+    "boxes",
+    [
+        [((0, 0), (2, 4)), ((2, 0), (2, 4))],  # a grid, valid
+        [((0, 0), (2, 4)), ((2, 0), (2, 4)), ((2, 0), (2, 4))],  # a chunk twice
+        [((0, 0), (2, 4))],  # half missing
+        [((0, 0), (2, 4)), ((2, 0), (3, 4))],  # out of bounds
+        [((0, 0), (2, 4)), ((2, 0), (2, 2)), ((2, 2), (2, 2))],  # no grid (torch's check)
+        [((0, 0), (3, 4)), ((2, 0), (2, 4))],  # no grid, overlapping
+    ],
+)
+def test_plan_validation_finds_what_torchs_finds(boxes) -> None:
+    from torch.distributed.checkpoint.default_planner import _validate_global_plan
+
+    metadata = Metadata({"t": chunked((4, 4), boxes)})
+    plans = [SavePlan([]), SavePlan([])]
+    assert sorted(validate_global_plan(plans, metadata)) == sorted(
+        _validate_global_plan(plans, metadata)
+    )
+
+
+@pytest.mark.parametrize("cls", [NodeAwareSavePlanner, MegatronDefaultPlanner])
+def test_the_planners_validate_the_global_plan(cls) -> None:
+    def plans(rows0: int) -> list[SavePlan]:  # rank 0 rows 0..rows0, rank 1 rows 2..4 of a 4x4
+        return [
+            SavePlan([shard("t", (0, 0), (rows0, 4), (4, 4))], planner_data={}),
+            SavePlan([shard("t", (2, 0), (2, 4), (4, 4))], planner_data={}),
+        ]
+
+    planner = cls(topology=Topology.from_nodes(["a", "b"]))
+    global_plan, metadata = planner.create_global_plan(plans(2))
+    assert [len(p.items) for p in global_plan] == [1, 1]
+    assert len(metadata.state_dict_metadata["t"].chunks) == 2
+    with pytest.raises(ValueError, match="overlapping chunks"):
+        cls(topology=Topology.from_nodes(["a", "b"])).create_global_plan(plans(3))
