@@ -2,7 +2,7 @@
 
 Paths are ``NAMESPACE/KEY`` (``pcache://datasets/tokens/shard-0001.bin``): the namespace is one
 of the workers' ``backends``. The client talks to its local worker for metadata and writes, and
-picks the worker for each block itself (:class:`~pcache.selection.WorkerSelector`: rendezvous
+picks the worker for each block itself (:class:`~pcache.selection.WorkerSelector`: hash-ring
 order, two choices by load, bounded load, dead workers skipped and readmitted gradually). When no
 worker answers, it reads the backing store directly with its own credentials, so a dead worker
 never turns into a failed read.
@@ -173,7 +173,9 @@ class PcacheClient:
         local = selector.node(local_id) if selector is not None else None
         if selector is None or local is None:
             return self._local("GET", path, **kwargs)
-        others = [n for n in selector.candidates(path) if n.node_id != local_id]
+        # a few others in the key's order: any worker answers metadata, and the full order
+        # costs milliseconds on a cluster of thousands
+        others = [n for n in selector.candidates(path, limit=4) if n.node_id != local_id][:3]
         order = [*others, local] if selector.is_dead(local_id) else [local, *others]
         error: WorkerUnavailable | None = None
         for node in order:
@@ -305,7 +307,8 @@ class PcacheClient:
         while True:
             node = selector.choose(name)
             if node is None or node.node_id in tried:
-                node = next((n for n in selector.candidates(name) if n.node_id not in tried), None)
+                untried = selector.candidates(name, limit=len(tried) + 1)
+                node = next((n for n in untried if n.node_id not in tried), None)
             if node is None:
                 break
             tried.add(node.node_id)
@@ -575,7 +578,7 @@ class PcacheClient:
             total_bytes += info.size
             per_node: dict[str, list[int]] = {}
             for index in range(max(1, -(-info.size // bs))):
-                node = self.selector.candidates(block_key(namespace, info.key, index))[0]
+                node = self.selector.candidates(block_key(namespace, info.key, index), limit=1)[0]
                 per_node.setdefault(node.address, []).append(index)
             for address, indexes in per_node.items():
                 batches.setdefault(address, []).append((namespace, info, indexes))

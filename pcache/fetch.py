@@ -205,7 +205,7 @@ class BlockFetcher:
 
     async def _from_peers(self, bid: BlockId, info: ObjectInfo, length: int) -> bytes | None:
         """Ask the block's top candidates (other than us) whether they have it cached."""
-        for node in self.selector.candidates(block_key(bid.namespace, bid.key, bid.index))[:2]:
+        for node in self.selector.candidates(block_key(bid.namespace, bid.key, bid.index), limit=2):
             if node.node_id == self.node_id:
                 continue
             started = self._clock()

@@ -1,12 +1,15 @@
 """Client-side worker selection: which cache worker serves each block.
 
-Every block key gets an ordered candidate list of workers from weighted rendezvous (HRW) hashing
-over stable node ids, so a membership change moves only the keys it must. A `WorkerSelector`
-then picks one candidate per request: the local worker when it is among the top two, otherwise
-the less busy of the top two (power of two choices), both subject to a bounded-load cap so one
-hot key cannot pile onto one worker. Failing workers are skipped and readmitted gradually, slow
-ones are avoided, and when no worker can serve, `choose()` returns None so the caller reads the
-backing store: a dead worker never becomes an I/O error for the reader.
+Every block key gets an ordered candidate list of workers from a weighted multi-probe hash ring
+over stable node ids (:func:`rendezvous_order`): a node is first for about its weight's share of
+the keys, a membership change moves only the keys the changed node gains or loses, and a key's
+first candidates cost a few bisections of a precomputed ring, not a hash per node. A
+`WorkerSelector` then picks one candidate per request: the local worker when it is among the top
+two, otherwise the less busy of the top two (power of two choices), both subject to a
+bounded-load cap so one hot key cannot pile onto one worker (a hot key spills round-robin along
+the ring). Failing workers are skipped and readmitted gradually, slow ones are avoided, and when
+no worker can serve, `choose()` returns None so the caller reads the backing store: a dead worker
+never becomes an I/O error for the reader. A choice costs the same at 10,000 workers as at 10.
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ import hashlib
 import logging
 import math
 import operator
-import statistics
+import struct
 import threading
 import time
+from array import array
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from heapq import heapify, heappop, heappush, heapreplace
+from itertools import repeat
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,8 +44,25 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# 2**53: a 53-bit integer maps exactly onto a float mantissa, so the uniform below is exact.
-_TWO_53 = float(1 << 53)
+# Ring points per node and probes per key. A node's share of keys deviates from its weight's share
+# by about 1 / sqrt(points * probes), 6%; the bounded-load cap absorbs that. More points cost memory
+# and build time (10,000 nodes: 640,000 points, 8 MB, about a second), more probes lookup time.
+_POINTS = 64
+_PROBES = 4
+_MASK64 = (1 << 64) - 1
+_NODE_FORMAT = struct.Struct(f">{_POINTS}Q")
+_KEY_FORMAT = struct.Struct(f">{_PROBES}Q")
+# Ring points a spilling choice scans at most before settling for the least loaded it saw.
+_SPILL_SCAN = 32
+# Recent keys whose first two candidates and spill position a selector remembers (least recently
+# used go first): a hot key then costs no ring walk.
+_MEMO = 4096
+# The load window spans at least this many choices per node, so the cap (a multiple of a node's
+# mean share of the window) stays above one choice even for a light node in a large cluster.
+_WINDOW_PER_NODE = 8
+# Load counts are kept multiplied by a growing scale (so decaying them is O(1) per choice); past
+# this scale they are divided back down.
+_RESCALE_AT = 1e100
 # EWMA samples a node needs before it may be called slow: the first requests to a worker are
 # often cold misses that go to the backing store, which says nothing about the worker itself.
 _SLOW_MIN_SAMPLES = 5
@@ -114,41 +138,162 @@ def check_unique_ids(nodes: Iterable[Node]) -> None:
         seen.add(node.node_id)
 
 
-@functools.lru_cache(maxsize=4096)
-def _hash_prefix(node_id: str) -> bytes:
-    return node_id.encode() + b"\0"
+@functools.lru_cache(maxsize=65536)
+def _node_digest(node_id: str) -> bytes:
+    """The node's ring points, packed: ``_POINTS`` 64-bit big-endian integers."""
+    prefix = node_id.encode() + b"\0"
+    return b"".join(
+        hashlib.blake2b(
+            prefix + i.to_bytes(4, "big"), digest_size=64, person=b"pcache.node"
+        ).digest()
+        for i in range(_POINTS // 8)
+    )
+
+
+def _probes(block_key: str) -> tuple[int, ...]:
+    """The key's ``_PROBES`` ring positions."""
+    digest = hashlib.blake2b(block_key.encode(), digest_size=8 * _PROBES, person=b"pcache.key")
+    return _KEY_FORMAT.unpack(digest.digest())
+
+
+class _Placement:
+    """The ring of one node list (ids sorted, so the input order never matters); immutable.
+
+    Node ``o`` (its index in ``ids``) owns ``_POINTS`` positions; scores as `rendezvous_order`.
+    ``pos``/``own`` hold all points sorted with their owners (to walk outward from a probe),
+    ``node_pts`` each node's own sorted points (to score every node at once). ``table[k]`` is the
+    first point whose top bits are at least ``k``: a probe's place bisects ~16 points, not all.
+    """
+
+    __slots__ = ("ids", "index", "node_pts", "own", "pos", "shift", "table", "weights", "wmax")
+
+    def __init__(self, spec: tuple[tuple[str, float], ...]) -> None:
+        self.ids = tuple(node_id for node_id, _ in spec)
+        self.weights = [weight for _, weight in spec]
+        self.wmax = max(self.weights, default=1.0)
+        self.index = {node_id: o for o, node_id in enumerate(self.ids)}
+        node_pts = array("Q")
+        packed: list[int] = []
+        shift, mask = operator.lshift, operator.or_
+        for o, node_id in enumerate(self.ids):
+            points = sorted(_NODE_FORMAT.unpack(_node_digest(node_id)))
+            node_pts.extend(points)
+            packed.extend(map(mask, map(shift, points, repeat(32)), repeat(o)))
+        packed.sort()  # by position, then owner
+        self.pos = array("Q", map(operator.rshift, packed, repeat(32)))
+        self.own = array("I", map(operator.and_, packed, repeat(0xFFFFFFFF)))
+        self.node_pts = node_pts
+        bits = max(0, len(packed).bit_length() - 4)
+        self.shift = 64 - bits
+        self.table = array("I", (bisect_left(self.pos, k << self.shift) for k in range(1 << bits)))
+        self.table.append(len(packed))
+
+    def start(self, x: int) -> int:
+        """Index of the first point at or after position ``x``, clockwise (0 past the last)."""
+        k = x >> self.shift
+        i = bisect_left(self.pos, x, self.table[k], self.table[k + 1])
+        return 0 if i == len(self.pos) else i
+
+    def walk(self, xs: Sequence[int]) -> Iterator[int]:
+        """Node indices in the key's order, lazily: the first few cost a few ring steps.
+
+        The probes walk the ring clockwise together, nearest point first. A node's first point met
+        is its nearest, so its score is known then; it is yielded once no node not yet met can
+        score lower (all points ahead are farther, and no weight exceeds ``wmax``)."""
+        pos, own, weights = self.pos, self.own, self.weights
+        n = len(pos)
+        if not n:
+            return
+        wmax, total, shift, table = self.wmax, len(weights), self.shift, self.table
+        heads = []
+        for x in xs:
+            k = x >> shift
+            i = bisect_left(pos, x, table[k], table[k + 1])  # as start(x), inlined: hot path
+            if i == n:
+                i = 0
+            heads.append(((pos[i] - x) & _MASK64, i, x))
+        heapify(heads)
+        seen: set[int] = set()
+        found: list[tuple[float, int]] = []
+        push, pop, replace = heappush, heappop, heapreplace
+        while True:
+            d, i, x = heads[0]
+            frontier = d / wmax
+            while found and found[0][0] < frontier:
+                yield pop(found)[1]
+            o = own[i]
+            if o not in seen:
+                seen.add(o)
+                push(found, (d / weights[o], o))
+                if len(seen) == total:
+                    break
+            i += 1
+            if i == n:
+                i = 0
+            replace(heads, ((pos[i] - x) & _MASK64, i, x))
+        while found:
+            yield heappop(found)[1]
+
+    def order(self, xs: Sequence[int], subset: Iterable[int] | None = None) -> list[int]:
+        """All node indices (or those of ``subset``) in the key's order, scoring each node by
+        bisecting its own points: O(nodes x probes x log points), the same order as `walk`."""
+        pts, weights = self.node_pts, self.weights
+        scored = []
+        for o in range(len(weights)) if subset is None else subset:
+            lo = o * _POINTS
+            hi = lo + _POINTS
+            best = _MASK64 + 1
+            for x in xs:
+                j = bisect_left(pts, x, lo, hi)
+                d = ((pts[j] if j < hi else pts[lo]) - x) & _MASK64
+                if d < best:
+                    best = d
+            scored.append((best / weights[o], o))
+        scored.sort()
+        return [o for _, o in scored]
+
+
+@functools.lru_cache(maxsize=4)
+def _build_placement(spec: tuple[tuple[str, float], ...]) -> _Placement:
+    return _Placement(spec)
+
+
+def _placement_for(nodes: Iterable[Node]) -> _Placement:
+    """The ring of ``nodes``, shared by every selector (and call) over the same ids and weights."""
+    return _build_placement(tuple(sorted((n.node_id, float(n.weight)) for n in nodes)))
 
 
 def rendezvous_order(block_key: str, nodes: Sequence[Node]) -> list[Node]:
-    """Order nodes by weighted rendezvous (HRW) score for one block key, best first.
+    """Order nodes for one block key, best first: the placement every selector uses. (The name
+    is historical: this was rendezvous hashing, whose cost grows with the node count.)
 
-    The score is ``-weight / ln(h)`` where ``h`` is a uniform (0, 1) float taken from a 64-bit
-    blake2b hash of ``f"{node_id}\\0{block_key}"``. A node of weight ``w`` is first for a share
-    ``w / sum(weights)`` of keys; adding or removing a node moves only the keys that node gains
-    or loses. The order depends only on the inputs, never on the process (no ``hash()``).
+    Each node owns 64 points on a 64-bit ring: the 64-bit big-endian words of
+    ``blake2b(node_id + "\\0" + i.to_bytes(4, "big"), digest_size=64, person="pcache.node")``
+    for ``i`` in 0..7. The key has 4 probe positions, the words of
+    ``blake2b(block_key, digest_size=32, person="pcache.key")``. A node's score is the smallest
+    clockwise distance (mod 2**64) from a probe to one of its points, divided by its weight;
+    the lowest score comes first, ties broken by node id. Dividing the distance by the weight
+    makes a node first for about ``weight / sum(weights)`` of the keys (the "linear method" of
+    weighted consistent hashing); several probes make that share closer to exact. Adding or
+    removing a node moves only the keys that node gains or loses, and the order depends only on
+    ids, weights and the key, never on the process or the input order.
 
     Args:
         block_key: The block's key.
-        nodes: Candidate nodes, any order.
+        nodes: Candidate nodes, any order, unique ids.
 
     Returns:
-        A new list of the same nodes, highest score first (ties broken by node id).
+        A new list of the same nodes, best first.
+
+    Raises:
+        ValueError: Two nodes share an id.
     """
-    key = block_key.encode()
-    blake2b = hashlib.blake2b
-    log_ = math.log
-    scored = []
-    for n in nodes:
-        x = int.from_bytes(blake2b(_hash_prefix(n.node_id) + key, digest_size=8).digest(), "big")
-        # h: the top 53 bits plus one half, strictly inside (0, 1), so ln(h) is finite and < 0.
-        # Sorting ascending on weight / ln(h) puts the highest score -weight / ln(h) first.
-        h = ((x >> 11) + 0.5) / _TWO_53
-        scored.append((n.weight / log_(h), n.node_id, n))
-    scored.sort(key=_by_score)
-    return [t[2] for t in scored]
-
-
-_by_score = operator.itemgetter(0, 1)
+    if not nodes:
+        return []
+    check_unique_ids(nodes)
+    placement = _placement_for(nodes)
+    by_id = {n.node_id: n for n in nodes}
+    return [by_id[placement.ids[o]] for o in placement.order(_probes(block_key))]
 
 
 class NodeState(enum.Enum):
@@ -172,9 +317,9 @@ class _Stats:
         "failures",
         "inflight",
         "last_chosen",
+        "load",
         "node",
         "probation_successes",
-        "recent",
         "requests",
         "samples",
         "state",
@@ -189,7 +334,7 @@ class _Stats:
         self.requests = 0
         self.failures = 0
         self.consecutive_failures = 0
-        self.recent = 0.0  # decayed count of recent choices: the bounded-load measure
+        self.load = 0.0  # decayed count of recent choices (the load cap's measure), scaled
         self.dead_until = 0.0
         self.died_refusing = False  # marked dead by a refused connection: cheap to probe
         self.backoff_s = backoff_s
@@ -198,24 +343,32 @@ class _Stats:
         self.last_chosen = -math.inf
 
 
+_NO_STATS: frozenset[_Stats] = frozenset()
+
+
 class WorkerSelector:
     """Pick the cache worker that serves each block, from one client's point of view.
 
-    The rule for ``choose(key)``, over the alive nodes in HRW order for ``key``:
+    The rule for ``choose(key)``, over the alive nodes in the key's order
+    (:func:`rendezvous_order`):
 
     1. The local node wins if it is among the top two and under the load cap.
     2. Otherwise the top two compete (power of two choices) on in-flight requests from this
        selector; on a tie the lower EWMA latency wins when the two differ by more than
-       ``latency_tie_ratio``, else the HRW-first node (so each block keeps one home).
+       ``latency_tie_ratio``, else the first node (so each block keeps one home).
        Only nodes under the cap compete.
-    3. If neither is under the cap, the first node further down the HRW list that is.
-    4. If none is, the least loaded node.
+    3. If neither is under the cap, the key spills to the next node under the cap along the ring
+       from its first probe, going on from where its last spill went, and back to its first
+       spill node once that is under the cap again: a hot key's load goes round a set of nodes
+       just large enough to carry it. If a bounded scan finds none, the least loaded node seen.
 
     The load cap is bounded-load consistent hashing applied to a decayed count of this selector's
-    recent choices (a window of about ``load_window`` choices): a node is under the cap when
-    ``recent + 1 <= max(1, ceil(load_factor * (total + 1) * weight / serving_weight))``. Counting
-    recent choices rather than only in-flight requests makes the cap hold for clients with little
-    concurrency too, where in-flight counts are mostly zero.
+    recent choices (a window of about ``max(load_window, 8 * nodes)`` choices): a node is under
+    the cap when ``recent + 1 <= max(1, load_factor * (total + 1) * weight / serving_weight)``.
+    Counting recent choices rather than only in-flight requests makes the cap hold for clients
+    with little concurrency too; a window growing with the cluster keeps a node's mean share of
+    it above one choice, so the cap means what it says at 10,000 nodes as at 3. Every client
+    capping its own choices caps the sum of them.
 
     Health: ``fail_threshold`` consecutive failures, or one ``fatal`` failure, make a node dead.
     After ``probation_s`` it enters probation and wins only a fraction of the choices it would
@@ -224,12 +377,14 @@ class WorkerSelector:
     dead again with the wait doubled (up to ``max_probation_s``). A node whose EWMA latency
     exceeds ``slow_factor`` times the median of the others (and the median by ``slow_min_s``) is
     slow: chosen only when no other node is under the cap, plus one probe request per
-    ``probation_s`` when it is among the top two, so its latency estimate can recover.
+    ``probation_s`` when it is among the top two, so its latency estimate can recover. The slow
+    set is recomputed on every health change and after every ``max(1, nodes // 2)`` latency
+    samples (each sample, up to 3 nodes), so its cost per request does not grow with the cluster.
 
-    Thread-safety: every method may be called from any thread; one lock guards the state and
-    hashing happens outside it. Call order per request: ``choose()`` (counts the choice against
-    the node's load), then ``with track(node):`` around the request, or ``record_success`` /
-    ``record_failure`` when the caller measures itself.
+    Thread-safety: every method may be called from any thread; one lock guards the state, and
+    key hashing and full-order scoring happen outside it. Call order per request: ``choose()``
+    (counts the choice against the node's load), then ``with track(node):`` around the request,
+    or ``record_success`` / ``record_failure`` when the caller measures itself.
 
     Args:
         nodes: The workers. Ids must be unique.
@@ -239,12 +394,14 @@ class WorkerSelector:
         fail_threshold: Consecutive failures that make a healthy node dead.
         probation_s: First wait before a dead node is readmitted; doubles per failed probation.
         clock: Monotonic clock in seconds; injectable for tests.
-        slow_factor: EWMA latency ratio to the median of the others above which a node is slow.
+        slow_factor: EWMA latency ratio to the median of the others above which a node is slow
+            (``math.inf`` disables slow detection).
         slow_min_s: Minimum EWMA excess over that median for a node to be slow, so sub-millisecond
             jitter never marks a node slow.
         probation_successes: Successes in probation that return a node to healthy.
         max_probation_s: Cap on the doubled probation wait (at least ``probation_s``).
-        load_window: About how many recent choices the load count spans.
+        load_window: About how many recent choices the load count spans, at least; the window is
+            ``max(load_window, 8 * len(nodes))``.
         latency_tie_ratio: EWMA ratio beyond which latency breaks an in-flight tie.
 
     Raises:
@@ -286,6 +443,7 @@ class WorkerSelector:
             raise ValueError(f"latency_tie_ratio must be >= 1, got {latency_tie_ratio!r}")
         self._local_id = local_id
         self._load_factor = load_factor
+        self._uncapped = math.isinf(load_factor)
         self._alpha = ewma_alpha
         self._fail_threshold = fail_threshold
         self._probation_s = probation_s
@@ -294,13 +452,26 @@ class WorkerSelector:
         self._slow_factor = slow_factor
         self._slow_min_s = slow_min_s
         self._probation_needed = probation_successes
+        self._load_window = load_window
         self._decay = 1.0 - 1.0 / load_window
         self._tie_ratio = latency_tie_ratio
         self._lock = threading.Lock()
         self._nodes: tuple[Node, ...] = ()
         self._stats: dict[str, _Stats] = {}
-        self._total = 0.0  # decayed count of all recent choices
-        self._slow: frozenset[str] | None = None  # cached; None when it must be recomputed
+        self._placement = _placement_for(())
+        self._slots: list[_Stats] = []  # stats by placement index
+        self._local: _Stats | None = None
+        self._dead: set[_Stats] = set()
+        self._wake = math.inf  # earliest end of a dead node's wait
+        self._scale = 1.0  # load counts and the total are kept multiplied by this
+        self._total = 0.0  # decayed count of all recent choices, times the scale
+        self._memo: dict[str, list[int]] = {}  # recent keys: see _pick
+        # Cached view of all nodes; None when a health change requires recomputing it.
+        self._slow: frozenset[_Stats] | None = None
+        self._serving = 1.0  # weight of the nodes that serve (the load cap's denominator)
+        self._fast = 0  # alive nodes not slow
+        self._stale = 0  # latency samples since the view was computed
+        self._stale_limit = 1
         self.set_nodes(nodes)
 
     # -- membership -----------------------------------------------------------------------
@@ -309,7 +480,9 @@ class WorkerSelector:
         """Replace the node list at run time.
 
         Nodes whose id stays keep their statistics and health (their address and weight are
-        updated); new nodes start healthy; removed nodes are forgotten.
+        updated); new nodes start healthy; removed nodes are forgotten. Building the ring of a
+        new node list costs about a second per 10,000 nodes; selectors over the same ids and
+        weights share one.
 
         Raises:
             ValueError: Two nodes share an id.
@@ -319,6 +492,8 @@ class WorkerSelector:
         with self._lock:
             if new == self._nodes:
                 return
+        placement = _placement_for(new)
+        with self._lock:
             old = self._stats
             stats: dict[str, _Stats] = {}
             for node in new:
@@ -332,37 +507,68 @@ class WorkerSelector:
             removed = [i for i in old if i not in stats]
             self._nodes = new
             self._stats = stats
+            self._placement = placement
+            self._slots = [stats[node_id] for node_id in placement.ids]
+            self._local = stats.get(self._local_id) if self._local_id is not None else None
+            self._dead = {s for s in stats.values() if s.state is NodeState.DEAD}
+            self._wake = min((s.dead_until for s in self._dead), default=math.inf)
+            window = max(self._load_window, _WINDOW_PER_NODE * len(new))
+            self._decay = 1.0 - 1.0 / window
+            self._memo.clear()
+            self._stale_limit = max(1, len(new) // 2)
             self._slow = None
         if old and (added or removed):
             log.info("worker membership changed: added %s, removed %s", added, removed)
 
     # -- selection ------------------------------------------------------------------------
 
-    def candidates(self, block_key: str) -> list[Node]:
-        """Alive nodes (healthy, slow or in probation, not dead) in HRW order for ``block_key``."""
-        order = rendezvous_order(block_key, self._nodes)
-        with self._lock:
-            self._refresh_states()
-            return [s.node for s in self._alive(order)]
+    def candidates(self, block_key: str, limit: int | None = None) -> list[Node]:
+        """Alive nodes (healthy, slow or in probation, not dead) in the key's order.
+
+        Args:
+            block_key: The block's key.
+            limit: Return at most this many (the first ones). The first few cost microseconds at
+                any cluster size; the full list costs time in proportion to the node count.
+        """
+        xs = _probes(block_key)
+        if limit is not None:
+            with self._lock:
+                self._refresh_states()
+                want = min(limit, len(self._slots) - len(self._dead))
+                out: list[Node] = []
+                if want <= 0:
+                    return out
+                slots = self._slots
+                for o in self._placement.walk(xs):
+                    s = slots[o]
+                    if s.state is not NodeState.DEAD:
+                        out.append(s.node)
+                        if len(out) >= want:
+                            break
+                return out
+        while True:
+            with self._lock:
+                placement = self._placement
+            order = placement.order(xs)
+            with self._lock:
+                if self._placement is not placement:
+                    continue  # set_nodes() ran meanwhile: score the new list
+                self._refresh_states()
+                slots = self._slots
+                return [slots[o].node for o in order if slots[o].state is not NodeState.DEAD]
 
     def last_resort(self, block_key: str) -> list[Node]:
         """Dead nodes worth one more try before the backing store when no live node is left:
         the local one (its restart is the common case, and it may be back before its wait
         ends), then those marked dead by a refused connection (a refusal costs a round trip,
-        not a timeout), in HRW order."""
-        order = rendezvous_order(block_key, self._nodes)
+        not a timeout), in the key's order."""
+        xs = _probes(block_key)
         with self._lock:
-            dead = [
-                s
-                for node in order
-                if (s := self._stats.get(node.node_id)) is not None
-                and s.node is node
-                and s.state is NodeState.DEAD
-            ]
-            local = [s.node for s in dead if s.node.node_id == self._local_id]
-            return local + [
-                s.node for s in dead if s.died_refusing and s.node.node_id != self._local_id
-            ]
+            placement, slots = self._placement, self._slots
+            dead = [placement.index[s.node.node_id] for s in self._dead]
+            order = [slots[o] for o in placement.order(xs, dead)]
+            local = [s.node for s in order if s is self._local]
+            return local + [s.node for s in order if s.died_refusing and s is not self._local]
 
     def is_dead(self, node_id: str) -> bool:
         with self._lock:
@@ -381,6 +587,7 @@ class WorkerSelector:
             s = self._stats.get(node_id)
             if s is not None and s.state is NodeState.DEAD:
                 s.dead_until = self._clock()
+                self._wake = min(self._wake, s.dead_until)
                 self._refresh_states()
 
     def choose(self, block_key: str) -> Node | None:
@@ -390,60 +597,143 @@ class WorkerSelector:
             The chosen node, or None when no worker can serve (all dead, or the only ones left
             are in probation and this choice is not theirs): read the backing store instead.
         """
-        order = rendezvous_order(block_key, self._nodes)
+        xs = _probes(block_key)
         with self._lock:
             self._refresh_states()
-            pool = self._alive(order)
-            while pool:
-                winner = self._pick(pool)
+            refused: frozenset[_Stats] = _NO_STATS
+            while True:
+                winner = self._pick(block_key, xs, refused)
+                if winner is None:
+                    return None
                 if winner.state is NodeState.PROBATION and not self._admit(winner):
-                    pool = [s for s in pool if s is not winner]
+                    refused = refused | {winner}
                     continue
                 self._count_choice(winner)
                 return winner.node
-            return None
 
-    def _alive(self, order: Sequence[Node]) -> list[_Stats]:
-        out = []
-        for node in order:
-            s = self._stats.get(node.node_id)
-            # A node set_nodes() removed after the order was computed is skipped.
-            if s is not None and s.node is node and s.state is not NodeState.DEAD:
-                out.append(s)
-        return out
-
-    def _pick(self, pool: list[_Stats]) -> _Stats:
+    def _pick(self, block_key: str, xs: Sequence[int], refused: frozenset[_Stats]) -> _Stats | None:
+        """The rule in the class docstring, over alive nodes not in ``refused``."""
         slow = self._slow_ids()
-        now = self._clock()
-        for s in pool[:2]:
+        slots, dead = self._slots, NodeState.DEAD
+        alive = len(slots) - len(self._dead) - len(refused)
+        if alive <= 0:
+            return None
+        fast_left = self._fast
+        if refused:
+            fast_left -= sum(1 for s in refused if s not in slow)
+        # The key's memo: [first, second placement candidate, ring index of its first probe,
+        # first spill offset, next spill offset]; -1 where not known yet.
+        memo = self._memo.pop(block_key, None)
+        if memo is None:
+            if len(self._memo) >= _MEMO:
+                del self._memo[next(iter(self._memo))]  # the least recently used
+            memo = [-1, -1, -1, -1, 0]
+        self._memo[block_key] = memo
+        pool: list[_Stats] = []  # the first two alive
+        fast: list[_Stats] = []  # the first two alive and not slow
+        if memo[1] >= 0:
+            a, b = slots[memo[0]], slots[memo[1]]
             if (
-                s.node.node_id in slow
-                and s.inflight == 0
-                and now - s.last_chosen >= self._probation_s
+                a.state is not dead
+                and b.state is not dead
+                and a not in slow
+                and b not in slow
+                and a not in refused
+                and b not in refused
             ):
-                return s  # probe, so a slow node's latency estimate can recover
-        fast = [s for s in pool if s.node.node_id not in slow]
-        caps = self._caps()
-        top = fast[:2]
-        for s in top:
-            if s.node.node_id == self._local_id and self._eligible(s, caps):
+                pool = fast = [a, b]  # a repeated key skips the walk
+        if not pool:
+            want_pool, want_fast = min(2, alive), min(2, fast_left)
+            for rank, o in enumerate(self._placement.walk(xs)):
+                if rank < 2:
+                    memo[rank] = o  # the placement's first two, whatever their state
+                s = slots[o]
+                if s.state is dead or s in refused:
+                    continue
+                if len(pool) < want_pool:
+                    pool.append(s)
+                if len(fast) < want_fast and s not in slow:
+                    fast.append(s)
+                if len(pool) >= want_pool and len(fast) >= want_fast and rank >= 1:
+                    break
+        if slow:
+            now = self._clock()
+            for s in pool:
+                if s in slow and s.inflight == 0 and now - s.last_chosen >= self._probation_s:
+                    return s  # probe, so a slow node's latency estimate can recover
+        unit = self._unit_cap()
+        local = self._local
+        if local is not None and local in fast and self._eligible(local, unit):
+            return local
+        if len(fast) == 2:
+            a_ok, b_ok = self._eligible(fast[0], unit), self._eligible(fast[1], unit)
+            if a_ok and b_ok:
+                return self._less_busy(fast[0], fast[1])
+            if a_ok or b_ok:
+                return fast[0] if a_ok else fast[1]
+        elif fast and self._eligible(fast[0], unit):
+            return fast[0]
+        seen = pool + fast
+        if fast_left > len(fast):
+            spilled = self._spill_to(memo, xs[0], slow, unit, refused, seen)
+            if spilled is not None:
+                return spilled
+        for s in seen:
+            if s in slow and self._eligible(s, unit):
                 return s
-        eligible = [s for s in top if self._eligible(s, caps)]
-        if len(eligible) == 2:
-            return self._less_busy(eligible[0], eligible[1])
-        if eligible:
-            return eligible[0]
-        for s in fast[2:]:
-            if self._eligible(s, caps):
-                return s
-        for s in pool:
-            if s.node.node_id in slow and self._eligible(s, caps):
-                return s
-        rest = fast or pool
+        rest = [s for s in seen if s not in slow] or seen
         ranked = min(
-            enumerate(rest), key=lambda t: (t[1].recent / t[1].node.weight, t[1].inflight, t[0])
+            enumerate(rest),
+            key=lambda t: (t[1].load / t[1].node.weight, t[1].inflight, t[0]),
         )
         return ranked[1]
+
+    def _spill_to(
+        self,
+        memo: list[int],
+        x: int,
+        slow: frozenset[_Stats],
+        unit: float,
+        refused: frozenset[_Stats],
+        seen: list[_Stats],
+    ) -> _Stats | None:
+        """The next node under the cap along the ring from the key's first probe ``x``, going on
+        from the key's last spill (or back to its first one once under the cap again); None if
+        ``_SPILL_SCAN`` points hold none. Appends the alive nodes it sees to ``seen``."""
+        own, slots = self._placement.own, self._slots
+        n = len(own)
+        if memo[2] < 0:
+            memo[2] = self._placement.start(x)
+        start = memo[2]
+        dead = NodeState.DEAD
+        if memo[3] >= 0:
+            s = slots[own[(start + memo[3]) % n]]
+            if (
+                s.state is not dead
+                and s not in refused
+                and s not in slow
+                and self._eligible(s, unit)
+            ):
+                memo[4] = memo[3] + 1
+                return s
+        first = memo[4]
+        for t in range(first, first + min(n, _SPILL_SCAN)):
+            s = slots[own[(start + t) % n]]
+            if s.state is dead or s in refused:
+                continue
+            seen.append(s)
+            if s in slow or not self._eligible(s, unit):
+                continue
+            if memo[3] < 0:
+                memo[3] = t % n
+            else:
+                head = slots[own[(start + memo[3]) % n]]
+                if head.state is dead or head in slow:
+                    memo[3] = t % n  # the first spill node is gone: this one is first now
+            memo[4] = (t + 1) % n
+            return s
+        memo[4] = (first + min(n, _SPILL_SCAN)) % n
+        return None
 
     def _less_busy(self, first: _Stats, second: _Stats) -> _Stats:
         if first.inflight != second.inflight:
@@ -453,32 +743,27 @@ class WorkerSelector:
             return second
         return first
 
-    def _caps(self) -> tuple[float, float]:
-        """(load_factor * (total + 1), serving weight): the cap of node i is that ratio * w_i."""
-        slow = self._slow_ids()
-        serving = 0.0
-        for s in self._stats.values():
-            if s.state is NodeState.HEALTHY and s.node.node_id not in slow:
-                serving += s.node.weight
-            elif s.state is NodeState.PROBATION:
-                serving += s.node.weight * self._probation_share(s)
-        if serving <= 0.0:
-            serving = sum(s.node.weight for s in self._stats.values()) or 1.0
-        return self._load_factor * (self._total + 1.0), serving
+    def _unit_cap(self) -> float:
+        """The load cap per unit of weight: ``load_factor * (total + 1) / serving_weight``."""
+        if self._uncapped:
+            return math.inf
+        self._slow_ids()  # the serving weight is computed with the slow set
+        return self._load_factor * (self._total / self._scale + 1.0) / self._serving
 
-    def _eligible(self, s: _Stats, caps: tuple[float, float]) -> bool:
-        if math.isinf(self._load_factor):
-            return True
-        scaled, serving = caps
-        cap = max(1, math.ceil(scaled * s.node.weight / serving))
-        return s.recent + 1.0 <= cap
+    def _eligible(self, s: _Stats, unit: float) -> bool:
+        cap = unit * s.node.weight
+        return s.load / self._scale + 1.0 <= (cap if cap > 1.0 else 1.0)
 
     def _count_choice(self, s: _Stats) -> None:
-        decay = self._decay
-        for other in self._stats.values():
-            other.recent *= decay
-        self._total = self._total * decay + 1.0
-        s.recent += 1.0
+        # Decaying every count by d is multiplying the scale by 1 / d: O(1), not O(nodes).
+        if self._scale > _RESCALE_AT:
+            for other in self._stats.values():
+                other.load /= self._scale
+            self._total /= self._scale
+            self._scale = 1.0
+        self._scale /= self._decay
+        self._total += self._scale
+        s.load += self._scale
         s.requests += 1
         s.last_chosen = self._clock()
 
@@ -497,14 +782,21 @@ class WorkerSelector:
 
     def _refresh_states(self) -> None:
         now = self._clock()
-        for s in self._stats.values():
-            if s.state is NodeState.DEAD and now >= s.dead_until:
+        if now < self._wake:
+            return
+        wake = math.inf
+        for s in list(self._dead):
+            if now >= s.dead_until:
+                self._dead.discard(s)
                 s.state = NodeState.PROBATION
                 s.probation_successes = 0
                 # The first choice it would win goes to it: a prompt probe.
                 s.credit = 1.0 - self._probation_share(s)
                 self._slow = None
                 log.info("worker %s on probation", s.node.node_id)
+            elif s.dead_until < wake:
+                wake = s.dead_until
+        self._wake = wake
 
     def _mark_dead(self, s: _Stats, reason: str, refused: bool = False) -> None:
         if s.state is NodeState.PROBATION:
@@ -513,6 +805,9 @@ class WorkerSelector:
         s.died_refusing = refused
         s.dead_until = self._clock() + s.backoff_s
         s.consecutive_failures = 0
+        if self._stats.get(s.node.node_id) is s:
+            self._dead.add(s)
+            self._wake = min(self._wake, s.dead_until)
         self._slow = None
         log.warning(
             "worker %s (%s) marked dead after %s; retry in %.1fs",
@@ -534,9 +829,10 @@ class WorkerSelector:
                 latency_s if s.ewma_s is None else s.ewma_s + self._alpha * (latency_s - s.ewma_s)
             )
             s.samples += 1
-            self._slow = None
+            self._stale += 1
             if s.state is NodeState.PROBATION:
                 s.probation_successes += 1
+                self._slow = None  # its share of the serving weight grew
                 if s.probation_successes >= self._probation_needed:
                     s.state = NodeState.HEALTHY
                     s.backoff_s = self._probation_s
@@ -610,32 +906,41 @@ class WorkerSelector:
 
     # -- slowness -------------------------------------------------------------------------
 
-    def _slow_ids(self) -> frozenset[str]:
-        if self._slow is None:
-            self._slow = self._compute_slow()
+    def _slow_ids(self) -> frozenset[_Stats]:
+        """The slow nodes; also refreshes the serving weight and the count of fast nodes."""
+        if self._slow is None or self._stale >= self._stale_limit:
+            self._compute_view()
+        assert self._slow is not None
         return self._slow
 
-    def _compute_slow(self) -> frozenset[str]:
-        measured = [
-            (s.ewma_s, s.node.node_id)
-            for s in self._stats.values()
-            if s.state is not NodeState.DEAD and s.ewma_s is not None
-        ]
-        if len(measured) < 2:
-            return frozenset()
-        values = sorted(v for v, _ in measured)
+    def _compute_view(self) -> None:
+        """Recompute the slow set, serving weight and fast count: O(nodes log nodes)."""
+        alive = [s for s in self._slots if s.state is not NodeState.DEAD]
+        values = sorted(s.ewma_s for s in alive if s.ewma_s is not None)
+        m = len(values)
         slow = set()
-        for s in self._stats.values():
-            if s.state is NodeState.DEAD or s.ewma_s is None or s.samples < _SLOW_MIN_SAMPLES:
-                continue
-            others = list(values)
-            others.remove(s.ewma_s)
-            median = statistics.median(others)
-            if s.ewma_s > self._slow_factor * median and s.ewma_s - median > self._slow_min_s:
-                slow.add(s.node.node_id)
-        if slow:
-            log.debug("slow workers: %s", sorted(slow))
-        return frozenset(slow)
+        if m >= 2:
+            for s in alive:
+                v = s.ewma_s
+                if v is None or s.samples < _SLOW_MIN_SAMPLES:
+                    continue
+                median = _median_without(values, bisect_left(values, v))
+                if v > self._slow_factor * median and v - median > self._slow_min_s:
+                    slow.add(s)
+        serving = 0.0
+        for s in alive:
+            if s.state is NodeState.HEALTHY and s not in slow:
+                serving += s.node.weight
+            elif s.state is NodeState.PROBATION:
+                serving += s.node.weight * self._probation_share(s)
+        if serving <= 0.0:
+            serving = sum(s.node.weight for s in self._slots) or 1.0
+        if slow and slow != self._slow:
+            log.debug("slow workers: %s", sorted(s.node.node_id for s in slow))
+        self._slow = frozenset(slow)
+        self._serving = serving
+        self._fast = len(alive) - len(slow)
+        self._stale = 0
 
     # -- introspection --------------------------------------------------------------------
 
@@ -649,12 +954,13 @@ class WorkerSelector:
         """
         with self._lock:
             self._refresh_states()
+            self._slow = None  # a fresh view, whatever the sample count
             slow = self._slow_ids()
             out = []
             for node in self._nodes:
                 s = self._stats[node.node_id]
                 state = s.state.value
-                if s.state is NodeState.HEALTHY and node.node_id in slow:
+                if s.state is NodeState.HEALTHY and s in slow:
                     state = "slow"
                 out.append(
                     {
@@ -668,6 +974,16 @@ class WorkerSelector:
                     }
                 )
             return out
+
+
+def _median_without(values: Sequence[float], p: int) -> float:
+    """The median of sorted ``values`` without the element at index ``p``: O(1)."""
+    half = (len(values) - 1) // 2  # the remaining middle (upper middle when their count is even)
+    upper = values[half] if half < p else values[half + 1]
+    if len(values) % 2 == 0:  # an odd count remains
+        return upper
+    lower = values[half - 1] if half - 1 < p else values[half]
+    return (lower + upper) / 2.0
 
 
 def _is_connection_refused(exc: BaseException) -> bool:
