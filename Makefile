@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 EXTRAS := pcache,ckpt,test,lint,ray
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint format bench docs clean
+.PHONY: setup test demo lint format bench sim docs clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,13 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# the scale simulations (docs/scale.md): the real selection, placement and listing code driven by
+# simulators; a few minutes; tables on stdout, JSON in .artifacts/sim/
+sim: setup
+	$(PY) bench/sim/selection_sim.py
+	$(PY) bench/sim/placement_sim.py
+	$(PY) bench/sim/listing_sim.py
 
 docs: setup
 	$(PY) docs/config_reference.py

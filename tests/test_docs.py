@@ -104,3 +104,13 @@ def test_every_benchmark_is_documented_with_its_command() -> None:
     assert all((REPO / "bench" / name).exists() for name in named), named
     for name in on_disk:
         assert f"Command: `.venv/bin/python bench/{name}" in text, name
+
+
+def test_every_simulator_is_documented_and_in_make_sim() -> None:
+    text = (REPO / "docs/scale.md").read_text()
+    makefile = (REPO / "Makefile").read_text()
+    sims = sorted(p.name for p in (REPO / "bench/sim").glob("*_sim.py"))
+    assert len(sims) == 3, sims
+    for name in sims:
+        assert f".venv/bin/python bench/sim/{name}" in text, name
+        assert f"$(PY) bench/sim/{name}" in makefile, name
