@@ -47,7 +47,7 @@ from .protocol import (
     error_from_response,
     info_from_json,
 )
-from .selection import Node, WorkerSelector
+from .selection import DEFAULT_LOAD_FACTOR, Node, WorkerSelector
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,11 @@ class PcacheClient:
             self._info, self._info_at = info, time.monotonic()
             self._local_id = info["node_id"]
             if self._selector is None:
-                self._selector = WorkerSelector(nodes, local_id=self._local_id)
+                self._selector = WorkerSelector(
+                    nodes,
+                    local_id=self._local_id,
+                    load_factor=float(info.get("load_factor", DEFAULT_LOAD_FACTOR)),
+                )
             else:
                 self._selector.set_nodes(nodes)
         return info

@@ -43,6 +43,7 @@ from objstore.config import Config, Secret, read_toml
 from objstore.errors import ConfigError
 
 from .membership import parse_dns_target
+from .selection import DEFAULT_LOAD_FACTOR
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,11 @@ class WorkerConfig:
             Service); each new address is asked its node id. Excludes ``membership_file``.
         peers_dns_interval: seconds between two lookups of ``peers_dns``.
         weight: this worker's share of blocks relative to the others (its cache capacity).
+        load_factor: the bounded-load cap of worker selection, for this worker and the clients
+            it serves: a worker takes at most this multiple of its weighted share of recent
+            choices (>= 1). Lower balances tighter (1.1 keeps the busiest worker within about
+            10% of the mean); higher keeps more blocks on their home workers (fewer copies of
+            hot data across the cluster's caches).
         metadata_ttl: seconds a stat or listing is trusted.
         negative_ttl: seconds a "does not exist" is trusted.
         immutable: the datasets never change: metadata never expires.
@@ -136,6 +142,7 @@ class WorkerConfig:
     peers_dns: str = ""
     peers_dns_interval: float = 10.0
     weight: float = 1.0
+    load_factor: float = DEFAULT_LOAD_FACTOR
     metadata_ttl: float = 30.0
     negative_ttl: float = 5.0
     immutable: bool = False
@@ -176,6 +183,8 @@ class WorkerConfig:
                 parse_dns_target(self.peers_dns, self.port)
             except ValueError as exc:
                 raise ConfigError(f"pcache.{exc}") from None
+        if not (math.isfinite(self.load_factor) and self.load_factor >= 1):
+            raise ConfigError(f"pcache.load_factor must be >= 1, got {self.load_factor!r}")
         if not (math.isfinite(self.weight) and self.weight > 0):
             raise ConfigError(f"pcache.weight must be > 0, got {self.weight!r}")
         for name in ("metadata_ttl", "negative_ttl", "request_timeout", "peers_dns_interval"):
@@ -273,10 +282,11 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
     for key in ("block_size", "upload_part_size"):
         if key in out:
             out[key] = parse_size(out[key], f"{where} {key}")
-    for key in ("metadata_ttl", "negative_ttl", "request_timeout", "peers_dns_interval", "weight"):
+    for key in ("metadata_ttl", "negative_ttl", "request_timeout", "peers_dns_interval", "weight",
+                "load_factor"):  # fmt: skip
         if key in out:
             if isinstance(out[key], bool) or not isinstance(out[key], int | float):
-                unit = "" if key == "weight" else " of seconds"
+                unit = "" if key in ("weight", "load_factor") else " of seconds"
                 raise ConfigError(f"{where} {key} must be a number{unit}")
             out[key] = float(out[key])
     for key in ("readahead_blocks", "fetch_concurrency", "upload_concurrency"):

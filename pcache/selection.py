@@ -35,6 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = [
+    "DEFAULT_LOAD_FACTOR",
     "Node",
     "NodeState",
     "WorkerSelector",
@@ -43,6 +44,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# The bounded-load cap's default: a node takes at most 1.25x its weighted share of recent
+# choices (docs/scale.md: 1.1 balances tighter at the cost of blocks leaving their home nodes).
+DEFAULT_LOAD_FACTOR = 1.25
 
 # Ring points per node and probes per key. A node's share of keys deviates from its weight's share
 # by about 1 / sqrt(points * probes), 6%; the bounded-load cap absorbs that. More points cost memory
@@ -413,7 +418,7 @@ class WorkerSelector:
         nodes: Sequence[Node],
         *,
         local_id: str | None = None,
-        load_factor: float = 1.25,
+        load_factor: float = DEFAULT_LOAD_FACTOR,
         ewma_alpha: float = 0.2,
         fail_threshold: int = 3,
         probation_s: float = 5.0,

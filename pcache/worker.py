@@ -88,7 +88,9 @@ class Worker:
                 or [Node(config.node_id, config.address, config.weight)]
             )
         nodes = self._nodes_with_self(self.membership.nodes())
-        self.selector = WorkerSelector(nodes, local_id=config.node_id)
+        self.selector = WorkerSelector(
+            nodes, local_id=config.node_id, load_factor=config.load_factor
+        )
         self.peers = PeerClient(config.token.reveal(), config.request_timeout)
         self.fetcher = BlockFetcher(
             self.blocks,
@@ -329,6 +331,7 @@ async def info(request: web.Request) -> web.Response:
             "node_id": worker.config.node_id,
             "address": worker.config.address,
             "weight": worker.config.weight,
+            "load_factor": worker.config.load_factor,
             "block_size": worker.blocks.block_size,
             "namespaces": sorted(worker.stores),
             "backends": {name: str(store.url) for name, store in worker.stores.items()},

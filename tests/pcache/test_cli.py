@@ -134,6 +134,7 @@ def test_worker_config_errors(tmp_path: Path) -> None:
         ('peers_dns = "w:99999"', "expected NAME or NAME:PORT"),
         ('peers_dns = "w"\nmembership_file = "/m.toml"', "exclude each other"),
         ("weight = 0", "weight must be > 0"),
+        ("load_factor = 0.9", "load_factor must be >= 1"),
         ('weight = "x"', "weight must be a number"),
     ):
         bad.write_text(good.read_text() + extra + "\n")

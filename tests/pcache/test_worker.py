@@ -533,6 +533,7 @@ def test_peers_found_through_dns(make_cluster, payload, tmp_path: Path) -> None:
         peers_dns=f"pcache-workers:{port}",
         peers_dns_interval=0.5,
         weight=2.0,
+        load_factor=1.1,
         cluster_args={
             "hosts": ["127.0.0.1", "127.0.0.2"],
             "ports": [port, port],
@@ -552,6 +553,9 @@ def test_peers_found_through_dns(make_cluster, payload, tmp_path: Path) -> None:
     while time.monotonic() < deadline and any(members(c) != expected for c in clients):
         time.sleep(0.2)
     assert [members(c) for c in clients] == [expected, expected], cluster.logs()
+    # the cluster's load cap reaches the clients' selectors
+    assert clients[0].info()["load_factor"] == 1.1
+    assert clients[0]._selector is not None and clients[0]._selector._load_factor == 1.1
     data = payload(3 * MiB)
     store.put("dns/obj.bin", data)
     assert clients[0].read("data/dns/obj.bin") == data
