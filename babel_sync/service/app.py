@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RUNNER: web.AppKey[JobRunner] = web.AppKey("runner", JobRunner)
+# the open event streams' queues: shutdown ends them at once (a stream whose reader left would
+# otherwise hold the shutdown until its next keep-alive write fails)
+_Stream = asyncio.Queue[dict[str, Any] | None]
+STREAMS: web.AppKey[set[_Stream]] = web.AppKey("streams", set)
 OPEN_PATHS = {"/healthz", "/"}  # the dashboard page holds no data: its API calls carry the token
 DASHBOARD = Path(__file__).with_name("static") / "index.html"
 
@@ -118,7 +122,7 @@ async def delete(request: web.Request) -> web.Response:
 async def events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: one ``data:`` line of JSON per change (all jobs, or ``?job=ID``)."""
     only = request.query.get("job")
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+    queue: _Stream = asyncio.Queue(maxsize=1000)
 
     def push(event: dict[str, Any]) -> None:
         if only is None or event["job"]["id"] == only:
@@ -127,6 +131,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             queue.put_nowait(event)
 
     unsubscribe = request.app[RUNNER].subscribe(push)
+    streams = request.app[STREAMS]
+    streams.add(queue)
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
@@ -135,6 +141,8 @@ async def events(request: web.Request) -> web.StreamResponse:
         while True:
             try:
                 event = await asyncio.wait_for(queue.get(), timeout=15)
+                if event is None:  # the service is shutting down
+                    break
                 event["job"].pop("history", None)
                 await response.write(f"data: {json.dumps(event)}\n\n".encode())
             except TimeoutError:
@@ -143,6 +151,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         pass
     finally:
         unsubscribe()
+        streams.discard(queue)
     return response
 
 
@@ -228,6 +237,16 @@ def build_app(config: ServiceConfig, runner: JobRunner | None = None) -> web.App
         )
     )
     app[RUNNER] = runner
+    streams: set[_Stream] = set()
+    app[STREAMS] = streams
+
+    async def end_streams(app: web.Application) -> None:
+        for queue in list(streams):
+            while queue.full():
+                queue.get_nowait()
+            queue.put_nowait(None)
+
+    app.on_shutdown.append(end_streams)
     registry = CollectorRegistry()
     registry.register(_JobCollector(runner))  # type: ignore[arg-type]
     app["registry"] = registry
