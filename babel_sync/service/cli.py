@@ -111,21 +111,24 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             for job in jobs:
                 print(_line(job))
     elif what == "show":
-        job = _request(args, "GET", f"/api/v1/jobs/{args.id}")
-        if args.json:
-            print_json(job)
-        else:
-            print(_line(job))
-            if job.get("error"):
-                print(f"error: {job['error']}")
-            if job.get("report"):
-                print(json.dumps(job["report"], indent=2))
+        _print_job(args, _request(args, "GET", f"/api/v1/jobs/{args.id}"), report=True)
     elif what == "delete":
         _request(args, "DELETE", f"/api/v1/jobs/{args.id}")
     else:
         job = _request(args, "POST", f"/api/v1/jobs/{args.id}/{what}")
         print_json(job) if args.json else print(_line(job))
     return ExitCode.OK
+
+
+def _print_job(args: argparse.Namespace, job: dict[str, Any], *, report: bool = False) -> None:
+    if args.json:
+        print_json(job)
+        return
+    print(_line(job))
+    if job.get("error"):
+        print(f"error: {job['error']}")
+    if report and job.get("report"):
+        print(json.dumps(job["report"], indent=2))
 
 
 # what a finished job means for the exit status
@@ -155,12 +158,7 @@ def _wait(args: argparse.Namespace, job_id: str) -> int:
         time.sleep(args.poll)
     if shown:
         print(file=sys.stderr)
-    if args.json:
-        print_json(job)
-    else:
-        print(_line(job))
-        if job.get("error"):
-            print(f"error: {job['error']}")
+    _print_job(args, job)
     return _OUTCOME.get(job["state"], ExitCode.FAILED)
 
 
