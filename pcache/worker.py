@@ -125,11 +125,10 @@ class Worker:
     def refresh_membership(self) -> None:
         self.selector.set_nodes(self.members())
 
-    async def discover(self, *, force: bool = False) -> None:
-        """With ``peers_dns``: look the workers up (when due) and use the new list."""
+    async def discover(self) -> None:
+        """With ``peers_dns``: look the workers up when due (``refresh_membership`` uses them)."""
         if isinstance(self.membership, DnsMembership):
-            await self.membership.refresh(self._identify, force=force)
-            self.refresh_membership()
+            await self.membership.refresh(self._identify)
 
     async def _identify(self, address: str) -> tuple[str, float]:
         async with self.peers._client().get(f"{address}/v1/info") as response:
