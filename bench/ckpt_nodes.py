@@ -15,7 +15,9 @@ turn, same data, same run:
 
 Reported per planner: save time (slowest rank, from a barrier to the end of ``dcp.save``), bytes
 written per node, and peak RSS per node during the save (the node's ranks summed, sampled every
-10 ms), with the ratios the issue targets. Needs root (namespaces, tc).
+10 ms), with the ratios the issue targets. A multipart-sized save per mode runs first, and glibc's
+mmap threshold is fixed, so no run pays another's first-use memory or reuses heap another left.
+Needs root (namespaces, tc).
 
     .venv/bin/python bench/ckpt_nodes.py [--rate 400mbit] [--json]
 """
@@ -76,7 +78,6 @@ def worker(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from ckpt.api import save
     from ckpt.trainer.model import ModelConfig, MoEDecoder
     from ckpt.trainer.train import expert_groups, training_state
 
@@ -96,8 +97,13 @@ def worker(args: argparse.Namespace) -> int:
         st = optim.state[p]
         st["exp_avg"].copy_(p.data * 0.1)
         st["exp_avg_sq"].copy_(p.data.abs() * 0.01)
-    # first-use costs (topology all-gather, connections) outside the measurements
-    save({"warm": torch.full((4,), float(rank))}, f"s3://s3@{BUCKET}/warmup/", planner="node-aware")
+    # first-use costs outside the measurements (topology all-gather, connections, thread pools,
+    # multipart buffers): one multipart-sized save per mode, 24 MiB per rank
+    warm = {"warm": torch.full((6 * 2**20,), float(rank))}
+    for mode in ("sync", "async"):
+        run_save(warm, f"s3://s3@{BUCKET}/warmup-{mode}/", "node-aware", mode)
+    del warm
+    gc.collect()
     dist.barrier()
     results = []
     for planner in args.planners.split(","):
@@ -193,13 +199,16 @@ def launch(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                 env = {
                     **os.environ, "OBJSTORE_CONFIG": str(config), "CKPT_NODE_ID": f"node{i}",
                     "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+                    # a fixed threshold: glibc's moving one (up to 32 MiB after a free) would let a
+                    # run reuse heap an earlier run left, so growth would depend on the order
+                    "MALLOC_MMAP_THRESHOLD_": "131072",
                     "GLOO_SOCKET_IFNAME": topo.ns_veth(i),  # not the namespace's loopback
                 }  # fmt: skip
                 cmd = [
                     "ip", "netns", "exec", topo.netns(i),
                     sys.executable, "-m", "torch.distributed.run",
                     "--nnodes", str(args.nodes), "--node-rank", str(i - 1),
-                    "--nproc-per-node", str(args.ranks_per_node),
+                    "--nproc-per-node", str(node_ranks(args)[i - 1]),
                     "--master-addr", topo.address(1), "--master-port", str(port),
                     str(Path(__file__).resolve()), "--worker",
                     "--planners", args.planners, "--ep", str(args.ep),
@@ -227,6 +236,27 @@ def launch(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         topo.teardown()
 
 
+def ranks_per_node(text: str) -> tuple[int, ...]:
+    """``4`` or ``6,2,4,4``: positive rank counts."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count or a list of counts: {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"rank counts must be >= 1: {text!r}")
+    return counts
+
+
+def node_ranks(args: argparse.Namespace) -> list[int]:
+    """The rank count of each node, 1-based order."""
+    counts = list(args.ranks_per_node)
+    if len(counts) == 1:
+        return counts * args.nodes
+    if len(counts) != args.nodes:
+        raise ValueError(f"--ranks-per-node names {len(counts)} nodes, --nodes is {args.nodes}")
+    return counts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -239,7 +269,13 @@ def main() -> int:
         "(16 ranks and the S3 server share it), the bottleneck",
     )
     parser.add_argument("--nodes", type=int, default=4)
-    parser.add_argument("--ranks-per-node", type=int, default=4)
+    parser.add_argument(
+        "--ranks-per-node",
+        type=ranks_per_node,
+        default=(4,),
+        help="ranks on every node (4), or one count per node (6,2,4,4: nodes of unequal size, "
+        "as a job placed on partly-free machines gets)",
+    )
     parser.add_argument("--planners", default=",".join(PLANNERS))
     parser.add_argument("--ep", type=int, default=8, help="expert-parallel size")
     parser.add_argument("--vocab", type=int, default=16_384)
@@ -250,6 +286,12 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    try:
+        world = sum(node_ranks(args))
+    except ValueError as e:
+        parser.error(str(e))
+    if world % args.ep:
+        parser.error(f"the world size ({world}) must be a multiple of --ep ({args.ep})")
     if args.worker:
         code = worker(args)
         sys.stdout.flush()
@@ -262,15 +304,28 @@ def main() -> int:
         return 0
     gib = 2**30
     total = next(iter(summary.values()))["total_bytes"]
-    print(f"checkpoint {total / gib:.2f} GiB, {args.nodes} nodes x {args.ranks_per_node} ranks, "
-          f"links capped at {args.rate}, EP {args.ep}")  # fmt: skip
+    # equal links: no placement can put less than an equal share on the busiest node
+    bound = total / args.nodes
+    layout = "+".join(map(str, node_ranks(args)))
+    print(
+        f"checkpoint {total / gib:.2f} GiB, {args.nodes} nodes ({layout} ranks), links capped "
+        f"at {args.rate}, EP {args.ep}; lower bound on the busiest node {bound / gib:.2f} GiB"
+    )
     print(f"{'planner / mode':<17} | {'save (s)':>8} | {'busiest node (GiB)':>18} | "
-          f"{'busiest node RSS: peak / growth (GiB)':>37} | bytes per node (GiB)")  # fmt: skip
+          f"{'over bound':>10} | {'busiest node RSS: peak / growth (GiB)':>37} | "
+          f"bytes per node (GiB)")  # fmt: skip
     for name, s in summary.items():
         per = " ".join(f"{v['bytes'] / gib:.2f}" for v in s["nodes"].values())
         rss = f"{s['busiest_rss'] / gib:.2f} / {s['busiest_rss_growth'] / gib:.2f}"
+        over = s["busiest_bytes"] / bound
         print(f"{name:<17} | {s['save_s']:>8.2f} | {s['busiest_bytes'] / gib:>18.2f} | "
-              f"{rss:>37} | {per}")  # fmt: skip
+              f"{over:>9.2f}x | {rss:>37} | {per}")  # fmt: skip
+    torch_run = summary.get("torch sync")
+    if torch_run:
+        # the link time scales with the busiest node's bytes: the best any placement can do
+        floor = bound / torch_run["busiest_bytes"]
+        print(f"best possible node-aware / torch at this layout (bound / torch's busiest node): "
+              f"{floor:.2f}x")  # fmt: skip
     for mode in ("sync", "async"):
         aware = summary.get(f"node-aware {mode}")
         for peer, target in (("megatron", 0.5), ("torch", 0.8)):

@@ -153,6 +153,38 @@ def test_planners_dedup_real_dcp_plans(cls) -> None:
     assert planner.last_placement is not None
 
 
+def test_unequal_nodes_node_aware_balances_nodes_where_torch_balances_ranks() -> None:
+    """The benchmark's second layout in miniature: 16 ranks on nodes of 6, 2, 4 and 4, EP 8
+    (each expert on ranks r and r + 8), dense weights on every rank."""
+    world, ep = 16, 8
+    nodes = [n for n, count in (("a", 6), ("b", 2), ("c", 4), ("d", 4)) for _ in range(count)]
+    plans = []
+    for rank in range(world):
+        sd = {f"dense{i}": torch.zeros(128, 128) for i in range(24)}
+        sd.update({f"expert{rank % ep}.{i}": torch.zeros(128, 128) for i in range(6)})
+        planner = DefaultSavePlanner()
+        planner.set_up_planner(sd, is_coordinator=rank == 0)
+        plans.append(planner.create_local_plan())
+
+    def busiest(deduped: list[SavePlan]) -> int:
+        per_node = dict.fromkeys(nodes, 0)
+        for rank, plan in enumerate(deduped):
+            per_node[nodes[rank]] += sum(write_item_bytes(wi) for wi in plan.items)
+        assert sum(per_node.values()) == total
+        return max(per_node.values())
+
+    total = (24 + 6 * ep) * 128 * 128 * 4
+    bound = total / 4
+    aware = NodeAwareSavePlanner(topology=Topology.from_nodes(nodes))
+    aware.set_up_planner({}, is_coordinator=True)
+    torch_default = DefaultSavePlanner()
+    torch_default.set_up_planner({}, is_coordinator=True)
+    torch_plans, _ = torch_default.create_global_plan(plans)
+    assert busiest(aware._dedup_save_plans(plans)) <= 1.05 * bound
+    # torch gives every rank an equal share: the 6-rank node carries 6/16, 1.5x the bound
+    assert busiest(torch_plans) >= 1.4 * bound
+
+
 def shard(fqn: str, offsets, sizes, shape, dtype=torch.float32) -> WriteItem:
     """A DCP write item for one chunk of a global tensor, as DTensor / ShardedTensor make them."""
     return WriteItem(
