@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from .errors import BucketNotFound, ObjectNotFound
+from .errors import BucketNotFound, NameTooLong, NotSupported, ObjectNotFound
 from .retry import AIMDLimiter, RetryPolicy
 from .streams import RangeReader
 from .url import StoreURL
@@ -57,6 +57,8 @@ class Features:
         max_parts: most parts in one upload.
         delimiter: listing with a delimiter is supported (always ``/``).
         conditional_get: ``get_range(..., if_match=etag)`` is enforced by the service.
+        max_key_bytes: the longest key (UTF-8 bytes, the root's prefix included) it stores.
+        replace_metadata: :meth:`Store.replace_metadata` works (in place, content untouched).
     """
 
     native_checksum: str | None = None
@@ -67,6 +69,8 @@ class Features:
     max_parts: int = 10_000
     delimiter: bool = True
     conditional_get: bool = True
+    max_key_bytes: int = 1024
+    replace_metadata: bool = True
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,11 @@ class Store(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.url)!r})"
 
+    @property
+    def directory_markers(self) -> bool:
+        """Zero-byte ``dir/`` keys are stored as objects here (empty directories persist)."""
+        return False
+
     # -- the abstract core ---------------------------------------------------------------
 
     @abstractmethod
@@ -264,6 +273,28 @@ class Store(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Delete ``key``; deleting a missing key is not an error."""
+
+    def replace_metadata(self, key: str, metadata: dict[str, str]) -> ObjectInfo:
+        """Replace the user metadata of ``key``, keeping its content (S3/OSS: a copy onto
+        itself); what ``chmod`` or ``touch`` on a mount become.
+
+        Raises:
+            ObjectNotFound: no such key.
+            NotSupported: the backend keeps no user metadata (``features.replace_metadata``).
+        """
+        raise NotSupported(
+            f"{type(self).__name__} cannot replace object metadata", url=self.url.child(key)
+        )
+
+    def check_key_length(self, key: str) -> None:
+        """Raise :class:`NameTooLong` when the store could never hold ``key``."""
+        limit = self.features.max_key_bytes - len(self.url.prefix.encode())
+        if len(key.encode("utf-8", "surrogateescape")) > limit:
+            raise NameTooLong(
+                f"key of {len(key.encode('utf-8', 'surrogateescape'))} bytes is longer than this "
+                f"store accepts ({limit})",
+                url=str(self.url),
+            )
 
     # -- concrete helpers ------------------------------------------------------------------
 

@@ -93,6 +93,9 @@ class Profile:
         max_attempts: attempts per request, including the first.
         retry_deadline: seconds after which a request stops being retried.
         storage_options: extra keyword arguments for fsspec filesystems.
+        directory_markers: the endpoint stores zero-byte ``dir/`` keys as objects (every real
+            S3 and OSS does), so mounts persist empty directories as such markers. Off for
+            servers that turn them into files (``rclone serve s3`` over a local directory).
     """
 
     name: str = DEFAULT_PROFILE
@@ -108,6 +111,7 @@ class Profile:
     max_attempts: int = 10
     retry_deadline: float = 60.0
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)  # may hold keys
+    directory_markers: bool = True
 
     def __post_init__(self) -> None:
         if self.addressing_style not in ("path", "virtual", "auto"):
@@ -164,6 +168,12 @@ def _coerce(profile: str, key: str, value: Any, source: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{source}: profile {profile!r}: storage_options must be a table")
         return dict(value)
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            value = value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: profile {profile!r}: {key} must be true or false")
+        return value
     if isinstance(default, str):
         if not isinstance(value, type(default)):
             raise ConfigError(f"{source}: profile {profile!r}: {key} must be a string")

@@ -86,6 +86,12 @@ class InvalidKey(StorageError):
     default_errno = errno.EINVAL
 
 
+class NameTooLong(InvalidKey):
+    """A key longer than the store accepts (S3: 1,024 bytes, OSS: 1,023)."""
+
+    default_errno = errno.ENAMETOOLONG
+
+
 class PreconditionFailed(StorageError):
     """A conditional request failed: the object changed (ETag mismatch) since it was read."""
 
@@ -108,6 +114,13 @@ class TransientError(StorageError):
     """A failure worth retrying: throttling, 5xx, a reset connection, a timeout."""
 
     default_errno = errno.EAGAIN
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether retrying ``exc`` cannot help: every error but :class:`TransientError` (and the
+    network and timeout errors it stands for). The one classification every layer above the
+    stores uses, so a refusal is never retried anywhere."""
+    return not isinstance(exc, TransientError | TimeoutError | ConnectionError)
 
 
 class SlowDown(TransientError):

@@ -80,6 +80,7 @@ class FsspecStore(TreeListing, Store):
         user_metadata=False,
         min_part_size=1,
         conditional_get=False,
+        replace_metadata=False,
     )
 
     def __init__(self, url: StoreURL, profile: Profile, retry_policy: RetryPolicy | None = None):

@@ -15,6 +15,8 @@ from .errors import (
     BucketNotFound,
     InsufficientStorage,
     InvalidCredentials,
+    InvalidKey,
+    NameTooLong,
     NotSupported,
     ObjectNotFound,
     PreconditionFailed,
@@ -52,6 +54,8 @@ _BY_CODE: dict[str, type[StorageError]] = {
     "OperationAborted": TransientError,
     "NotImplemented": NotSupported,
     "QuotaExceeded": InsufficientStorage,
+    "KeyTooLongError": NameTooLong,
+    "InvalidObjectName": InvalidKey,  # OSS
 }
 
 

@@ -78,6 +78,7 @@ class LocalStore(TreeListing, Store):
         max_part_size=5 * 1024**3,
         max_parts=10_000,
         conditional_get=True,
+        max_key_bytes=4096,
     )
 
     def __init__(
@@ -284,6 +285,18 @@ class LocalStore(TreeListing, Store):
         finally:
             os.close(fd_in)
         return ObjectInfo(dst_key, st.st_size, st.st_mtime, _etag(st), None, metadata)
+
+    def replace_metadata(self, key: str, metadata: dict[str, str]) -> ObjectInfo:
+        path = self._path(key)
+        with self._errors("replace_metadata", key):
+            if not os.path.isfile(path):
+                raise not_found(self.url, key, "replace_metadata")
+            for name in os.listxattr(path):
+                if name.startswith(_XATTR_PREFIX):
+                    os.removexattr(path, name)
+            for name, value in metadata.items():
+                os.setxattr(path, _XATTR_PREFIX + name.lower(), value.encode())
+        return self.stat(key)
 
     def delete(self, key: str) -> None:
         path = self._path(key)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -58,6 +59,7 @@ class OSSStore(Store):
         max_part_size=5 * 1024**3,
         max_parts=10_000,
         conditional_get=True,
+        max_key_bytes=1023,
     )
 
     def __init__(self, url: StoreURL, profile: Profile, retry_policy: RetryPolicy | None = None):
@@ -148,6 +150,10 @@ class OSSStore(Store):
         return {_META + k.lower(): v for k, v in (metadata or {}).items()}
 
     # -- reads -------------------------------------------------------------------------------
+
+    @property
+    def directory_markers(self) -> bool:
+        return self.profile.directory_markers
 
     @retrying
     def stat(self, key: str) -> ObjectInfo:
@@ -370,6 +376,21 @@ class OSSStore(Store):
                 )
             )
         return self.stat(dst_key)
+
+    @retrying
+    def replace_metadata(self, key: str, metadata: dict[str, str]) -> ObjectInfo:
+        info = self.stat(key)
+        if info.size > _COPY_LIMIT:
+            return self._copy_multipart(key, key, dataclasses.replace(info, metadata=metadata))
+        headers = {"x-oss-metadata-directive": "REPLACE"}
+        headers.update({f"{_META}{k}": v for k, v in metadata.items()})
+        with self._errors("replace_metadata", key):
+            _drain(
+                self.bucket.copy_object(
+                    self.bucket.bucket_name, self._key(key), self._key(key), headers=headers
+                )
+            )
+        return self.stat(key)
 
     def copy_from(self, src: Store, src_key: str, dst_key: str) -> ObjectInfo | None:
         same = isinstance(src, OSSStore) and (

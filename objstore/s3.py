@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import email.utils
 import logging
@@ -143,6 +144,10 @@ class S3Store(Store):
             aws_session_token=profile.session_token.reveal() or None,
             config=config,
         )
+
+    @property
+    def directory_markers(self) -> bool:
+        return self.profile.directory_markers
 
     def close(self) -> None:
         if self._client is not None:
@@ -605,3 +610,20 @@ class S3Store(Store):
     def delete(self, key: str) -> None:
         with self._errors("delete", key):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    @retrying
+    def replace_metadata(self, key: str, metadata: dict[str, str]) -> ObjectInfo:
+        info = self.stat(key)
+        if info.size > self.features.max_part_size:
+            return self._copy_multipart(key, key, dataclasses.replace(info, metadata=metadata))
+        source: Any = {"Bucket": self.bucket, "Key": self._key(key)}
+        with self._errors("replace_metadata", key):
+            self.client.copy_object(
+                Bucket=self.bucket,
+                Key=self._key(key),
+                CopySource=source,
+                CopySourceIfMatch=f'"{info.etag}"',
+                Metadata=metadata,
+                MetadataDirective="REPLACE",
+            )
+        return self.stat(key)

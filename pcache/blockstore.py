@@ -240,6 +240,11 @@ class Reservation:
                 raise NoSpace(f"{d.path}: cannot reserve {nbytes} more bytes")
             self._add_locked(nbytes)
 
+    def shrink(self, nbytes: int) -> None:
+        """Return ``nbytes`` of the reservation (a staging file got smaller)."""
+        with self._store._lock:
+            self._shrink_locked(nbytes)
+
     def release(self) -> None:
         """Return the remaining bytes; idempotent."""
         with self._store._lock:

@@ -17,7 +17,7 @@ from typing import Any
 
 from objstore.cli import CommandError, ExitCode, add_common_options, human_bytes, print_json, run
 
-from .config import ClientConfig, WorkerConfig
+from .config import ClientConfig, Durability, WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -293,8 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="bound on each request to a worker (default 30, or $PCACHE_TIMEOUT); a request "
         "that runs out tries the next worker, then the backing store",
     )
-    mount.add_argument("--uid", type=int, help="owner of every entry (default: yours)")
-    mount.add_argument("--gid", type=int, help="group of every entry (default: yours)")
+    mount.add_argument("--uid", type=int, help="owner of objects that carry none (default: yours)")
+    mount.add_argument("--gid", type=int, help="group of objects that carry none (default: yours)")
+    mount.add_argument(
+        "--durability",
+        choices=[d.value for d in Durability],
+        default=Durability.LOCAL.value,
+        help="when close() returns: once the file is fsynced on the cache disk and journalled "
+        "(local, default; the upload follows, fsync() waits for it) or once it is in the "
+        "backing store (remote)",
+    )
 
     umount = command("umount", "unmount a pcache mount", cmd_umount, client=False)
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")

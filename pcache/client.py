@@ -15,14 +15,14 @@ Thread-safe: one client is shared by the threads of a process (each thread gets 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -32,12 +32,12 @@ import urllib3
 from objstore import Config, open_store
 from objstore.base import ObjectInfo, Store
 from objstore.errors import EndpointUnreachable, ObjectNotFound, StorageError
-from objstore.streams import SeekableReader
 from objstore.url import check_key
 
 from . import shm
 from .blockindex import BlockId
-from .config import CONFIG_ENV, SECTION, ClientConfig
+from .config import CONFIG_ENV, SECTION, ClientConfig, Durability
+from .files import PcacheReader, PcacheWriter
 from .localcache import LocalCacheReader
 from .protocol import (
     SOURCE_HEADER,
@@ -46,12 +46,13 @@ from .protocol import (
     block_key,
     error_from_response,
     info_from_json,
+    is_pending,
+    split_path,
 )
 from .selection import DEFAULT_LOAD_FACTOR, Node, WorkerSelector
 
 log = logging.getLogger(__name__)
 
-SHM_CHUNK = 32 << 20
 INFO_TTL_S = 10.0
 INFO_RETRY_S = 5.0  # after the local worker failed to answer /v1/info
 HITS_REPORT_S = 2.0  # how often hits read straight from the cache files are reported
@@ -62,15 +63,69 @@ class WorkerUnavailable(EndpointUnreachable):
     """No worker answered (connection refused, timeout)."""
 
 
-def split_path(path: str) -> tuple[str, str]:
-    """``pcache://ns/key`` or ``ns/key`` -> (namespace, key); the key may be empty."""
-    if path.startswith("pcache://"):
-        path = path[len("pcache://") :]
-    path = path.lstrip("/")
-    namespace, _, key = path.partition("/")
-    if not namespace:
-        raise ValueError(f"no namespace in pcache path {path!r}")
-    return namespace, key
+STRICT_TIMEOUT_S = 120.0  # how long a remote-durable request waits for the store (transient errors)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A directory view: objects, sub-prefixes, and the keys whose user metadata is known."""
+
+    objects: list[ObjectInfo]
+    prefixes: list[str]
+    full: set[str]
+
+
+class WriteSession:
+    """One write-back session on the local worker: a staging file the worker owns.
+
+    A client on the same node may write :attr:`path` itself (``pwrite``/``ftruncate``), asking
+    :meth:`reserve` for capacity before it grows the file; others send bytes with
+    :meth:`write`. :meth:`commit` makes the content local-durable (and, with
+    ``durable="remote"``, waits for the store); ``close=False`` keeps the session for more
+    writes. Thread-safe (each call is one request).
+    """
+
+    def __init__(self, client: PcacheClient, session_id: str, path: str) -> None:
+        self.client = client
+        self.id = session_id
+        self.path = path
+
+    def _call(self, method: str, action: str = "", **kwargs: Any) -> Any:
+        suffix = f"/{action}" if action else ""
+        return self.client.local_request(method, f"/v1/session/{self.id}{suffix}", **kwargs)
+
+    def reserve(self, size: int) -> int:
+        """Hold cache capacity for the staging file to grow to ``size``; returns what is held.
+        Raises ``InsufficientStorage`` (ENOSPC) when the cache cannot."""
+        return int(self._call("POST", "reserve", payload={"size": size})["reserved"])
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.client.local_request("PUT", f"/v1/session/{self.id}?offset={offset}", body=bytes(data))
+
+    def truncate(self, size: int) -> None:
+        self._call("POST", "truncate", payload={"size": size})
+
+    def commit(
+        self,
+        *,
+        size: int | None = None,
+        metadata: dict[str, str] | None = None,
+        durable: Durability = Durability.LOCAL,
+        close: bool = True,
+        timeout: float = STRICT_TIMEOUT_S,
+    ) -> ObjectInfo:
+        payload: dict[str, Any] = {
+            "durable": Durability(durable).value,
+            "close": close,
+            "metadata": metadata or {},
+            "timeout": timeout,
+        }
+        if size is not None:
+            payload["size"] = size
+        return info_from_json(self._call("POST", "commit", payload=payload, timeout=timeout + 5))
+
+    def abort(self) -> None:
+        self._call("DELETE")
 
 
 class PcacheClient:
@@ -95,7 +150,7 @@ class PcacheClient:
             headers={TOKEN_HEADER: f"Bearer {self._token}"},
         )
         self.readahead = readahead
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="pcache-client")
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pcache-client")
         self._lock = threading.Lock()
         self._info: dict[str, Any] | None = None
         self._info_at = 0.0
@@ -104,7 +159,7 @@ class PcacheClient:
         self._stores: dict[str, Store] = {}
         self._tls = threading.local()
         host = urlsplit(self.config.worker).hostname or ""
-        self._shm_ok = self.config.shm and host in LOCAL_HOSTS and shm.available()
+        self.shared_memory = self.config.shm and host in LOCAL_HOSTS and shm.available()
         self._segments: list[shm.SharedBuffer] = []
         self.sources: dict[str, int] = {}
         self._cache: LocalCacheReader | None = None
@@ -149,7 +204,7 @@ class PcacheClient:
             raise error_from_response(response.status, detail, url)
         return response
 
-    def _local(self, method: str, path: str, **kwargs: Any) -> Any:
+    def local_request(self, method: str, path: str, **kwargs: Any) -> Any:
         """A request to the local worker; its failures count in the selector's view of it, so
         a hung local worker is soon held dead and avoided (see :meth:`_local_dead`)."""
         selector, local_id = self._selector, self._local_id
@@ -172,7 +227,7 @@ class PcacheClient:
         selector, local_id = self._selector, self._local_id
         local = selector.node(local_id) if selector is not None else None
         if selector is None or local is None:
-            return self._local("GET", path, **kwargs)
+            return self.local_request("GET", path, **kwargs)
         # a few others in the key's order: any worker answers metadata, and the full order
         # costs milliseconds on a cluster of thousands
         others = [n for n in selector.candidates(path, limit=4) if n.node_id != local_id][:3]
@@ -203,7 +258,7 @@ class PcacheClient:
                 assert self._info is not None
                 return self._info
         try:
-            info = self._local("GET", "/v1/info")
+            info = self.local_request("GET", "/v1/info")
         except WorkerUnavailable:
             if self._info is not None:  # keep serving with the last view; the worker may be back
                 with self._lock:  # and ask again in a while, not on every call meanwhile
@@ -253,13 +308,23 @@ class PcacheClient:
 
     # -- metadata ------------------------------------------------------------------------------
 
-    def stat(self, path: str) -> ObjectInfo:
+    def stat(self, path: str, *, full: bool = False) -> ObjectInfo:
+        """An object's metadata; ``full``: with its user metadata (a HEAD where the worker knows
+        the object only from a listing)."""
         namespace, key = split_path(path)
         check_key(key)
-        return info_from_json(self._metadata(f"/v1/stat/{quote(namespace)}/{quote(key)}"))
+        fields = {"full": "1"} if full else None
+        return info_from_json(
+            self._metadata(f"/v1/stat/{quote(namespace)}/{quote(key)}", fields=fields)
+        )
 
     def ls(self, path: str, *, recursive: bool = False) -> tuple[list[ObjectInfo], list[str]]:
         """Objects and sub-prefixes directly under ``path`` (a directory view)."""
+        listing = self.list_dir(path, recursive=recursive)
+        return listing.objects, listing.prefixes
+
+    def list_dir(self, path: str, *, recursive: bool = False) -> Listing:
+        """:meth:`ls`, also saying which objects' user metadata the worker knew."""
         namespace, prefix = split_path(path)
         if prefix and not prefix.endswith("/"):
             prefix += "/"
@@ -267,21 +332,96 @@ class PcacheClient:
             f"/v1/list/{quote(namespace)}",
             fields={"prefix": prefix, "delimiter": "" if recursive else "/"},
         )
-        return [info_from_json(o) for o in listing["objects"]], listing["prefixes"]
+        objects = [info_from_json(o) for o in listing["objects"]]
+        full = {o["key"] for o in listing["objects"] if o.get("full")}
+        return Listing(objects, listing["prefixes"], full)
 
     def invalidate(self, path: str, *, cluster: bool = True, blocks: bool = True) -> dict[str, Any]:
         """Forget cached metadata (and blocks) under ``path`` on this node and, by default, all."""
         namespace, prefix = split_path(path)
-        return self._local(
+        return self.local_request(
             "POST",
             "/v1/invalidate",
             payload={"ns": namespace, "path": prefix, "cluster": cluster, "blocks": blocks},
         )
 
-    def delete(self, path: str) -> None:
+    def delete(self, path: str, *, durable: Durability = Durability.REMOTE) -> None:
+        """Delete ``path``; ``durable="local"`` returns once the delete is journalled."""
         namespace, key = split_path(path)
         check_key(key)
-        self._local("DELETE", f"/v1/object/{quote(namespace)}/{quote(key)}")
+        self.local_request(
+            "DELETE",
+            f"/v1/object/{quote(namespace)}/{quote(key)}?durable={Durability(durable).value}",
+            timeout=STRICT_TIMEOUT_S + 5,
+        )
+
+    def rename(
+        self,
+        old: str,
+        new: str,
+        *,
+        durable: Durability = Durability.REMOTE,
+        noreplace: bool = False,
+    ) -> bool:
+        """Rename an object (same namespace); True when it was a pending write, re-keyed
+        without an upload under the old name.
+
+        Raises:
+            FileExistsError: ``noreplace`` and ``new`` exists.
+        """
+        namespace, old_key = split_path(old)
+        new_namespace, new_key = split_path(new)
+        if namespace != new_namespace:
+            raise ValueError("rename across namespaces")
+        result = self.local_request(
+            "POST",
+            "/v1/rename",
+            payload={
+                "ns": namespace,
+                "old": old_key,
+                "new": new_key,
+                "durable": Durability(durable).value,
+                "noreplace": noreplace,
+            },
+            timeout=STRICT_TIMEOUT_S + 5,
+        )
+        return bool(result["pending"])
+
+    def set_metadata(
+        self, path: str, metadata: dict[str, str], *, durable: Durability = Durability.LOCAL
+    ) -> ObjectInfo:
+        """Replace the user metadata of an object (a pending write's, or one in the store)."""
+        namespace, key = split_path(path)
+        check_key(key)
+        return info_from_json(
+            self.local_request(
+                "POST",
+                f"/v1/meta/{quote(namespace)}/{quote(key)}",
+                payload={"metadata": metadata, "durable": Durability(durable).value},
+                timeout=STRICT_TIMEOUT_S + 5,
+            )
+        )
+
+    def open_session(self, path: str) -> WriteSession:
+        """A write-back session on the local worker (see :class:`WriteSession`)."""
+        namespace, key = split_path(path)
+        check_key(key)
+        opened = self.local_request("POST", f"/v1/write/{quote(namespace)}/{quote(key)}")
+        return WriteSession(self, opened["session"], opened.get("path", ""))
+
+    def uploads(self) -> dict[str, Any]:
+        """The local worker's write-back records (pending, retrying, refused)."""
+        result: dict[str, Any] = self.local_request("GET", "/v1/uploads")
+        return result
+
+    def upload_action(self, action: str, path: str) -> list[str]:
+        """``retry`` or ``discard`` the failed upload of ``path`` (``NS`` alone: every failed
+        one of the namespace); returns the keys acted on."""
+        namespace, key = split_path(path)
+        result = self.local_request(
+            "POST", f"/v1/uploads/{action}", payload={"ns": namespace, "key": key}
+        )
+        return list(result[action])
 
     def status(self, address: str | None = None) -> dict[str, Any]:
         """A worker's status (the local one by default)."""
@@ -295,11 +435,11 @@ class PcacheClient:
         name = block_key(namespace, info.key, index)
         fields = {"version": info.version, "index": str(index), "size": str(info.size)}
         path = f"/v1/block/{quote(namespace)}/{quote(info.key)}"
-        if info.version.startswith("wb-"):  # a pending write lives only on the local worker
+        if is_pending(info.version):  # a pending write lives only on the local worker
             response = self._request("GET", self.config.worker, path, fields=fields)
             self._count(response.headers.get(SOURCE_HEADER, "local"))
             return bytes(response.data)
-        cache = self._local_cache()
+        cache = self.local_cache()
         if cache is not None:  # a hit on this node's disks needs no worker at all
             bs = self.block_size
             length = min(bs, info.size - index * bs)
@@ -367,9 +507,9 @@ class PcacheClient:
         length = max(0, min(len(view), info.size - offset))
         if length == 0:
             return 0
-        cache = self._local_cache()
-        if cache is not None and not info.version.startswith("wb-"):
-            done = self._read_direct(cache, namespace, info, offset, view[:length])
+        cache = self.local_cache()
+        if cache is not None and not is_pending(info.version):
+            done = self.read_local(cache, namespace, info, offset, view[:length])
             if done == length:
                 return done
             if done:
@@ -377,7 +517,7 @@ class PcacheClient:
         threshold = 1 if exact else self.config.shm_threshold
         for attempt in (1, 2):
             try:
-                if self._shm_ok and length >= threshold and not self._local_dead():
+                if self.shared_memory and length >= threshold and not self._local_dead():
                     try:
                         return self._read_shm(namespace, info, offset, view[:length])
                     except (WorkerUnavailable, shm.SegmentError, StorageError) as exc:
@@ -385,7 +525,7 @@ class PcacheClient:
                             raise
                         log.info("shared-memory read failed (%s); using HTTP", exc)
                         if "segment" in str(exc):
-                            self._shm_ok = False
+                            self.shared_memory = False
                 return self._read_blocks(namespace, info, offset, view[:length])
             except (StaleVersion, ObjectNotFound):
                 # the object changed (or a write we saw pending was replaced) under the read:
@@ -399,7 +539,7 @@ class PcacheClient:
 
     # -- the local cache disks (pcache.localcache) ----------------------------------------------
 
-    def _local_cache(self) -> LocalCacheReader | None:
+    def local_cache(self) -> LocalCacheReader | None:
         """The reader of the local worker's cache files, when this process can open them."""
         if self._cache_tried:
             return self._cache
@@ -418,7 +558,7 @@ class PcacheClient:
         threading.Thread(target=self._report_hits, name="pcache-hits", daemon=True).start()
         return self._cache
 
-    def _read_direct(
+    def read_local(
         self,
         cache: LocalCacheReader,
         namespace: str,
@@ -480,8 +620,7 @@ class PcacheClient:
         bs = self.block_size
         first, last = offset // bs, (offset + len(view) - 1) // bs
         futures = {
-            i: self._pool.submit(self.read_block, namespace, info, i)
-            for i in range(first, last + 1)
+            i: self.pool.submit(self.read_block, namespace, info, i) for i in range(first, last + 1)
         }
         for index, future in futures.items():
             data = future.result()
@@ -494,7 +633,7 @@ class PcacheClient:
         """This thread's two segments: one is filled by the worker while the other is copied."""
         pair = getattr(self._tls, "segments", None)
         if pair is None:
-            pair = (shm.SharedBuffer(SHM_CHUNK), shm.SharedBuffer(SHM_CHUNK))
+            pair = (shm.SharedBuffer(shm.SHM_CHUNK), shm.SharedBuffer(shm.SHM_CHUNK))
             self._tls.segments = pair
             with self._lock:
                 self._segments.extend(pair)
@@ -502,11 +641,13 @@ class PcacheClient:
 
     def _read_shm(self, namespace: str, info: ObjectInfo, offset: int, view: memoryview) -> int:
         segments = self._segment_pair()
-        chunks = [(at, min(SHM_CHUNK, len(view) - at)) for at in range(0, len(view), SHM_CHUNK)]
+        chunks = [
+            (at, min(shm.SHM_CHUNK, len(view) - at)) for at in range(0, len(view), shm.SHM_CHUNK)
+        ]
 
         def fetch(i: int) -> dict[str, Any]:
             at, length = chunks[i]
-            result: dict[str, Any] = self._local(
+            result: dict[str, Any] = self.local_request(
                 "POST",
                 "/v1/shm/read",
                 payload={
@@ -522,11 +663,11 @@ class PcacheClient:
             )
             return result
 
-        pending = self._pool.submit(fetch, 0)
+        pending = self.pool.submit(fetch, 0)
         for i, (at, length) in enumerate(chunks):
             result = pending.result()
             if i + 1 < len(chunks):  # the other segment was copied out last round: refill it
-                pending = self._pool.submit(fetch, i + 1)
+                pending = self.pool.submit(fetch, i + 1)
             got = int(result["length"])
             view[at : at + got] = segments[i % 2].view[:got]
             with self._lock:
@@ -559,7 +700,7 @@ class PcacheClient:
         check_key(key)
         fields = {"timeout": str(timeout)} if timeout else None
         return info_from_json(
-            self._local(
+            self.local_request(
                 "POST",
                 f"/v1/flush/{quote(namespace)}/{quote(key)}",
                 fields=fields,
@@ -615,7 +756,7 @@ class PcacheClient:
                     on_progress(done_bytes, total_bytes)
 
         futures = [
-            self._pool.submit(warm, address, namespace, info, indexes)
+            self.pool.submit(warm, address, namespace, info, indexes)
             for address, items in batches.items()
             for namespace, info, indexes in items
         ]
@@ -641,10 +782,10 @@ class PcacheClient:
             self.report_hits()
             self._cache.close()
             self._cache = None
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)
         for segment in self._segments:
             try:
-                self._local("POST", "/v1/shm/release", payload={"segment": segment.name})
+                self.local_request("POST", "/v1/shm/release", payload={"segment": segment.name})
             except StorageError:
                 pass
             segment.close()
@@ -657,278 +798,4 @@ class PcacheClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class PcacheReader(SeekableReader):
-    """A seekable read-only file over one object, pinned to the version it opened.
-
-    Sequential reads (each starting where the last one ended) hold the current block and fetch
-    the following ones ahead, in parallel; a read elsewhere, when the local worker's cache is
-    reachable (its files, or shared memory), moves only the bytes asked for: random access never
-    pays for whole blocks.
-    """
-
-    def __init__(self, client: PcacheClient, path: str) -> None:
-        info = client.stat(path)
-        super().__init__(info.size)
-        self._client = client
-        self.path = path
-        self.namespace, self.key = split_path(path)
-        self.info = info
-        self._bs = client.block_size
-        self._ahead: dict[int, Future[bytes]] = {}
-        self._last_index = -1  # a read of block 0 counts as sequential: start readahead at once
-        self._current: tuple[int, bytes] | None = None  # the block sequential reads are in
-        self._last_end = 0  # where the last read ended: a read starting there is sequential
-
-    def readinto(self, buf: Any) -> int:
-        view = memoryview(buf).cast("B")
-        want = max(0, min(len(view), self.size - self._pos))
-        if want == 0:
-            return 0
-        exact_ok = self._client._shm_ok or self._client._local_cache() is not None
-        if want >= self._client.config.shm_threshold and exact_ok:
-            n = self._client.readinto(self.path, self._pos, view[:want], self.info)
-            self._pos += n
-            self._last_end = self._pos
-            return n
-        done = 0
-        sequential = self._pos == self._last_end or not exact_ok
-        while done < want:
-            index = (self._pos + done) // self._bs
-            if self._current is not None and self._current[0] == index:
-                block = self._current[1]
-            elif sequential:
-                block = self._block(index)
-                self._current = (index, block)
-            else:  # a random read: only its bytes, and the next read decides again
-                self._last_index = index
-                n = self._client.readinto(
-                    self.path, self._pos + done, view[done:want], self.info, exact=True
-                )
-                done += n
-                break
-            start = self._pos + done - index * self._bs
-            n = min(want - done, len(block) - start)
-            if n <= 0:
-                break
-            view[done : done + n] = block[start : start + n]
-            done += n
-        self._pos += done
-        self._last_end = self._pos
-        return done
-
-    def read_cached(self, offset: int, size: int) -> bytes | None:
-        """The bytes at ``offset`` when this node has them without asking a worker (the block
-        in hand, or the local cache files); None, with nothing read and the position unchanged,
-        otherwise. Only local disk I/O: callers may run it where a network wait would hurt.
-        Thread-safe: the position it moves is only the hint that tells sequential reads."""
-        size = max(0, min(size, self.size - offset))
-        if size == 0:
-            return b""
-        index, at = divmod(offset, self._bs)
-        current = self._current
-        if current is not None and current[0] == index and at + size <= len(current[1]):
-            data = current[1][at : at + size]
-        else:
-            cache = self._client._local_cache()
-            if cache is None or self.info.version.startswith("wb-"):
-                return None
-            buf = bytearray(size)
-            view = memoryview(buf)
-            direct = self._client._read_direct(
-                cache, self.namespace, self.info, offset, view, self._bs
-            )
-            if direct != size:
-                return None
-            data = bytes(buf)
-        self._pos = offset + size
-        self._last_end = self._pos
-        return data
-
-    def _block(self, index: int) -> bytes:
-        future = self._ahead.pop(index, None)
-        if future is None:
-            future = self._client._pool.submit(
-                self._client.read_block, self.namespace, self.info, index
-            )
-        if index in (self._last_index, self._last_index + 1):  # sequential: keep blocks coming
-            nblocks = -(-self.size // self._bs)
-            for ahead in range(index + 1, min(nblocks, index + 1 + self._client.readahead)):
-                if ahead not in self._ahead:
-                    self._ahead[ahead] = self._client._pool.submit(
-                        self._client.read_block, self.namespace, self.info, ahead
-                    )
-        self._last_index = index
-        for stale in [i for i in self._ahead if i < index]:
-            self._ahead.pop(stale).cancel()
-        return future.result()
-
-    def close(self) -> None:
-        for future in self._ahead.values():
-            future.cancel()
-        self._ahead.clear()
-        self._current = None
-        super().close()
-
-
-class PcacheWriter(io.RawIOBase):
-    """A write-only file: data goes to the local worker's staging file (write-back).
-
-    ``close()`` commits: local-durable by default (``durable="remote"`` waits for the upload);
-    :meth:`commit` with ``durable="remote"`` is what ``fsync`` means. An exception inside a
-    ``with`` block aborts the write instead of committing a partial object.
-    """
-
-    def __init__(self, client: PcacheClient, path: str, *, durable: str = "local") -> None:
-        super().__init__()
-        self._client = client
-        self.path = path
-        self.namespace, self.key = split_path(path)
-        check_key(self.key)
-        self.durable = durable
-        self._session = client._local(
-            "POST", f"/v1/write/{quote(self.namespace)}/{quote(self.key)}"
-        )["session"]
-        self._sent = 0  # bytes handed to the worker (or in flight to it)
-        self._shm = client._shm_ok
-        # shared memory: two segments of our own; one fills while the worker writes the other
-        self._segs: list[shm.SharedBuffer] = []
-        self._fill = 0
-        self._inflight: list[Future[Any] | None] = [None, None]
-        self._current = 0
-        self._buffer = bytearray()  # HTTP mode
-        self.result: ObjectInfo | None = None
-
-    def writable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._sent + self._fill + len(self._buffer)
-
-    def write(self, data: Any) -> int:
-        if self.closed:
-            raise ValueError("write to a closed file")
-        view = memoryview(data).cast("B")
-        if self._shm and not self._segs and len(view) >= self._client.config.shm_threshold:
-            self._segs = [shm.SharedBuffer(SHM_CHUNK), shm.SharedBuffer(SHM_CHUNK)]
-            if self._buffer:  # small writes so far: they go first, into the segment
-                buffered, self._buffer = self._buffer, bytearray()
-                self._fill_segments(memoryview(buffered))
-        if not self._segs:
-            self._buffer += view
-            if len(self._buffer) >= SHM_CHUNK:
-                self._put_buffer()
-            return len(view)
-        self._fill_segments(view)
-        return len(view)
-
-    def _fill_segments(self, view: memoryview) -> None:
-        done = 0
-        while done < len(view):
-            segment = self._segs[self._current]
-            n = min(len(view) - done, segment.size - self._fill)
-            segment.view[self._fill : self._fill + n] = view[done : done + n]
-            self._fill += n
-            done += n
-            if self._fill == segment.size:
-                self._ship()
-
-    def _ship(self) -> None:
-        """Hand the current segment to the worker in the background and switch segments."""
-        if not self._fill:
-            return
-        index, length, offset = self._current, self._fill, self._sent
-        segment = self._segs[index]
-        self._inflight[index] = self._client._pool.submit(
-            self._client._local,
-            "POST",
-            f"/v1/session/{self._session}/shm",
-            payload={
-                "offset": offset,
-                "length": length,
-                "segment": segment.name,
-                "segment_offset": 0,
-            },
-        )
-        self._sent += length
-        self._fill = 0
-        self._current = 1 - index
-        self._wait(self._current)  # the segment we fill next must be free
-
-    def _wait(self, index: int) -> None:
-        future, self._inflight[index] = self._inflight[index], None
-        if future is not None:
-            future.result()
-
-    def _put_buffer(self) -> None:
-        if not self._buffer:
-            return
-        self._client._local(
-            "PUT", f"/v1/session/{self._session}?offset={self._sent}", body=bytes(self._buffer)
-        )
-        self._sent += len(self._buffer)
-        self._buffer = bytearray()
-
-    def _send(self) -> None:
-        if self._segs:
-            self._ship()
-            self._wait(0)
-            self._wait(1)
-        self._put_buffer()
-
-    def _release_segments(self) -> None:
-        for future in self._inflight:
-            if future is not None:
-                future.cancel()
-        for segment in self._segs:
-            try:
-                self._client._local("POST", "/v1/shm/release", payload={"segment": segment.name})
-            except StorageError:
-                pass
-            segment.close()
-        self._segs = []
-
-    def flush(self) -> None:
-        pass  # data reaches the worker in chunks and at commit; durability is commit()'s job
-
-    def commit(self, durable: str | None = None) -> ObjectInfo:
-        """Send what is buffered and make the object durable (``local`` or ``remote``)."""
-        self._send()
-        self.result = info_from_json(
-            self._client._local(
-                "POST",
-                f"/v1/session/{self._session}/commit",
-                payload={"durable": durable or self.durable},
-                timeout=3600,
-            )
-        )
-        return self.result
-
-    def abort(self) -> None:
-        try:
-            for index in (0, 1):
-                try:
-                    self._wait(index)
-                except Exception:  # aborting anyway
-                    pass
-            self._client._local("DELETE", f"/v1/session/{self._session}")
-        finally:
-            self._release_segments()
-            super().close()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        try:
-            self.commit()
-        finally:
-            self._release_segments()
-            super().close()
-
-    def __exit__(self, exc_type: Any, *rest: Any) -> None:
-        if exc_type is not None and not self.closed:
-            self.abort()
-            return
         self.close()

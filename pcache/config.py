@@ -30,6 +30,7 @@ rejected; the token is a :class:`~objstore.config.Secret`.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import math
 import os
@@ -51,6 +52,14 @@ CONFIG_ENV = "PCACHE_CONFIG"
 SECTION = "pcache"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+class Durability(enum.StrEnum):
+    """When a write counts as done: ``local`` once fsynced on a cache disk and journalled (the
+    upload follows in the background), ``remote`` once it is in the backing store."""
+
+    LOCAL = "local"
+    REMOTE = "remote"
 
 
 def parse_size(value: Any, what: str) -> int:

@@ -34,21 +34,26 @@ from objstore.errors import (
     EndpointUnreachable,
     InsufficientStorage,
     InvalidKey,
+    NameTooLong,
     NotSupported,
     PreconditionFailed,
     TransientError,
 )
 
-from .client import PcacheClient, PcacheReader, PcacheWriter
+from .client import Listing, PcacheClient
+from .config import Durability
+from .files import PcacheReader
+from .fuse_files import OpenFile, commit, end_session, fill_from, open_staging, reserve
 from .mount_stats import CONTROL_NAME, MountStats
+from .posix import POSIX_KEYS, SYMLINK_MAX, Attrs, Defaults, attrs_of, new_attrs
+from .protocol import UploadFailed
 
 log = logging.getLogger(__name__)
 
-FILE, DIR, CONTROL = "file", "dir", "control"
+FILE, DIR, CONTROL, LINK = "file", "dir", "control", "link"
 CONTROL_INODE = pyfuse3.ROOT_INODE + 1  # the hidden statistics file at the mount root
-COPY_CHUNK = 8 << 20
-WRITE_CHUNK = 8 << 20  # FUSE writes (128 KiB-1 MiB) are gathered into pieces this large
 NAME_MAX = 255
+MAX_KEY_BYTES = 1024  # S3's limit (OSS: 1,023 — the worker checks the store's own)
 INLINE_READ_MAX = 64 << 10  # reads up to this size may be served in the event loop itself
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -65,9 +70,17 @@ def errno_for(exc: BaseException, where: str) -> int:
         return errno.ENOENT
     if isinstance(exc, PermissionError):
         return errno.EACCES
+    if isinstance(exc, NameTooLong):
+        log.info("%s: %s", where, exc)
+        return errno.ENAMETOOLONG
     if isinstance(exc, InvalidKey):
         log.info("%s: %s", where, exc)
         return errno.EINVAL
+    if isinstance(exc, FileExistsError):
+        return errno.EEXIST
+    if isinstance(exc, UploadFailed):
+        log.error("%s: %s", where, exc)
+        return errno.EIO
     if isinstance(exc, InsufficientStorage) or (
         isinstance(exc, OSError) and exc.errno == errno.ENOSPC
     ):
@@ -192,7 +205,10 @@ class InodeTable:
 
 @dataclass
 class _ReadHandle:
+    """A read-only descriptor of an object no writer on this mount has open."""
+
     inode: int
+    path: str
     reader: PcacheReader
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -218,26 +234,19 @@ class _ReadHandle:
 
 
 @dataclass
-class _WriteHandle:
-    inode: int
-    path: str
-    writer: PcacheWriter
-    size: int = 0
-    mtime: float = field(default_factory=time.time)
-    committed: ObjectInfo | None = None
-    failed: bool = False
-    lock: trio.Lock = field(default_factory=trio.Lock)
-    pending: bytearray = field(default_factory=bytearray)  # not yet handed to the writer
+class _FileHandle:
+    """A descriptor of a path open for writing on this mount (or read while it is)."""
 
-    def feed(self, data: bytes | bytearray) -> None:
-        """Hand ``data`` to the writer (runs in a worker thread)."""
-        self.writer.write(data)
+    inode: int
+    file: OpenFile
+    writable: bool
+    append: bool = False
 
 
 @dataclass
 class _DirHandle:
     inode: int
-    entries: list[tuple[str, str, ObjectInfo | None]]
+    entries: list[tuple[str, str, ObjectInfo | None, bool]]
 
 
 @dataclass
@@ -246,7 +255,7 @@ class _ControlHandle:
     inode: int = CONTROL_INODE
 
 
-Handle = _ReadHandle | _WriteHandle | _DirHandle | _ControlHandle
+Handle = _ReadHandle | _FileHandle | _DirHandle | _ControlHandle
 
 
 # -- operations ------------------------------------------------------------------------------------
@@ -263,8 +272,11 @@ class PcacheOperations(pyfuse3.Operations):
         immutable: objects never change: long kernel cache timeouts and ``keep_cache``.
         threads: blocking client calls in flight at once.
         mountpoint: shown in the statistics.
-        uid, gid: the owner every file and directory shows (default: the mount's process);
-            with ``default_permissions`` the kernel checks access against it.
+        uid, gid: the owner of objects that carry none (default: the mount's process); with
+            ``default_permissions`` the kernel checks access against what each entry shows.
+        durability: when ``close`` returns (see :class:`~pcache.config.Durability`).
+        max_dir_rename: a directory with more keys than this is not renamed (``EXDEV``: ``mv``
+            copies it instead).
 
     The root also holds a hidden, read-only control file (:data:`CONTROL_NAME`, not listed)
     whose content is the mount's live statistics as JSON; it hides an object of that name.
@@ -285,6 +297,8 @@ class PcacheOperations(pyfuse3.Operations):
         mountpoint: str = "",
         uid: int | None = None,
         gid: int | None = None,
+        durability: Durability = Durability.LOCAL,
+        max_dir_rename: int = 10_000,
     ) -> None:
         super().__init__()
         if prefix and not prefix.endswith("/"):
@@ -294,20 +308,26 @@ class PcacheOperations(pyfuse3.Operations):
         self.prefix = prefix
         self.read_only = read_only
         self.immutable = immutable
+        self.durability = Durability(durability)
+        self.max_dir_rename = max_dir_rename
         self.timeout = 24 * 3600.0 if immutable else 1.0
         self.dir_ttl = float("inf") if immutable else 5.0
         self.block_size = client.block_size
+        # empty directories persist as "dir/" objects where the store keeps them as such
+        self.markers = bool(client.info().get("directory_markers", {}).get(namespace, True))
         self.inodes = InodeTable()
         self._limiter = trio.CapacityLimiter(threads)
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
-        self._writing: dict[str, _WriteHandle] = {}
+        self._open: dict[str, OpenFile] = {}  # path -> the file its writers share
         self._reads_in_flight = 0  # reads handed to worker threads
-        self._local_dirs: set[str] = set()  # mkdir'd or emptied here: exist until rmdir
+        self._local_dirs: set[str] = set()  # emptied here: exist until rmdir
         self._known_dirs: dict[str, float] = {}  # path -> expiry (seen with content)
+        self._dir_attrs: dict[str, tuple[Attrs, float]] = {}  # marker attributes, with expiry
         self._started = time.time()
-        self._uid = os.getuid() if uid is None else uid
-        self._gid = os.getgid() if gid is None else gid
+        self.defaults = Defaults(
+            os.getuid() if uid is None else uid, os.getgid() if gid is None else gid
+        )
         self.stats = MountStats(f"{namespace}/{prefix}".rstrip("/"), mountpoint)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -325,19 +345,29 @@ class PcacheOperations(pyfuse3.Operations):
         key = self._key(path)
         return f"{self.namespace}/{key}/" if path else f"{self.namespace}/{key}"
 
+    def _marker(self, path: str) -> str:
+        """The ``dir/`` marker object of a directory (``NS/KEY/``)."""
+        return f"{self.namespace}/{self._key(path)}/"
+
     def _child(self, parent_inode: int, name: bytes) -> str:
         node = self.inodes.node(parent_inode)
         if node.kind != DIR:
             raise fail(errno.ENOTDIR)
+        if len(name) > NAME_MAX:
+            raise fail(errno.ENAMETOOLONG)
         try:
             text = name.decode("utf-8")
         except UnicodeDecodeError:
             raise fail(errno.EINVAL) from None  # object keys are UTF-8
-        if not text or "/" in text or "\x00" in text or len(name) > NAME_MAX:
+        if not text or "/" in text or "\x00" in text:
             raise fail(errno.EINVAL)
         if parent_inode == pyfuse3.ROOT_INODE and text == CONTROL_NAME:
             raise fail(errno.EPERM)  # the control file is not created, removed or renamed
-        return f"{node.path}/{text}" if node.path else text
+        path = f"{node.path}/{text}" if node.path else text
+        # a directory's marker key ends in "/": it must fit the store too
+        if len(self._key(path).encode()) + 1 > MAX_KEY_BYTES:
+            raise fail(errno.ENAMETOOLONG)
+        return path
 
     def _alloc_fh(self, handle: Handle) -> int:
         fh = self._next_fh
@@ -345,40 +375,54 @@ class PcacheOperations(pyfuse3.Operations):
         self._handles[fh] = handle
         return fh
 
-    def _attrs(self, inode: int, kind: str, size: int = 0, mtime: float | None = None) -> Any:
-        attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = inode
-        attrs.generation = 0
-        attrs.entry_timeout = self.timeout
-        attrs.attr_timeout = self.timeout
-        write_bits = 0 if self.read_only else 0o200
-        if kind == DIR:
-            attrs.st_mode = stat.S_IFDIR | 0o555 | write_bits
-            attrs.st_nlink = 2
-            attrs.st_size = 0
-        elif kind == CONTROL:  # size 0, read with direct_io: always the content of the moment
-            attrs.st_mode = stat.S_IFREG | 0o444
-            attrs.st_nlink = 1
-            attrs.st_size = 0
-            attrs.entry_timeout = attrs.attr_timeout = 0
-        else:
-            attrs.st_mode = stat.S_IFREG | 0o444 | write_bits
-            attrs.st_nlink = 1
-            attrs.st_size = size
-        attrs.st_uid, attrs.st_gid = self._uid, self._gid
-        attrs.st_blksize = self.block_size
-        attrs.st_blocks = -(-attrs.st_size // 512)
-        ns = int((self._started if mtime is None else mtime) * 1e9)
-        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = ns
-        return attrs
+    def _entry_attrs(self, inode: int, attrs: Attrs, size: int, *, trusted: bool = True) -> Any:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode
+        entry.generation = 0
+        entry.entry_timeout = self.timeout if trusted else 0
+        entry.attr_timeout = self.timeout if trusted else 0
+        mode = attrs.mode
+        if self.read_only:
+            mode &= ~0o222
+        entry.st_mode = mode
+        entry.st_nlink = 2 if stat.S_ISDIR(mode) else 1
+        entry.st_size = 0 if stat.S_ISDIR(mode) else size
+        entry.st_uid, entry.st_gid = attrs.uid, attrs.gid
+        entry.st_blksize = self.block_size
+        entry.st_blocks = -(-entry.st_size // 512)
+        entry.st_mtime_ns, entry.st_ctime_ns, entry.st_atime_ns = (
+            attrs.mtime_ns,
+            attrs.ctime_ns,
+            attrs.atime_ns,
+        )
+        return entry
 
-    def _file_attrs(self, inode: int, info: ObjectInfo) -> Any:
-        return self._attrs(inode, FILE, info.size, info.mtime)
+    def _default_dir_attrs(self) -> Attrs:
+        ns = int(self._started * 1e9)
+        return Attrs(
+            stat.S_IFDIR | self.defaults.dir_mode, self.defaults.uid, self.defaults.gid, ns, ns, ns
+        )
 
-    def _writing_attrs(self, inode: int, handle: _WriteHandle) -> Any:
-        if handle.committed is not None:
-            return self._file_attrs(inode, handle.committed)
-        return self._attrs(inode, FILE, handle.size, handle.mtime)
+    def _dir_entry(self, inode: int, path: str) -> Any:
+        cached = self._dir_attrs.get(path)
+        attrs = cached[0] if cached and cached[1] > time.monotonic() else self._default_dir_attrs()
+        return self._entry_attrs(inode, attrs, 0)
+
+    def _control_attrs(self) -> Any:
+        ns = int(self._started * 1e9)
+        entry = self._entry_attrs(
+            CONTROL_INODE,
+            Attrs(stat.S_IFREG | 0o444, self.defaults.uid, self.defaults.gid, ns, ns, ns),
+            0,
+        )
+        entry.entry_timeout = entry.attr_timeout = 0  # read with direct_io: always fresh
+        return entry
+
+    def _object_entry(self, inode: int, info: ObjectInfo, *, trusted: bool = True) -> Any:
+        return self._entry_attrs(inode, attrs_of(info, self.defaults), info.size, trusted=trusted)
+
+    def _open_entry(self, inode: int, file: OpenFile) -> Any:
+        return self._entry_attrs(inode, file.attrs, file.size)
 
     def _dir_known_locally(self, path: str) -> bool:
         if path == "" or path in self._local_dirs:
@@ -387,11 +431,16 @@ class PcacheOperations(pyfuse3.Operations):
             return True
         below = path + "/"
         return any(d.startswith(below) for d in self._local_dirs) or any(
-            w.startswith(below) for w in self._writing
+            w.startswith(below) for w in self._open
         )
 
     def _remember_dir(self, path: str) -> None:
         self._known_dirs[path] = time.monotonic() + self.dir_ttl
+
+    def _forget_dir(self, path: str) -> None:
+        self._local_dirs.discard(path)
+        self._known_dirs.pop(path, None)
+        self._dir_attrs.pop(path, None)
 
     def _keep_dir(self, path: str) -> None:
         """Keep ``path`` (and its parents) visible although it may have no content left."""
@@ -399,30 +448,50 @@ class PcacheOperations(pyfuse3.Operations):
             self._local_dirs.add(path)
             path = path.rpartition("/")[0]
 
-    async def _listing(self, path: str) -> tuple[list[ObjectInfo], list[str]]:
-        return await self._run(self.client.ls, self._dir_client_path(path))
+    async def _listing(self, path: str) -> Listing:
+        return await self._run(self.client.list_dir, self._dir_client_path(path))
 
     async def _has_content(self, path: str) -> bool:
-        objects, prefixes = await self._listing(path)
+        """Whether a directory holds anything but its own marker."""
+        listing = await self._listing(path)
         base = self._key(path) + "/" if path else self.prefix
-        return bool(prefixes) or any(o.key != base for o in objects)
+        return bool(listing.prefixes) or any(o.key != base for o in listing.objects)
 
-    async def _stat_file(self, path: str) -> ObjectInfo | None:
+    async def _stat_object(self, client_path: str) -> ObjectInfo | None:
         try:
-            return await self._run(self.client.stat, self._client_path(path))
+            return await self._run(
+                functools.partial(self.client.stat, full=not self.immutable), client_path
+            )
         except FileNotFoundError:
             return None
 
+    async def _stat_file(self, path: str) -> ObjectInfo | None:
+        return await self._stat_object(self._client_path(path))
+
     async def _resolve(self, path: str) -> tuple[str, ObjectInfo | None] | None:
-        """What ``path`` is: (FILE, info), (DIR, None), or None when it does not exist."""
-        if path in self._writing:
+        """What ``path`` is: (FILE or LINK, info), (DIR, marker info or None), or None."""
+        if path in self._open:
             return FILE, None
+        if path not in self._local_dirs and not self._dir_known_locally(path):
+            info = await self._stat_file(path)
+            if info is not None:
+                return (LINK if attrs_of(info, self.defaults).is_symlink else FILE), info
+        marker = (
+            None
+            if self.immutable or not self.markers
+            else await self._stat_object(self._marker(path))
+        )
+        if marker is not None:
+            self._dir_attrs[path] = (
+                attrs_of(marker, self.defaults, directory=True),
+                time.monotonic() + self.timeout,
+            )
+            self._remember_dir(path)
+            return DIR, marker
         if self._dir_known_locally(path):
             return DIR, None
-        info = await self._stat_file(path)
-        if info is not None:
-            return FILE, info
-        if await self._has_content(path):
+        listing = await self._listing(path)
+        if listing.objects or listing.prefixes:
             self._remember_dir(path)
             return DIR, None
         return None
@@ -434,10 +503,10 @@ class PcacheOperations(pyfuse3.Operations):
         kind, info = resolved
         inode = self.inodes.inode(path, kind)
         if kind == DIR:
-            return self._attrs(inode, DIR)
+            return self._dir_entry(inode, path)
         if info is None:
-            return self._writing_attrs(inode, self._writing[path])
-        return self._file_attrs(inode, info)
+            return self._open_entry(inode, self._open[path])
+        return self._object_entry(inode, info)
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -462,9 +531,9 @@ class PcacheOperations(pyfuse3.Operations):
             path = self.inodes.node(parent_inode).path
             if name == b"..":
                 path = path.rpartition("/")[0]
-            attrs = self._attrs(self.inodes.inode(path, DIR), DIR)
+            attrs = self._dir_entry(self.inodes.inode(path, DIR), path)
         elif parent_inode == pyfuse3.ROOT_INODE and name == CONTROL_NAME.encode():
-            attrs = self._attrs(CONTROL_INODE, CONTROL)
+            attrs = self._control_attrs()
         else:
             attrs = await self._entry(self._child(parent_inode, name))
         self.inodes.remember(attrs.st_ino)
@@ -481,15 +550,17 @@ class PcacheOperations(pyfuse3.Operations):
     @fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
         node = self.inodes.node(inode)
-        if node.kind in (DIR, CONTROL):
-            return self._attrs(inode, node.kind)
-        handle = self._writing.get(node.path)
-        if handle is not None:
-            return self._writing_attrs(inode, handle)
+        if node.kind == CONTROL:
+            return self._control_attrs()
+        if node.kind == DIR:
+            return self._dir_entry(inode, node.path)
+        file = self._open.get(node.path)
+        if file is not None:
+            return self._open_entry(inode, file)
         info = await self._stat_file(node.path)
         if info is None:
             raise fail(errno.ENOENT)
-        return self._file_attrs(inode, info)
+        return self._object_entry(inode, info)
 
     @fuse_errors
     async def setattr(
@@ -498,29 +569,93 @@ class PcacheOperations(pyfuse3.Operations):
         node = self.inodes.node(inode)
         if node.kind == CONTROL:
             raise fail(errno.EACCES)
-        if fields.update_size:
-            log.debug("setattr %s: size %d", node.path, attr.st_size)
-            self._check_writable()
-            if node.kind == DIR:
+        changes_attrs = (
+            fields.update_mode
+            or fields.update_uid
+            or fields.update_gid
+            or fields.update_mtime
+            or fields.update_atime
+        )
+        if not (fields.update_size or changes_attrs):
+            return await self.getattr(inode, ctx)
+        self._check_writable()
+        if node.kind == DIR:
+            if fields.update_size:
                 raise fail(errno.EISDIR)
-            handle = self._writing.get(node.path)
-            if handle is not None:
-                if attr.st_size != handle.size or handle.committed is not None:
-                    raise fail(errno.EOPNOTSUPP)
-            else:
-                info = await self._stat_file(node.path)
-                size = info.size if info is not None else 0
-                if attr.st_size == 0 and size != 0:  # truncate(0): an empty object
-                    await self._run(
-                        functools.partial(self.client.put, durable="remote"),
-                        self._client_path(node.path),
-                        b"",
-                    )
-                    await self._invalidate_cluster(node.path)
-                elif attr.st_size != size:
-                    raise fail(errno.EOPNOTSUPP)  # objects are not resized in place
-        # mode, owner and times are not stored: accepted and ignored (cp -p, touch work)
-        return await self.getattr(inode, ctx)
+            await self._set_dir_attrs(node.path, attr, fields)
+            return self._dir_entry(inode, node.path)
+        file = self._open.get(node.path)
+        if file is None:
+            file = await self._open_file(inode, node.path, truncate=False, create=None)
+            try:
+                await self._apply_setattr(file, attr, fields)
+                await self._commit(file)
+            finally:
+                await self._release_file(file)
+            info = await self._stat_file(node.path)
+            if info is None:
+                raise fail(errno.ENOENT)
+            return self._object_entry(inode, info)
+        await self._apply_setattr(file, attr, fields)
+        return self._open_entry(inode, file)
+
+    async def _apply_setattr(self, file: OpenFile, attr: Any, fields: Any) -> None:
+        if fields.update_size:
+            if attr.st_size > file.reserved:
+                await self._run(reserve, file, attr.st_size)
+            file.truncate(attr.st_size)
+        file.attrs = self._changed_attrs(file.attrs, attr, fields)
+        file.changes += 1
+
+    def _changed_attrs(self, attrs: Attrs, attr: Any, fields: Any) -> Attrs:
+        now = time.time_ns()
+        mode, uid, gid = attrs.mode, attrs.uid, attrs.gid
+        mtime, atime = attrs.mtime_ns, attrs.atime_ns
+        if fields.update_mode:
+            mode = stat.S_IFMT(attrs.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            uid = attr.st_uid
+        if fields.update_gid:
+            gid = attr.st_gid
+        if fields.update_mtime:
+            mtime = attr.st_mtime_ns
+        if fields.update_atime:
+            atime = attr.st_atime_ns
+        return Attrs(mode, uid, gid, mtime, now, atime)
+
+    async def _set_dir_attrs(self, path: str, attr: Any, fields: Any) -> None:
+        """chmod/chown/touch of a directory: its marker object carries them (made if none)."""
+        if path == "":
+            raise fail(errno.EPERM)  # the mount root has no marker of its own
+        resolved = await self._resolve(path)
+        current = (
+            attrs_of(resolved[1], self.defaults, directory=True)
+            if resolved and resolved[1] is not None
+            else self._default_dir_attrs()
+        )
+        attrs = self._changed_attrs(current, attr, fields)
+        if not self.markers:  # nowhere to keep them but here
+            self._dir_attrs[path] = (attrs, float("inf"))
+            return
+        await self._put_object(self._marker(path), b"", attrs)
+        self._dir_attrs[path] = (attrs, time.monotonic() + self.timeout)
+
+    async def _put_object(self, client_path: str, data: bytes, attrs: Attrs) -> ObjectInfo:
+        """A small object (marker, symlink) written in one session."""
+
+        def put() -> ObjectInfo:
+            session = self.client.open_session(client_path)
+            try:
+                if data:
+                    session.write(0, data)
+                return session.commit(
+                    size=len(data), metadata=attrs.to_metadata(), durable=self.durability
+                )
+            except BaseException:
+                session.abort()
+                raise
+
+        return await self._run(put)
 
     @fuse_errors
     async def statfs(self, ctx: Any = None) -> Any:
@@ -547,29 +682,31 @@ class PcacheOperations(pyfuse3.Operations):
         if node.kind != DIR:
             raise fail(errno.ENOTDIR)
         path = node.path
-        objects, prefixes = await self._listing(path)
+        listing = await self._listing(path)
         base = self._key(path) + "/" if path else self.prefix
-        entries: dict[str, tuple[str, ObjectInfo | None]] = {}
-        for info in objects:
+        entries: dict[str, tuple[str, ObjectInfo | None, bool]] = {}
+        for info in listing.objects:
             name = info.key[len(base) :]
             if self._valid_name(name):
-                entries[name] = (FILE, info)
-        for prefix in prefixes:
+                full = self.immutable or info.key in listing.full
+                kind = LINK if full and attrs_of(info, self.defaults).is_symlink else FILE
+                entries[name] = (kind, info, full)
+        for prefix in listing.prefixes:
             name = prefix[len(base) :].rstrip("/")
             if self._valid_name(name):
-                entries[name] = (DIR, None)  # a directory hides an object of the same name
+                entries[name] = (DIR, None, True)  # a directory hides an object of the same name
         below = path + "/" if path else ""
         for local in self._local_dirs:
             if local.startswith(below) and "/" not in local[len(below) :]:
-                entries.setdefault(local[len(below) :], (DIR, None))
-        for writing in self._writing:
+                entries.setdefault(local[len(below) :], (DIR, None, True))
+        for writing in self._open:
             if writing.startswith(below) and "/" not in writing[len(below) :]:
-                entries.setdefault(writing[len(below) :], (FILE, None))
-        for name, (kind, _) in entries.items():
+                entries.setdefault(writing[len(below) :], (FILE, None, True))
+        for name, (kind, _, _) in entries.items():
             if kind == DIR:
                 self._remember_dir(f"{below}{name}")
-        listing = [(name, kind, info) for name, (kind, info) in sorted(entries.items())]
-        return self._alloc_fh(_DirHandle(inode, listing))
+        listed = [(name, kind, info, full) for name, (kind, info, full) in sorted(entries.items())]
+        return self._alloc_fh(_DirHandle(inode, listed))
 
     @staticmethod
     def _valid_name(name: str) -> bool:
@@ -587,17 +724,21 @@ class PcacheOperations(pyfuse3.Operations):
             raise fail(errno.EBADF)
         base = self.inodes.node(handle.inode).path
         for index in range(start_id, len(handle.entries)):
-            name, kind, info = handle.entries[index]
+            name, kind, info, full = handle.entries[index]
             path = f"{base}/{name}" if base else name
             inode = self.inodes.inode(path, kind)
             if kind == DIR:
-                attrs = self._attrs(inode, DIR)
+                attrs = self._dir_entry(inode, path)
+            elif path in self._open:
+                attrs = self._open_entry(inode, self._open[path])
             elif info is not None:
-                attrs = self._file_attrs(inode, info)
-            elif path in self._writing:
-                attrs = self._writing_attrs(inode, self._writing[path])
+                # an entry whose user metadata the worker did not know is not cached by the
+                # kernel: its lookup asks (mode, owner and times come from the object's HEAD)
+                attrs = self._object_entry(inode, info, trusted=full)
             else:
-                attrs = self._attrs(inode, FILE)
+                attrs = self._entry_attrs(
+                    inode, attrs_of(ObjectInfo(path, 0, self._started), self.defaults), 0
+                )
             if not pyfuse3.readdir_reply(token, name.encode("utf-8"), attrs, index + 1):
                 self.inodes.forget(inode, 0)  # drops it again when nobody holds it
                 return
@@ -613,10 +754,22 @@ class PcacheOperations(pyfuse3.Operations):
         path = self._child(parent_inode, name)
         if await self._resolve(path) is not None:
             raise fail(errno.EEXIST)
-        self._keep_dir(path)
+        attrs = new_attrs(stat.S_IFDIR, mode, *self._owner(ctx), time.time_ns())
+        if self.markers:
+            await self._put_object(self._marker(path), b"", attrs)
+            self._dir_attrs[path] = (attrs, time.monotonic() + self.timeout)
+            self._remember_dir(path)
+        else:  # this mount remembers it until rmdir or until it has content
+            self._keep_dir(path)
+            self._dir_attrs[path] = (attrs, float("inf"))
         inode = self.inodes.inode(path, DIR)
         self.inodes.remember(inode)
-        return self._attrs(inode, DIR)
+        return self._entry_attrs(inode, attrs, 0)
+
+    def _owner(self, ctx: Any) -> tuple[int, int]:
+        if ctx is None:
+            return self.defaults.uid, self.defaults.gid
+        return int(ctx.uid), int(ctx.gid)
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any = None) -> None:
@@ -630,27 +783,69 @@ class PcacheOperations(pyfuse3.Operations):
         below = path + "/"
         if (
             any(d.startswith(below) for d in self._local_dirs)
-            or any(w.startswith(below) for w in self._writing)
+            or any(w.startswith(below) for w in self._open)
             or await self._has_content(path)
         ):
             raise fail(errno.ENOTEMPTY)
-        self._local_dirs.discard(path)
-        self._known_dirs.pop(path, None)
+        if self.markers:
+            await self._run(
+                functools.partial(self.client.delete, durable=self.durability), self._marker(path)
+            )
+        self._forget_dir(path)
         self._keep_dir(path.rpartition("/")[0])
         self.inodes.unlink(path)
 
-    # -- removing and renaming files -------------------------------------------------------
+    # -- symlinks and links ------------------------------------------------------------------
+
+    @fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any = None) -> Any:
+        self._check_writable()
+        path = self._child(parent_inode, name)
+        if len(target) > SYMLINK_MAX:
+            raise fail(errno.ENAMETOOLONG)
+        if await self._resolve(path) is not None:
+            raise fail(errno.EEXIST)
+        attrs = new_attrs(stat.S_IFLNK, 0o777, *self._owner(ctx), time.time_ns())
+        await self._put_object(self._client_path(path), target, attrs)
+        inode = self.inodes.inode(path, LINK)
+        self.inodes.remember(inode)
+        return self._entry_attrs(inode, attrs, len(target))
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        node = self.inodes.node(inode)
+        if node.kind != LINK:
+            raise fail(errno.EINVAL)
+        return await self._run(self.client.read, self._client_path(node.path))
+
+    @fuse_errors
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any = None
+    ) -> Any:
+        # an object store has no second name for one object: a copy would silently diverge
+        raise fail(errno.EPERM)
+
+    # -- removing and renaming -------------------------------------------------------------
+
+    def _detach(self, path: str) -> None:
+        """An open file's name is gone: its descriptors keep working, nothing is committed."""
+        file = self._open.pop(path, None)
+        if file is not None:
+            file.unlinked = True
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any = None) -> None:
         self._check_writable()
         path = self._child(parent_inode, name)
-        if path in self._writing:
-            raise fail(errno.EBUSY)
-        info = await self._stat_file(path)
-        if info is None:
-            raise fail(errno.EISDIR if await self._resolve(path) else errno.ENOENT)
-        await self._run(self.client.delete, self._client_path(path))
+        resolved = await self._resolve(path)
+        if resolved is None:
+            raise fail(errno.ENOENT)
+        if resolved[0] == DIR:
+            raise fail(errno.EISDIR)
+        self._detach(path)
+        await self._run(
+            functools.partial(self.client.delete, durable=self.durability), self._client_path(path)
+        )
         await self._invalidate_cluster(path)
         self._keep_dir(path.rpartition("/")[0])  # the directory stays until rmdir
         self.inodes.unlink(path)
@@ -670,43 +865,86 @@ class PcacheOperations(pyfuse3.Operations):
             raise fail(errno.EINVAL)
         old = self._child(parent_inode_old, name_old)
         new = self._child(parent_inode_new, name_new)
-        if old in self._writing or new in self._writing:
-            raise fail(errno.EBUSY)
         source = await self._resolve(old)
         if source is None:
             raise fail(errno.ENOENT)
-        if source[0] == DIR:
-            raise fail(errno.EXDEV)  # no directory renames: `mv` falls back to copy + delete
         if old == new:
             return
+        if source[0] == DIR and (new + "/").startswith(old + "/"):
+            raise fail(errno.EINVAL)  # into itself
         target = await self._resolve(new)
         if target is not None:
-            if target[0] == DIR:
-                raise fail(errno.EISDIR)
             if flags & pyfuse3.RENAME_NOREPLACE:
                 raise fail(errno.EEXIST)
-        await self._run(self._copy, self._client_path(old), self._client_path(new))
-        await self._run(self.client.delete, self._client_path(old))
-        await self._invalidate_cluster(new)
-        if old.rpartition("/")[0] != new.rpartition("/")[0]:
-            await self._invalidate_cluster(old)
+            if target[0] == DIR and source[0] != DIR:
+                raise fail(errno.EISDIR)
+            if source[0] == DIR and target[0] != DIR:
+                raise fail(errno.ENOTDIR)
+            if target[0] == DIR and await self._has_content(new):
+                raise fail(errno.ENOTEMPTY)
+        if source[0] == DIR:
+            await self._rename_dir(old, new, target is not None)
+        else:
+            await self._rename_file(old, new)
         self._keep_dir(old.rpartition("/")[0])
         self.inodes.unlink(new)
         self.inodes.move(old, new)
 
-    def _copy(self, source: str, target: str) -> None:
-        """Copy one object through the cache (in a worker thread)."""
-        with PcacheReader(self.client, source) as reader:
-            writer = PcacheWriter(self.client, target, durable="remote")
-            try:
-                while chunk := reader.read(COPY_CHUNK):
-                    writer.write(chunk)
-            except BaseException:
-                writer.abort()
-                raise
-            writer.close()
+    async def _rename_file(self, old: str, new: str) -> None:
+        self._detach(new)
+        await self._run(
+            functools.partial(self.client.rename, durable=self.durability),
+            self._client_path(old),
+            self._client_path(new),
+        )
+        file = self._open.pop(old, None)
+        if file is not None:  # its writers go on under the new name (the worker moved them)
+            file.path, file.client_path = new, self._client_path(new)
+            self._open[new] = file
+        await self._invalidate_cluster(new)
+        if old.rpartition("/")[0] != new.rpartition("/")[0]:
+            await self._invalidate_cluster(old)
 
-    # -- reads -----------------------------------------------------------------------------
+    async def _rename_dir(self, old: str, new: str, replace_empty: bool) -> None:
+        """Key by key: not atomic (a crash midway leaves some keys under each name; running the
+        same ``mv`` again finishes it). Refused with ``EXDEV`` above ``max_dir_rename`` keys,
+        so ``mv`` copies instead of starting what it cannot finish quickly."""
+        listing = await self._run(
+            functools.partial(self.client.list_dir, recursive=True), self._dir_client_path(old)
+        )
+        keys = [o.key for o in listing.objects]
+        if len(keys) > self.max_dir_rename:
+            raise fail(errno.EXDEV)
+        base_old, base_new = self._key(old) + "/", self._key(new) + "/"
+        if replace_empty and self.markers:
+            await self._run(
+                functools.partial(self.client.delete, durable=self.durability), self._marker(new)
+            )
+        if any(w == old or w.startswith(old + "/") for w in self._open):
+            for path in [w for w in self._open if w.startswith(old + "/")]:
+                file = self._open.pop(path)
+                file.path = new + path[len(old) :]
+                file.client_path = self._client_path(file.path)
+                self._open[file.path] = file
+        for key in keys:
+            await self._run(
+                functools.partial(self.client.rename, durable=self.durability),
+                f"{self.namespace}/{key}",
+                f"{self.namespace}/{base_new}{key[len(base_old) :]}",
+            )
+        if self.markers and base_old not in keys:  # an implicit directory: the new one stays
+            await self._put_object(
+                self._marker(new), b"", self._dir_attrs.get(old, (self._default_dir_attrs(), 0))[0]
+            )
+        for local in [d for d in self._local_dirs if d == old or d.startswith(old + "/")]:
+            self._local_dirs.discard(local)
+            self._local_dirs.add(new + local[len(old) :])
+        self._forget_dir(old)
+        self._remember_dir(new)
+        await self._invalidate_cluster(old)
+        await self._invalidate_cluster(new)
+
+    # -- open files ------------------------------------------------------------------------
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any = None) -> Any:
@@ -715,20 +953,67 @@ class PcacheOperations(pyfuse3.Operations):
             raise fail(errno.EISDIR)
         if node.kind == CONTROL:
             return self._open_control(flags)
-        if flags & os.O_ACCMODE == os.O_RDONLY:
+        info = pyfuse3.FileInfo()
+        info.direct_io = False
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        file = self._open.get(node.path)
+        if not writable and file is None:
             reader = await self._run(PcacheReader, self.client, self._client_path(node.path))
-            info = pyfuse3.FileInfo()
-            info.fh = self._alloc_fh(_ReadHandle(inode, reader))
+            info.fh = self._alloc_fh(_ReadHandle(inode, node.path, reader))
             info.keep_cache = self.immutable
-            info.direct_io = False
             return info
-        self._check_writable()
-        if not flags & os.O_TRUNC:
-            # appending to or patching an object would mean rewriting it: refuse unless empty
-            current = await self._stat_file(node.path)
-            if current is not None and current.size > 0:
-                raise fail(errno.EOPNOTSUPP)
-        return await self._open_writer(inode, node.path)
+        if writable:
+            self._check_writable()
+            if file is None:
+                file = await self._open_file(
+                    inode, node.path, truncate=bool(flags & os.O_TRUNC), create=None
+                )
+            elif flags & os.O_TRUNC:
+                file.truncate(0)
+        assert file is not None
+        file.handles += 1
+        info.fh = self._alloc_fh(
+            _FileHandle(inode, file, writable, append=bool(flags & os.O_APPEND))
+        )
+        info.keep_cache = False
+        return info
+
+    async def _open_file(
+        self, inode: int, path: str, *, truncate: bool, create: Attrs | None
+    ) -> OpenFile:
+        """The shared :class:`OpenFile` of ``path``: a new session, filled with the object's
+        content unless ``truncate`` or ``create`` (the attributes of a new file)."""
+        if path in self._open:
+            return self._open[path]
+        client_path = self._client_path(path)
+        current = None if create is not None else await self._stat_file(path)
+        if create is None and current is None:
+            raise fail(errno.ENOENT)
+        session, fd = await self._run(open_staging, self.client, client_path)
+        try:
+            if create is not None:
+                attrs, foreign, size = create, {}, 0
+            else:
+                assert current is not None
+                attrs = attrs_of(current, self.defaults)
+                foreign = {k: v for k, v in current.metadata.items() if k not in POSIX_KEYS}
+                size = 0
+                if not truncate and current.size:
+                    await self._run(session.reserve, current.size)
+                    size = await self._run(fill_from, self.client, client_path, fd, current)
+            file = OpenFile(path, client_path, session, fd, size, attrs, foreign)
+        except BaseException:
+            os.close(fd)
+            with trio.CancelScope(shield=True):
+                await self._run(session.abort)
+            raise
+        if create is not None or (truncate and current is not None and current.size):
+            file.touch()  # a new or emptied file: it must be committed even if never written
+        if path in self._open:  # another open won the race meanwhile: use that one
+            end_session(file)
+            return self._open[path]
+        self._open[path] = file
+        return file
 
     def _open_control(self, flags: int) -> Any:
         if flags & os.O_ACCMODE != os.O_RDONLY:
@@ -736,12 +1021,13 @@ class PcacheOperations(pyfuse3.Operations):
         content = self.stats.render(
             dict(self.client.sources),
             open_files=sum(
-                isinstance(h, _ReadHandle | _WriteHandle) for h in self._handles.values()
+                isinstance(h, _ReadHandle | _FileHandle) for h in self._handles.values()
             ),
-            files_being_written=len(self._writing),
+            files_being_written=len(self._open),
             inodes=len(self.inodes),
             read_only=self.read_only,
             immutable=self.immutable,
+            durability=self.durability.value,
         )
         info = pyfuse3.FileInfo()
         info.fh = self._alloc_fh(_ControlHandle(content))
@@ -749,33 +1035,54 @@ class PcacheOperations(pyfuse3.Operations):
         info.keep_cache = False
         return info
 
-    async def _open_writer(self, inode: int, path: str) -> Any:
-        if path in self._writing:
-            raise fail(errno.EBUSY)  # one writer per file and mount
-        placeholder = _WriteHandle(inode, path, writer=None)  # type: ignore[arg-type]
-        self._writing[path] = placeholder
-        try:
-            placeholder.writer = await self._run(
-                functools.partial(PcacheWriter, durable="remote"),
-                self.client,
-                self._client_path(path),
-            )
-        except BaseException:
-            del self._writing[path]
-            raise
+    @fuse_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any = None
+    ) -> tuple[Any, Any]:
+        self._check_writable()
+        path = self._child(parent_inode, name)
+        if self._dir_known_locally(path):
+            raise fail(errno.EISDIR)
+        inode = self.inodes.inode(path, FILE)
+        file = self._open.get(path)
+        if file is None:
+            attrs = new_attrs(stat.S_IFREG, mode, *self._owner(ctx), time.time_ns())
+            file = await self._open_file(inode, path, truncate=True, create=attrs)
+        elif flags & os.O_TRUNC:
+            file.truncate(0)
+        file.handles += 1
         info = pyfuse3.FileInfo()
-        info.fh = self._alloc_fh(placeholder)
-        info.keep_cache = False
+        info.fh = self._alloc_fh(_FileHandle(inode, file, True, append=bool(flags & os.O_APPEND)))
         info.direct_io = False
-        return info
+        info.keep_cache = False
+        self.inodes.remember(inode)
+        return info, self._open_entry(inode, file)
+
+    def _file_handle(self, fh: int) -> _FileHandle:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, _FileHandle):
+            raise fail(errno.EBADF)
+        return handle
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles.get(fh)
         if isinstance(handle, _ControlHandle):
             return handle.content[off : off + size]
-        if not isinstance(handle, _ReadHandle):
-            raise fail(errno.EBADF)  # a write handle: the object does not exist until commit
+        if isinstance(handle, _FileHandle):
+            data = handle.file.pread(off, size)  # a local file: no thread hop
+        elif isinstance(handle, _ReadHandle):
+            file = self._open.get(handle.path)
+            if file is not None:  # opened before a writer came: it sees the writer's bytes
+                data = file.pread(off, size)
+            else:
+                data = await self._read_object(handle, off, size)
+        else:
+            raise fail(errno.EBADF)
+        self.stats.read(size, len(data))
+        return data
+
+    async def _read_object(self, handle: _ReadHandle, off: int, size: int) -> bytes:
         data = None
         if size <= INLINE_READ_MAX and not self._reads_in_flight:
             # a small read while nothing else is reading: a hit on this node's disks is served
@@ -788,146 +1095,99 @@ class PcacheOperations(pyfuse3.Operations):
                 data = await self._run(handle.pread, off, size)
             finally:
                 self._reads_in_flight -= 1
-        self.stats.read(size, len(data))
         return data
-
-    # -- writes ----------------------------------------------------------------------------
-
-    @fuse_errors
-    async def create(
-        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any = None
-    ) -> tuple[Any, Any]:
-        self._check_writable()
-        path = self._child(parent_inode, name)
-        if self._dir_known_locally(path):
-            raise fail(errno.EISDIR)
-        inode = self.inodes.inode(path, FILE)
-        info = await self._open_writer(inode, path)
-        self.inodes.remember(inode)
-        return info, self._writing_attrs(inode, self._writing[path])
-
-    def _write_handle(self, fh: int) -> _WriteHandle:
-        handle = self._handles.get(fh)
-        if not isinstance(handle, _WriteHandle):
-            raise fail(errno.EBADF)
-        return handle
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        handle = self._write_handle(fh)
-        async with handle.lock:
-            if handle.failed:
-                raise fail(errno.EIO)
-            if off != handle.size:
-                log.info(
-                    "%s: write at %d, expected %d: not sequential", handle.path, off, handle.size
-                )
-                raise fail(errno.EOPNOTSUPP)
-            if handle.committed is not None:
-                await self._reopen(handle)
-            handle.pending += buf
-            if len(handle.pending) >= WRITE_CHUNK:
-                data, handle.pending = handle.pending, bytearray()
-                try:
-                    await self._run(handle.feed, data)
-                except BaseException:
-                    await self._abort(handle)
-                    raise
-            handle.size += len(buf)
-            handle.mtime = time.time()
-            self.stats.wrote(len(buf))
-            return len(buf)
+        handle = self._file_handle(fh)
+        if not handle.writable:
+            raise fail(errno.EBADF)
+        file = handle.file
+        if handle.append:
+            off = file.size  # without the kernel's writeback cache, O_APPEND is ours to do
+        if file.failed:
+            raise fail(file.failed)
+        end = off + len(buf)
+        if end > file.reserved:
+            async with file.lock:
+                if end > file.reserved:
+                    try:
+                        await self._run(reserve, file, end)
+                    except Exception as exc:
+                        # a file that lost a write is never committed half: close says so
+                        file.failed = errno_for(exc, "write")
+                        raise
+        written = file.pwrite(off, buf)
+        self.stats.wrote(written)
+        return written
 
-    async def _reopen(self, handle: _WriteHandle) -> None:
-        """More writes after a commit (a dup'd or inherited descriptor was closed): start a new
-        session holding what was committed, so the next commit has the whole file."""
-        path = self._client_path(handle.path)
-
-        def reopen() -> None:
-            handle.writer = PcacheWriter(self.client, path, durable="remote")
-            try:
-                with PcacheReader(self.client, path) as reader:
-                    while chunk := reader.read(COPY_CHUNK):
-                        handle.feed(chunk)
-                if handle.writer.tell() != handle.size:
-                    raise pyfuse3.FUSEError(errno.ESTALE)  # replaced by someone meanwhile
-            except BaseException:
-                handle.writer.abort()
-                raise
-
-        await self._run(reopen)
-        handle.committed = None
-
-    async def _commit(self, handle: _WriteHandle) -> None:
-        if handle.failed:
-            raise fail(errno.EIO)
-        if handle.committed is not None:
-            return
-        data, handle.pending = handle.pending, bytearray()
-
-        def commit() -> ObjectInfo:
-            handle.feed(data)
-            return handle.writer.commit("remote")
-
-        try:
-            handle.committed = await self._run(commit)
-        except BaseException:
-            await self._abort(handle)
-            raise
-        await self._invalidate_cluster(handle.path)
-
-    async def _abort(self, handle: _WriteHandle) -> None:
-        """Give up a failed write: nothing partial is ever committed."""
-        handle.failed = True
-        if handle.writer is None or handle.writer.closed:
-            return
-        try:
-            await self._run(handle.writer.abort)
-        except Exception as exc:
-            log.info("abort of %s failed: %s", handle.path, exc)
+    async def _commit(self, file: OpenFile, durability: Durability | None = None) -> None:
+        if file.failed:
+            raise fail(file.failed)
+        async with file.lock:
+            if not file.dirty or file.unlinked:
+                return
+            await self._run(
+                functools.partial(commit, close=False),
+                self.client,
+                file,
+                durability or self.durability,
+            )
+        await self._invalidate_cluster(file.path)
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
         handle = self._handles.get(fh)
-        if not isinstance(handle, _WriteHandle):
-            return
-        # close(2) waits for FLUSH but not for RELEASE: committing here is what makes the
-        # object visible (and its errors reported) when close returns
-        async with handle.lock:
-            await self._commit(handle)
+        if isinstance(handle, _FileHandle) and handle.writable:
+            # close(2) waits for FLUSH but not for RELEASE: committing here is what makes the
+            # file local-durable (or in the store, --durability remote) when close returns
+            await self._commit(handle.file)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handles.get(fh)
-        if isinstance(handle, _WriteHandle):
-            async with handle.lock:
-                await self._commit(handle)
+        if isinstance(handle, _FileHandle):
+            file = handle.file
+            if file.dirty:
+                await self._commit(file, Durability.REMOTE)
+            elif not file.unlinked:
+                await self._run(self.client.flush, file.client_path)
+        elif isinstance(handle, _ReadHandle):
+            await self._run(self.client.flush, self._client_path(handle.path))
 
     @fuse_errors
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if isinstance(handle, _ReadHandle):
             await self._run(handle.reader.close)
-        elif isinstance(handle, _WriteHandle):
-            try:
-                async with handle.lock:
-                    if handle.failed:
-                        await self._abort(handle)
-                    else:
-                        await self._commit(handle)
-            finally:
-                if self._writing.get(handle.path) is handle:
-                    del self._writing[handle.path]
+        elif isinstance(handle, _FileHandle):
+            await self._release_file(handle.file)
+
+    async def _release_file(self, file: OpenFile) -> None:
+        file.handles -= 1
+        if file.handles > 0:
+            return
+        try:
+            if file.dirty and not file.unlinked and not file.failed:
+                await self._commit(file)
+        finally:
+            if file.handles <= 0:
+                if self._open.get(file.path) is file:
+                    del self._open[file.path]
+                with trio.CancelScope(shield=True):
+                    await self._run(end_session, file)
 
     # -- shutdown --------------------------------------------------------------------------
 
     def abort_writes(self) -> None:
-        """Drop uncommitted writes (the mount is going away); called outside trio."""
-        for handle in list(self._writing.values()):
-            if handle.committed is None and handle.writer is not None:
-                log.warning("unmounted while %s was being written: discarded", handle.path)
-                try:
-                    handle.writer.abort()
-                except Exception as exc:
-                    log.info("abort of %s failed: %s", handle.path, exc)
-        self._writing.clear()
+        """The mount is going away (called outside trio): commit what the writers left dirty,
+        so nothing written through the mount is lost, then close the sessions."""
+        for file in list(self._open.values()):
+            try:
+                if file.dirty and not file.unlinked and not file.failed:
+                    log.warning("unmounted while %s was open for writing: committing it", file.path)
+                    commit(self.client, file, self.durability, close=True)
+            except Exception as exc:
+                log.error("could not commit %s at unmount: %s", file.path, exc)
+            end_session(file)
+        self._open.clear()

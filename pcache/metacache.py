@@ -36,6 +36,15 @@ class Missing:
 MISSING = Missing()
 
 
+class _Listed:
+    """A stat learned from a listing: size, mtime and ETag, but no user metadata."""
+
+    __slots__ = ("info",)
+
+    def __init__(self, info: ObjectInfo) -> None:
+        self.info = info
+
+
 @dataclass
 class _Entry(Generic[T]):
     value: T
@@ -96,7 +105,7 @@ class MetadataCache:
         self.immutable = immutable
         self._clock = clock
         self._lock = threading.Lock()
-        self._stats: _TTLMap[ObjectInfo | Missing] = _TTLMap(max_entries)
+        self._stats: _TTLMap[ObjectInfo | Missing | _Listed] = _TTLMap(max_entries)
         self._listings: _TTLMap[ListPage] = _TTLMap(max(1, max_entries // 100))
         self.hits = 0
         self.misses = 0
@@ -107,15 +116,26 @@ class MetadataCache:
     def _expiry(self, seconds: float) -> float:
         return float("inf") if self.immutable else self._clock() + seconds
 
-    def get_stat(self, namespace: str, key: str) -> ObjectInfo | Missing | None:
-        """The cached stat, :data:`MISSING`, or ``None`` when the cache does not know."""
+    def get_stat(
+        self, namespace: str, key: str, *, full: bool = False
+    ) -> ObjectInfo | Missing | None:
+        """The cached stat, :data:`MISSING`, or ``None`` when the cache does not know; with
+        ``full``, a stat learned only from a listing (no user metadata) does not count."""
         with self._lock:
             value = self._stats.get((namespace, key), self._clock())
+            if isinstance(value, _Listed):
+                value = None if full else value.info
             if value is None:
                 self.misses += 1
             else:
                 self.hits += 1
             return value
+
+    def full_stat(self, namespace: str, key: str) -> ObjectInfo | None:
+        """The cached stat of ``key`` when it carries the object's user metadata."""
+        with self._lock:
+            value = self._stats.get((namespace, key), self._clock())
+            return value if isinstance(value, ObjectInfo) else None
 
     def put_stat(
         self,
@@ -123,15 +143,25 @@ class MetadataCache:
         key: str,
         info: ObjectInfo | Missing,
         generation: int | None = None,
+        *,
+        listed: bool = False,
     ) -> bool:
         """Cache a stat; not when ``generation`` (read before fetching it) is out of date.
-        Returns whether it was cached (or would have been, with caching off)."""
+        ``listed``: it comes from a listing (no user metadata), and never replaces a full stat
+        of the same version. Returns whether it was cached (or would have been, with caching
+        off)."""
         ttl = self.negative_ttl if isinstance(info, Missing) else self.ttl
         with self._lock:
             if generation is not None and generation != self.generation:
                 return False
             if ttl > 0 or self.immutable:
-                self._stats.put((namespace, key), info, self._expiry(ttl))
+                value: ObjectInfo | Missing | _Listed = info
+                if listed and isinstance(info, ObjectInfo):
+                    old = self._stats.get((namespace, key), self._clock())
+                    if isinstance(old, ObjectInfo) and old.version == info.version:
+                        return True  # what we know already is more
+                    value = _Listed(info)
+                self._stats.put((namespace, key), value, self._expiry(ttl))
             return True
 
     def get_listing(self, namespace: str, prefix: str, delimiter: str = "/") -> ListPage | None:

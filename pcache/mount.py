@@ -26,7 +26,7 @@ from typing import Any
 from objstore.cli import CommandError, ExitCode
 
 from .client import PcacheClient, split_path
-from .config import CONFIG_ENV, ClientConfig
+from .config import CONFIG_ENV, ClientConfig, Durability
 from .localcache import raise_open_files_limit
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ class MountOptions:
         log_file: where the daemon writes its log (foreground: stderr unless given).
         allow_other: other users may use the mount (``allow_other``; for users other than
             root, ``user_allow_other`` must be set in ``/etc/fuse.conf``).
-        uid, gid: the owner shown for every entry (default: the mounting user).
+        uid, gid: the owner shown for entries that carry none (default: the mounting user).
+        durability: when ``close`` returns (local-durable or in the store).
     """
 
     source: str
@@ -59,6 +60,7 @@ class MountOptions:
     allow_other: bool = False
     uid: int | None = None
     gid: int | None = None
+    durability: Durability = Durability.LOCAL
 
     @property
     def namespace(self) -> str:
@@ -191,6 +193,7 @@ def run_foreground(client: PcacheClient, options: MountOptions) -> None:
         mountpoint=str(options.mountpoint),
         uid=options.uid,
         gid=options.gid,
+        durability=options.durability,
     )
     try:
         pyfuse3.init(ops, str(options.mountpoint), fuse_options(options))
@@ -327,6 +330,8 @@ def _daemon_argv(args: Any, options: MountOptions) -> list[str]:
         argv += ["--uid", str(options.uid)]
     if options.gid is not None:
         argv += ["--gid", str(options.gid)]
+    if options.durability is not Durability.LOCAL:
+        argv += ["--durability", options.durability.value]
     argv += ["-v"] * (getattr(args, "verbose", 0) or 0)
     return argv
 
@@ -342,6 +347,7 @@ def mount_command(args: Any) -> int:
         allow_other=getattr(args, "allow_other", False),
         uid=getattr(args, "uid", None),
         gid=getattr(args, "gid", None),
+        durability=Durability(getattr(args, "durability", None) or Durability.LOCAL),
     )
     try:
         options.namespace  # noqa: B018 (validates the source)

@@ -6,7 +6,7 @@ fstab line or a systemd ``.mount`` unit mounts a pcache namespace::
 
     datasets/tokens  /mnt/tokens  pcache  ro,immutable,config=/etc/pcache/pcache.toml,_netdev,nofail  0 0
 
-Options of our own: ``ro``/``rw``, ``immutable``, ``allow_other``, ``uid=N``, ``gid=N``,
+Options of our own: ``ro``/``rw``, ``immutable``, ``allow_other``, ``uid=N``, ``gid=N``, ``durability=local|remote``,
 ``timeout=SECONDS``, ``config=FILE``, ``worker=URL``, ``log=FILE``. The generic ones mount(8) and systemd handle themselves (``defaults``, ``auto``,
 ``noauto``, ``user``, ``nofail``, ``_netdev``, ``x-systemd.*``, ...) are ignored; anything else is
 refused with exit code 2, so a typo never mounts with a silently wrong setting. Install it with
@@ -49,6 +49,7 @@ VALUED = {
     "uid": "--uid",
     "gid": "--gid",
     "timeout": "--timeout",
+    "durability": "--durability",
 }
 
 

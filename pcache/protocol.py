@@ -42,6 +42,7 @@ from objstore.errors import (
     EndpointUnreachable,
     InsufficientStorage,
     InvalidKey,
+    NameTooLong,
     ObjectNotFound,
     PreconditionFailed,
     StorageError,
@@ -62,6 +63,10 @@ STATUS_BY_KIND: dict[str, int] = {
     "access_denied": 403,
     "stale": 409,
     "no_space": 507,
+    "session_gone": 410,
+    "upload_failed": 424,
+    "name_too_long": 414,
+    "exists": 412,
     "unavailable": 503,
     "bad_gateway": 502,
     "timeout": 504,
@@ -81,6 +86,19 @@ class StaleVersion(PreconditionFailed):
     """The object changed since its version was looked up; look it up again."""
 
 
+class WriteError(StorageError):
+    """A write session that cannot continue (closed, aborted, unknown to the worker, or its
+    name removed while open)."""
+
+
+class AlreadyExists(StorageError, FileExistsError):
+    """The target exists (a rename that must not replace)."""
+
+
+class UploadFailed(StorageError):
+    """The store refused an upload for good; the data is kept until retried or discarded."""
+
+
 ERROR_BY_KIND: dict[str, type[StorageError]] = {
     "not_found": ObjectNotFound,
     "bad_request": InvalidKey,
@@ -88,6 +106,10 @@ ERROR_BY_KIND: dict[str, type[StorageError]] = {
     "access_denied": AccessDenied,
     "stale": StaleVersion,
     "no_space": InsufficientStorage,
+    "session_gone": WriteError,
+    "upload_failed": UploadFailed,
+    "name_too_long": NameTooLong,
+    "exists": AlreadyExists,
     "unavailable": TransientError,
     "bad_gateway": EndpointUnreachable,
     "timeout": TransientError,
@@ -101,6 +123,14 @@ def kind_of(exc: BaseException) -> str:
         return "unauthorized"
     if isinstance(exc, PreconditionFailed):
         return "stale"
+    if isinstance(exc, WriteError):
+        return "session_gone"
+    if isinstance(exc, UploadFailed):
+        return "upload_failed"
+    if isinstance(exc, NameTooLong):
+        return "name_too_long"
+    if isinstance(exc, FileExistsError):
+        return "exists"
     if isinstance(exc, FileNotFoundError | KeyError):
         return "not_found"
     if isinstance(exc, PermissionError):
@@ -134,14 +164,57 @@ def error_from_response(status: int, body: Any, url: str = "") -> StorageError:
     return cls(message or f"worker answered HTTP {status}", url=url)
 
 
-def info_to_json(info: ObjectInfo) -> dict[str, Any]:
-    return {"key": info.key, "size": info.size, "mtime": info.mtime, "etag": info.etag}
+def info_to_json(info: ObjectInfo, *, full: bool = True) -> dict[str, Any]:
+    """An object's stat as the protocol sends it; ``full``: its user metadata is known (a
+    HEAD or a local write), not just what a listing says."""
+    data: dict[str, Any] = {
+        "key": info.key,
+        "size": info.size,
+        "mtime": info.mtime,
+        "etag": info.etag,
+    }
+    if info.metadata:
+        data["metadata"] = info.metadata
+    if full:
+        data["full"] = True
+    return data
 
 
 def info_from_json(data: dict[str, Any]) -> ObjectInfo:
-    return ObjectInfo(data["key"], int(data["size"]), float(data["mtime"]), data.get("etag", ""))
+    return ObjectInfo(
+        data["key"],
+        int(data["size"]),
+        float(data["mtime"]),
+        data.get("etag", ""),
+        metadata=dict(data.get("metadata") or {}),
+    )
+
+
+PENDING_PREFIX = "wb-"  # versions of writes journalled on a worker and not yet in the store
+
+
+def is_pending(version: str) -> bool:
+    """Whether an object version names a write not yet in the store (a write-back record):
+    only the worker that journalled it can serve its bytes."""
+    return version.startswith(PENDING_PREFIX)
+
+
+def pending_session(version: str) -> str:
+    """The staging session a pending version belongs to."""
+    return version[len(PENDING_PREFIX) :].partition(".")[0]
 
 
 def block_key(namespace: str, key: str, index: int) -> str:
     """The name worker selection hashes for one block (stable across versions)."""
     return f"{namespace}/{key}#{index}"
+
+
+def split_path(path: str) -> tuple[str, str]:
+    """``pcache://ns/key`` or ``ns/key`` -> (namespace, key); the key may be empty."""
+    if path.startswith("pcache://"):
+        path = path[len("pcache://") :]
+    path = path.lstrip("/")
+    namespace, _, key = path.partition("/")
+    if not namespace:
+        raise ValueError(f"no namespace in pcache path {path!r}")
+    return namespace, key

@@ -23,6 +23,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+SHM_CHUNK = 32 << 20  # one segment of a reader or writer (two per thread: one fills, one drains)
+
 SHM_DIR = Path(os.environ.get("PCACHE_SHM_DIR", "/dev/shm"))
 _NAME_RE = re.compile(r"^pcache-[0-9A-Za-z_-]{1,80}$")
 

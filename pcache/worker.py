@@ -10,9 +10,12 @@ metrics (:mod:`pcache.metrics`). Every long-lived part starts and stops in the a
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import hmac
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,7 +33,7 @@ from objstore.url import check_key, check_prefix
 from . import metrics as metrics_mod
 from .blockindex import BlockId
 from .blockstore import BlockStore, CacheDir
-from .config import WorkerConfig
+from .config import Durability, WorkerConfig
 from .fetch import BlockFetcher, PeerClient
 from .membership import DnsMembership, Membership, parse_dns_target
 from .metacache import MISSING, MetadataCache, Missing
@@ -42,6 +45,8 @@ from .protocol import (
     Unauthorized,
     error_body,
     info_to_json,
+    is_pending,
+    pending_session,
 )
 from .selection import Node, WorkerSelector
 from .shm import SegmentMap
@@ -53,6 +58,7 @@ FETCH_ATTEMPTS = 3  # metadata fetches overtaken by an upload or invalidation ar
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz"})
 MAX_BODY = 64 << 20
+STOP_TIMEOUT_S = 10.0
 
 
 class Worker:
@@ -137,9 +143,11 @@ class Worker:
             body = await response.json()
         return str(body["node_id"]), float(body.get("weight", 1.0))
 
-    def _uploaded(self, namespace: str, key: str, info: ObjectInfo) -> None:
+    def _uploaded(self, namespace: str, key: str, info: ObjectInfo | None) -> None:
+        """A write-back record reached the store: what it became is what this node knows."""
         self.meta.invalidate(namespace, key)
-        self.blocks.drop_object(namespace, key, keep_version=info.version)
+        self.meta.put_stat(namespace, key, MISSING if info is None else info)
+        self.blocks.drop_object(namespace, key, keep_version=None if info is None else info.version)
 
     def store(self, namespace: str) -> Store:
         try:
@@ -163,14 +171,26 @@ class Worker:
 
     # -- metadata ------------------------------------------------------------------------------
 
-    async def stat(self, namespace: str, key: str) -> ObjectInfo:
-        """Current metadata: a pending write-back wins, then the cache, then the store."""
+    def _pending_stat(self, namespace: str, key: str, url: str) -> ObjectInfo | None:
+        """A change of ``key`` journalled here and not yet in the store: it is what this node
+        sees (a tombstone: the object is gone)."""
+        pending = self.writeback.pending(namespace, key)
+        if pending is None:
+            return None
+        if pending.delete:
+            raise ObjectNotFound(f"no such object: {key!r}", url=url)
+        return pending.info()
+
+    async def stat(self, namespace: str, key: str, *, full: bool = False) -> ObjectInfo:
+        """Current metadata: a pending write-back wins, then the cache, then the store.
+        ``full``: with the object's user metadata (a listing's entry is not enough)."""
         store = self.store(namespace)
         check_key(key)
-        pending = self.writeback.pending(namespace, key)
+        url = str(store.url.child(key))
+        pending = self._pending_stat(namespace, key, url)
         if pending is not None:
-            return pending.info()
-        cached = self.meta.get_stat(namespace, key)
+            return pending
+        cached = self.meta.get_stat(namespace, key, full=full)
         if isinstance(cached, Missing):
             raise ObjectNotFound(f"no such object: {key!r}", url=str(store.url.child(key)))
         if cached is not None:
@@ -183,9 +203,9 @@ class Worker:
                 info: ObjectInfo | Missing = await asyncio.to_thread(store.stat, key)
             except ObjectNotFound:
                 info = MISSING
-            pending = self.writeback.pending(namespace, key)
+            pending = self._pending_stat(namespace, key, url)
             if pending is not None:
-                return pending.info()
+                return pending
             if self.meta.put_stat(namespace, key, info, generation):
                 break
         if isinstance(info, Missing):
@@ -209,16 +229,20 @@ class Worker:
             page = ListPage(objects, prefixes, None)
             if self.meta.put_listing(namespace, prefix, page, delimiter, generation):
                 for info in objects:
-                    self.meta.put_stat(namespace, info.key, info, generation)
+                    self.meta.put_stat(namespace, info.key, info, generation, listed=True)
                 break
         assert page is not None
         pending = self.writeback.pending_under(namespace, prefix)
         if not pending:
             return page
-        # writes not yet uploaded are part of what this node sees
-        extra = {p.key: p.info() for p in pending}
-        objects = [o for o in page.objects if o.key not in extra]
+        # changes not yet uploaded are part of what this node sees
+        extra = {p.key: p.info() for p in pending if not p.delete}
+        gone = {p.key for p in pending if p.delete}
+        objects = [o for o in page.objects if o.key not in extra and o.key not in gone]
         prefixes = list(page.prefixes)
+        if gone:  # a prefix whose every object is deleted here is gone too
+            alive = {o.key for o in page.objects} - gone
+            prefixes = [p for p in prefixes if not self._prefix_emptied(namespace, p, gone, alive)]
         for key, info in extra.items():
             rest = key[len(prefix) :]
             if delimiter and delimiter in rest:
@@ -229,14 +253,36 @@ class Worker:
                 objects.append(info)
         return ListPage(sorted(objects, key=lambda o: o.key), sorted(prefixes), None)
 
+    def _prefix_emptied(self, namespace: str, prefix: str, gone: set[str], alive: set[str]) -> bool:
+        """Whether the cached recursive listing shows only deleted keys under ``prefix``."""
+        if not any(k.startswith(prefix) for k in gone):
+            return False
+        page = self.meta.get_listing(namespace, prefix, "")
+        if page is None:
+            return False  # unknown: keep it (a later listing corrects it)
+        return all(o.key in gone for o in page.objects) and not page.prefixes
+
+    def full_listing_entry(self, namespace: str, info: ObjectInfo) -> tuple[ObjectInfo, bool]:
+        """A listed object with its user metadata when a stat of the same version is cached."""
+        if info.metadata or is_pending(info.version):
+            return info, True
+        full = self.meta.full_stat(namespace, info.key)
+        if full is not None and full.version == info.version:
+            return full, True
+        return info, False
+
     # -- data ----------------------------------------------------------------------------------
 
     async def read_block(
         self, namespace: str, info: ObjectInfo, index: int, *, ask_peers: bool = True
     ) -> tuple[bytes, str]:
-        if info.version.startswith("wb-"):
+        if is_pending(info.version):
             pending = self.writeback.pending(namespace, info.key)
-            if pending is not None and pending.version == info.version:
+            if (
+                pending is not None
+                and not pending.delete
+                and pending.session == pending_session(info.version)
+            ):  # the same staging file (a later commit of it is what a reader sees now)
                 start = index * self.blocks.block_size
                 length = min(self.blocks.block_size, pending.size - start)
                 try:
@@ -306,6 +352,16 @@ def _key(request: web.Request) -> tuple[Worker, str, str]:
     return worker, request.match_info["ns"], check_key(request.match_info["key"])
 
 
+def _float(request: web.Request, name: str) -> float | None:
+    value = request.query.get(name)
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"query parameter {name!r} must be a number") from None
+
+
 def _int(request: web.Request, name: str, default: int | None = None) -> int:
     value = request.query.get(name)
     if value is None:
@@ -334,6 +390,9 @@ async def info(request: web.Request) -> web.Response:
             "block_size": worker.blocks.block_size,
             "namespaces": sorted(worker.stores),
             "backends": {name: str(store.url) for name, store in worker.stores.items()},
+            "directory_markers": {
+                name: store.directory_markers for name, store in worker.stores.items()
+            },
             "nodes": [
                 {"id": n.node_id, "address": n.address, "weight": n.weight}
                 # every member, dead or alive in this worker's view: clients judge health
@@ -363,7 +422,9 @@ async def touch(request: web.Request) -> web.Response:
 
 async def stat(request: web.Request) -> web.Response:
     worker, namespace, key = _key(request)
-    return web.json_response(info_to_json(await worker.stat(namespace, key)))
+    full = request.query.get("full") == "1"
+    info = await worker.stat(namespace, key, full=full)
+    return web.json_response(info_to_json(info, full=full or bool(info.metadata)))
 
 
 async def listing(request: web.Request) -> web.Response:
@@ -373,9 +434,12 @@ async def listing(request: web.Request) -> web.Response:
         request.query.get("prefix", ""),
         request.query.get("delimiter", ""),
     )
-    return web.json_response(
-        {"objects": [info_to_json(o) for o in page.objects], "prefixes": page.prefixes}
-    )
+    namespace = request.match_info["ns"]
+    objects = []
+    for listed in page.objects:
+        info, full = worker.full_listing_entry(namespace, listed)
+        objects.append(info_to_json(info, full=full))
+    return web.json_response({"objects": objects, "prefixes": page.prefixes})
 
 
 def _info_from_query(request: web.Request, key: str) -> ObjectInfo:
@@ -449,7 +513,7 @@ async def shm_read(request: web.Request) -> web.Response:
         end = min(offset + length, (index + 1) * bs)
         dest = target[start - offset : end - offset]
         copied = None
-        if not info.version.startswith("wb-"):  # pending writes are read by read_block
+        if not is_pending(info.version):  # pending writes are read by read_block
             copied = await asyncio.to_thread(
                 worker.blocks.read_into,
                 worker.fetcher.block_id(namespace, info, index),
@@ -479,11 +543,28 @@ async def shm_release(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+def _durability(value: Any) -> Durability:
+    try:
+        return Durability(value or Durability.LOCAL)
+    except ValueError:
+        raise ValueError(
+            f"durable must be one of {', '.join(d.value for d in Durability)}, not {value!r}"
+        ) from None
+
+
+async def _wait_remote(worker: Worker, namespace: str, key: str, timeout: float | None) -> None:
+    """Wait until ``key`` is in the store (or the store refused it, or ``timeout`` passed)."""
+    done = await asyncio.to_thread(worker.writeback.wait_durable, namespace, key, timeout)
+    if not done:
+        raise TimeoutError(f"{key!r} is not in the store yet (upload still running or retrying)")
+
+
 async def write_open(request: web.Request) -> web.Response:
+    """A new staging file; ``path`` lets a client on this node write it itself."""
     worker, namespace, key = _key(request)
     worker.store(namespace)
-    session = await asyncio.to_thread(worker.writeback.open, namespace, key)
-    return web.json_response({"session": session.id})
+    staged = await asyncio.to_thread(worker.writeback.open, namespace, key)
+    return web.json_response({"session": staged.id, "path": str(staged.path)})
 
 
 async def session_write(request: web.Request) -> web.Response:
@@ -507,17 +588,47 @@ async def session_shm(request: web.Request) -> web.Response:
     return web.json_response({"written": int(body["length"])})
 
 
+async def session_reserve(request: web.Request) -> web.Response:
+    """A direct writer about to grow its staging file: capacity first (507 when full)."""
+    worker = request.app[WORKER]
+    session = worker.writeback.session(request.match_info["id"])
+    body = await request.json()
+    held = await asyncio.to_thread(session.reserve, int(body["size"]))
+    return web.json_response({"reserved": held})
+
+
+async def session_truncate(request: web.Request) -> web.Response:
+    worker = request.app[WORKER]
+    session = worker.writeback.session(request.match_info["id"])
+    body = await request.json()
+    await asyncio.to_thread(session.truncate, int(body["size"]))
+    return web.json_response({"size": session.size})
+
+
 async def session_commit(request: web.Request) -> web.Response:
+    """fsync + journal (local-durable); ``durable: remote`` also waits for the store."""
     worker = request.app[WORKER]
     session = worker.writeback.session(request.match_info["id"])
     body = await request.json() if request.can_read_body else {}
-    durable = body.get("durable", "local")
-    if durable not in ("local", "remote"):
-        raise ValueError("durable must be 'local' or 'remote'")
-    record = await asyncio.to_thread(worker.writeback.commit, session)
+    durable = _durability(body.get("durable"))
+    size = body.get("size")
+    metadata = body.get("metadata") or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise ValueError("metadata must be an object of strings")
+    record = await asyncio.to_thread(
+        functools.partial(
+            worker.writeback.commit,
+            session,
+            size=None if size is None else int(size),
+            metadata=metadata,
+            close=bool(body.get("close", True)),
+        )
+    )
     worker.meta.invalidate(record.namespace, record.key)
-    if durable == "remote":
-        await asyncio.to_thread(worker.writeback.wait_durable, record.namespace, record.key)
+    if durable is Durability.REMOTE:
+        await _wait_remote(worker, record.namespace, record.key, body.get("timeout"))
         return web.json_response(info_to_json(await worker.stat(record.namespace, record.key)))
     return web.json_response(info_to_json(record.info()))
 
@@ -532,21 +643,115 @@ async def session_abort(request: web.Request) -> web.Response:
 async def flush(request: web.Request) -> web.Response:
     worker, namespace, key = _key(request)
     timeout = float(request.query.get("timeout", "0")) or None
-    done = await asyncio.to_thread(worker.writeback.wait_durable, namespace, key, timeout)
-    if not done:
-        raise TimeoutError(f"{key!r} is not durable yet (upload still running)")
+    await _wait_remote(worker, namespace, key, timeout)
     return web.json_response(info_to_json(await worker.stat(namespace, key)))
 
 
 async def delete_object(request: web.Request) -> web.Response:
+    """Journal the delete (gone for this node at once); ``durable=remote`` (the default for
+    API clients) waits until the store has it too."""
     worker, namespace, key = _key(request)
-    store = worker.store(namespace)
-    # a pending upload would bring the object back after the delete: let it land first
-    await asyncio.to_thread(worker.writeback.wait_durable, namespace, key, 600.0)
-    await asyncio.to_thread(store.delete, key)
+    worker.store(namespace)
+    durable = _durability(request.query.get("durable", Durability.REMOTE))
+    await asyncio.to_thread(worker.writeback.delete, namespace, key)
     worker.meta.invalidate(namespace, key)
     await asyncio.to_thread(worker.blocks.drop_object, namespace, key)
+    if durable is Durability.REMOTE:
+        await _wait_remote(worker, namespace, key, _float(request, "timeout"))
     return web.json_response({"deleted": key})
+
+
+async def rename_object(request: web.Request) -> web.Response:
+    """``{ns, old, new, durable, noreplace}``: a pending object is re-keyed in the journal (no
+    upload under the old name); one already in the store is copied there, then deleted."""
+    worker = request.app[WORKER]
+    body = await request.json()
+    namespace = body["ns"]
+    store = worker.store(namespace)
+    old, new = check_key(body["old"]), check_key(body["new"])
+    durable = _durability(body.get("durable"))
+    if body.get("noreplace"):
+        try:
+            await worker.stat(namespace, new)
+        except FileNotFoundError:
+            pass
+        else:
+            raise FileExistsError(errno.EEXIST, f"{new!r} exists")
+    moved = await asyncio.to_thread(worker.writeback.rename, namespace, old, new)
+    if not moved:
+        info = await worker.stat(namespace, old)  # ObjectNotFound when there is nothing
+        store.check_key_length(new)
+        # a pending write of the target would land after the copy: the rename replaces it
+        await asyncio.to_thread(worker.writeback.discard, namespace, new)
+        await asyncio.to_thread(store.copy, old, new)
+        await asyncio.to_thread(worker.writeback.delete, namespace, old)
+        log.debug("renamed %s -> %s in the store (%d bytes)", old, new, info.size)
+    for key in (old, new):
+        worker.meta.invalidate(namespace, key)
+    await asyncio.to_thread(worker.blocks.drop_object, namespace, old)
+    if durable is Durability.REMOTE:
+        await _wait_remote(worker, namespace, old, body.get("timeout"))
+        await _wait_remote(worker, namespace, new, body.get("timeout"))
+    return web.json_response({"renamed": old, "to": new, "pending": moved})
+
+
+async def set_metadata(request: web.Request) -> web.Response:
+    """``{metadata, durable}``: new user metadata (chmod, chown, utimes) for a pending write
+    (its record) or an object in the store (replaced in place)."""
+    worker, namespace, key = _key(request)
+    store = worker.store(namespace)
+    body = await request.json()
+    metadata = body.get("metadata")
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise ValueError("metadata must be an object of strings")
+    if await asyncio.to_thread(worker.writeback.set_metadata, namespace, key, metadata):
+        worker.meta.invalidate(namespace, key)
+        if _durability(body.get("durable")) is Durability.REMOTE:
+            await _wait_remote(worker, namespace, key, body.get("timeout"))
+        return web.json_response(info_to_json(await worker.stat(namespace, key)))
+    info = await asyncio.to_thread(store.replace_metadata, key, metadata)
+    worker.meta.invalidate(namespace, key)
+    worker.meta.put_stat(namespace, key, info)
+    return web.json_response(info_to_json(info))
+
+
+async def uploads(request: web.Request) -> web.Response:
+    """The write-back records of this node: pending, retrying and refused ones."""
+    worker = request.app[WORKER]
+    records = worker.writeback.records()
+    return web.json_response(
+        {"node_id": worker.config.node_id, "records": [r.describe() for r in records]}
+    )
+
+
+async def uploads_action(request: web.Request) -> web.Response:
+    """``POST /v1/uploads/{retry|discard}`` with ``{ns, key}`` (``key`` omitted: all failed)."""
+    worker = request.app[WORKER]
+    action = request.match_info["action"]
+    body = await request.json()
+    namespace = body["ns"]
+    worker.store(namespace)
+    keys = (
+        [body["key"]]
+        if body.get("key")
+        else [r.key for r in worker.writeback.records() if r.namespace == namespace and r.error]
+    )
+    done = []
+    for key in keys:
+        if action == "retry":
+            ok = worker.writeback.retry(namespace, key)
+        elif action == "discard":
+            ok = await asyncio.to_thread(worker.writeback.discard, namespace, key) is not None
+            worker.meta.invalidate(namespace, key)
+        else:
+            raise ObjectNotFound(f"no upload action {action!r} (retry, discard)")
+        if ok:
+            done.append(key)
+    if body.get("key") and not done:
+        raise ObjectNotFound(f"nothing pending for {body['key']!r}")
+    return web.json_response({action: done})
 
 
 async def invalidate(request: web.Request) -> web.Response:
@@ -654,6 +859,12 @@ def create_app(config: WorkerConfig) -> web.Application:
     app.router.add_put("/v1/session/{id}", session_write)
     app.router.add_post("/v1/session/{id}/shm", session_shm)
     app.router.add_post("/v1/session/{id}/commit", session_commit)
+    app.router.add_post("/v1/session/{id}/reserve", session_reserve)
+    app.router.add_post("/v1/session/{id}/truncate", session_truncate)
+    app.router.add_post("/v1/rename", rename_object)
+    app.router.add_post(f"/v1/meta/{{ns}}/{key}", set_metadata)
+    app.router.add_get("/v1/uploads", uploads)
+    app.router.add_post("/v1/uploads/{action}", uploads_action)
     app.router.add_delete("/v1/session/{id}", session_abort)
     app.router.add_post(f"/v1/flush/{{ns}}/{key}", flush)
     app.router.add_delete(f"/v1/object/{{ns}}/{key}", delete_object)
@@ -680,6 +891,19 @@ def run_worker(config: WorkerConfig) -> None:
         print(f"pcache worker {config.node_id} listening on {config.listen}", flush=True)
         await stop.wait()
         log.info("worker %s stopping", config.node_id)
-        await runner.cleanup()
+        try:
+            await asyncio.wait_for(runner.cleanup(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.warning(
+                "worker %s: cleanup took over %.0fs; exiting anyway", config.node_id, STOP_TIMEOUT_S
+            )
 
-    asyncio.run(main())
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    # Threads still blocked on the store (a request retrying against a store that is down) must
+    # not hold the exit: everything that matters is journalled and closed by now.
+    logging.shutdown()
+    os._exit(0)

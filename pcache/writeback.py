@@ -1,24 +1,40 @@
-"""Write-back: writes land in staging files on the cache disks, then upload in the background.
+"""Write-back: objects written on this node, journalled, then uploaded in the background.
 
 Call order for one write::
 
-    session = wb.open(namespace, key)          # a staging file, capacity reserved as it grows
-    session.write(offset, data)                # any number, any offsets (sparse is fine)
-    pending = wb.commit(session)               # fsync + journal: "local-durable", upload queued
-    wb.wait_durable(namespace, key)            # returns once the object is in the backing store
-    # or wb.abort(session) instead of commit
+    staged = wb.open(namespace, key)               # a staging file (pcache.staging)
+    staged.write(offset, data) / staged.truncate(n)  # or a local client writes staged.path itself
+    record = wb.commit(staged, metadata=..., close=True)   # fsync + journal: local-durable
+    wb.wait_durable(namespace, key)                # returns once it is in the backing store
+    # or wb.abort(staged) instead of commit
 
-Durability is explicit. ``commit`` returns when the staging file is fsynced and the journal entry
-(an LMDB record in ``state_dir``) is synced: from then on a crash or a restart of the worker loses
-nothing, because :meth:`WriteBack.start` re-queues every journalled upload. ``wait_durable``
-(what ``fsync``/``flush`` mean to a client) returns once the object is complete in the backing
-store. Staging files are pinned: their bytes count against the cache capacity and are never
-evicted. Until its upload completes, a pending object is what this worker serves for its key
-(read-your-writes on the writing node).
+Durability is explicit. ``commit`` returns once the staging file is fsynced and its journal
+record (LMDB in ``state_dir``, synced) is written: from then on a crash or restart of the worker
+loses nothing, because :meth:`WriteBack.start` re-queues every journalled record. A commit may
+leave the file open (``close=False``: another descriptor still writes); the next commit replaces
+the record. ``wait_durable`` (what ``fsync`` means) returns once the key has no pending record.
 
-Uploads of one key run in commit order (never two at once), so the store ends with the last
-commit. Thread-safe; the uploader is a small thread pool started by :meth:`start` and stopped by
-:meth:`close`.
+Records, one per key, the newest only (what the store must end with):
+
+* an upload: the staging file's first ``size`` bytes, with user ``metadata``;
+* a tombstone (``delete``): the key must be deleted (an unlink, or the old name of a rename).
+
+A rename of a pending object re-keys its record in the journal (the old name gets a tombstone):
+no byte is uploaded under the old name, and it costs one journal transaction.
+
+Failures: an error :func:`objstore.errors.is_permanent` calls permanent (a key the store refuses,
+access denied) is not retried: the record is kept with the error (journalled), waiters get
+:class:`UploadFailed` at once, and :meth:`retry` or :meth:`discard` decide. A transient one is
+retried with backoff; the record waits outside the upload slots meanwhile, so one failing object
+never holds up the others.
+
+Threads: ``uploads`` daemon threads take due keys from a queue; one key is never uploaded twice
+at once, and an upload whose record was replaced meanwhile aborts at the next part and leaves no
+trace (the newer record is uploaded next). :meth:`close` stops them without waiting for the
+store: an interrupted upload is still journalled and resumes at the next start.
+
+Lock order: ``WriteBack._cond`` may be held while taking a :class:`StagedFile`'s lock or the
+block store's lock, never the other way round; the journal has its own lock, taken last.
 """
 
 from __future__ import annotations
@@ -26,34 +42,49 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
+import random
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
 from objstore.base import ObjectInfo, PartInfo, Store
+from objstore.errors import is_permanent
 
-from .blockstore import BlockStore, Reservation
+from .blockstore import BlockStore
+from .protocol import PENDING_PREFIX, UploadFailed, WriteError
+from .staging import StagedFile
 
 log = logging.getLogger(__name__)
 
+__all__ = ["PendingObject", "StagedFile", "UploadFailed", "WriteBack", "WriteError"]
+
 UPLOAD_RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)
-
-
-class WriteError(OSError):
-    """A write session that cannot continue (closed, aborted, unknown)."""
+PART_THREADS = 4
 
 
 @dataclass(frozen=True)
 class PendingObject:
-    """A committed write that is local-durable and waiting for (or in) its upload."""
+    """A journalled change of one key that the store does not have yet.
+
+    Attributes:
+        seq: commit order on this node (also makes each commit's version unique).
+        session: the staged file holding the bytes ("" for a tombstone).
+        namespace, key: where it goes.
+        path: the staging file.
+        size: bytes of the staging file that make the object.
+        committed: wall-clock time of the commit (the object's mtime until uploaded).
+        metadata: user metadata to store with it (POSIX attributes, pcache.posix).
+        delete: a tombstone: the key is to be deleted.
+        upload_id: a multipart upload in progress (aborted on resume).
+        error: the last upload failure, if any.
+        permanent: that failure will not go away by retrying.
+    """
 
     seq: int
     session: str
@@ -62,70 +93,34 @@ class PendingObject:
     path: str
     size: int
     committed: float
+    metadata: dict[str, str] = field(default_factory=dict)
+    delete: bool = False
     upload_id: str = ""
+    error: str = ""
+    permanent: bool = False
 
     @property
     def version(self) -> str:
-        return f"wb-{self.session}"
+        return f"{PENDING_PREFIX}{self.session}.{self.seq}"
 
     def info(self) -> ObjectInfo:
-        return ObjectInfo(self.key, self.size, self.committed, etag=self.version)
+        return ObjectInfo(
+            self.key, self.size, self.committed, etag=self.version, metadata=dict(self.metadata)
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "ns": self.namespace,
+            "key": self.key,
+            "size": self.size,
+            "delete": self.delete,
+            "committed": self.committed,
+            "error": self.error,
+            "permanent": self.permanent,
+        }
 
 
-class Session:
-    """One open write: a staging file plus the capacity reserved for it."""
-
-    def __init__(self, wb: WriteBack, namespace: str, key: str, reservation: Reservation) -> None:
-        self.id = secrets.token_hex(8)
-        self.namespace = namespace
-        self.key = key
-        self._reservation = reservation
-        directory = Path(reservation.dir.path) / "staging"
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / self.id
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        self.size = 0
-        self.closed = False
-        self._lock = threading.Lock()
-        self.last_used = time.monotonic()
-
-    def _ensure_open(self) -> None:
-        if self.closed:
-            raise WriteError(f"write session {self.id} is closed")
-
-    def write(self, offset: int, data: bytes | memoryview) -> int:
-        """Write ``data`` at ``offset``; reserves capacity first (``NoSpace`` when full)."""
-        if offset < 0:
-            raise ValueError("negative write offset")
-        with self._lock:
-            self._ensure_open()
-            end = offset + len(data)
-            if end > self._reservation.nbytes:
-                self._reservation.grow(end - self._reservation.nbytes)
-            view = memoryview(data)
-            done = 0
-            while done < len(view):
-                done += os.pwrite(self._fd, view[done:], offset + done)
-            self.size = max(self.size, end)
-            self.last_used = time.monotonic()
-            return done
-
-    def finish(self) -> None:
-        """fsync and close the staging file (before it is journalled)."""
-        with self._lock:
-            self._ensure_open()
-            os.ftruncate(self._fd, self.size)
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self.closed = True
-
-    def discard(self) -> None:
-        with self._lock:
-            if not self.closed:
-                os.close(self._fd)
-                self.closed = True
-            self._reservation.release()
-            self.path.unlink(missing_ok=True)
+Ident = tuple[str, str]
 
 
 class WriteBack:
@@ -137,7 +132,8 @@ class WriteBack:
         state_dir: where the journal lives.
         part_size: multipart part size; objects up to this size go in one PUT.
         concurrency: objects uploaded in parallel.
-        on_uploaded: called with (namespace, key, info) once an object is durable remotely.
+        on_uploaded: called with (namespace, key, info) once an upload is in the store, and
+            with (namespace, key, None) once a tombstone's delete is.
     """
 
     def __init__(
@@ -148,7 +144,7 @@ class WriteBack:
         *,
         part_size: int = 16 << 20,
         concurrency: int = 4,
-        on_uploaded: Callable[[str, str, ObjectInfo], None] | None = None,
+        on_uploaded: Callable[[str, str, ObjectInfo | None], None] | None = None,
     ) -> None:
         self._blocks = blockstore
         self._stores = stores
@@ -157,57 +153,98 @@ class WriteBack:
         path = Path(state_dir) / "writeback"
         path.mkdir(parents=True, exist_ok=True)
         self._env = lmdb.open(str(path), map_size=1 << 30, subdir=True, metasync=True, sync=True)
+        self._journal_lock = threading.Lock()
+        self._journal_closed = False
         self._cond = threading.Condition()
-        self._sessions: dict[str, Session] = {}
-        self._pending: dict[tuple[str, str], list[PendingObject]] = {}
-        self._reservations: dict[str, Reservation] = {}
-        self._active: set[tuple[str, str]] = set()
-        self._failures: dict[str, str] = {}
+        self._staged: dict[str, StagedFile] = {}  # session id -> file (open or referenced)
+        self._records: dict[Ident, PendingObject] = {}
+        self._ready: deque[Ident] = deque()
+        self._queued: set[Ident] = set()
+        self._active: set[Ident] = set()
+        self._retry_at: dict[Ident, float] = {}
+        self._attempts: dict[Ident, int] = {}
         self._seq = int(time.time() * 1000)
         self._closing = False
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="pcache-upload")
         self._concurrency = concurrency
+        self._threads: list[threading.Thread] = []
         self.uploaded = 0
         self.uploaded_bytes = 0
+        self.failed_permanently = 0
         # version of a pending write -> the object it became (readers opened before the upload)
         self._uploaded_as: OrderedDict[str, ObjectInfo] = OrderedDict()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> int:
-        """Re-queue every journalled upload (after a restart); returns how many."""
+        """Re-queue every journalled record (after a restart) and start the uploaders;
+        returns how many records were resumed."""
         records: list[PendingObject] = []
+        stale_keys: list[bytes] = []
         with self._env.begin() as txn:
-            for _, raw in txn.cursor():
-                records.append(PendingObject(**json.loads(raw)))
-        resumed = 0
+            for raw_key, raw in txn.cursor():
+                data = json.loads(raw)
+                data.setdefault("metadata", {})
+                known = {f for f in PendingObject.__dataclass_fields__}
+                record = PendingObject(**{k: v for k, v in data.items() if k in known})
+                records.append(record)
+                if raw_key != self._journal_key(record):
+                    stale_keys.append(raw_key)  # an older journal layout: re-keyed below
+        newest: dict[Ident, PendingObject] = {}
         for record in sorted(records, key=lambda r: r.seq):
-            if not Path(record.path).exists() or Path(record.path).stat().st_size != record.size:
-                # the journal is written only after the fsync of the staging file, so this
-                # means the disk was lost: say so loudly, there is nothing left to upload
-                log.error(
-                    "write-back of %s/%s lost: staging file %s is gone or short (disk failure?)",
-                    record.namespace,
-                    record.key,
-                    record.path,
-                )
+            newest[(record.namespace, record.key)] = record
+        for record in newest.values():
+            if not record.delete and not self._adopt_staging(record):
                 self._forget(record)
                 continue
-            try:
-                self._reservations[record.session] = self._blocks.reserve(
-                    record.size, pinned=True, directory=Path(record.path).parent.parent
-                )
-            except OSError as exc:
-                log.warning("cannot account staging file %s: %s", record.path, exc)
             with self._cond:
                 self._seq = max(self._seq, record.seq + 1)
-                self._pending.setdefault((record.namespace, record.key), []).append(record)
-            resumed += 1
-        self._clean_orphan_staging({r.path for r in records})
-        self._kick()
-        if resumed:
-            log.info("resuming %d pending write-back upload(s)", resumed)
-        return resumed
+                self._records[(record.namespace, record.key)] = record
+        with self._journal_lock, self._env.begin(write=True) as txn:
+            for raw_key in stale_keys:
+                txn.delete(raw_key)
+            for record in self._records.values():
+                txn.put(self._journal_key(record), json.dumps(asdict(record)).encode())
+        self._clean_orphan_staging({r.path for r in self._records.values()})
+        with self._cond:
+            for ident in self._records:
+                self._queue_locked(ident)
+        for i in range(self._concurrency):
+            thread = threading.Thread(
+                target=self._upload_loop, name=f"pcache-upload-{i}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        if self._records:
+            log.info("resuming %d pending write-back record(s)", len(self._records))
+        return len(self._records)
+
+    def _adopt_staging(self, record: PendingObject) -> bool:
+        """Take back the staging file of a journalled upload; False when it is lost."""
+        path = Path(record.path)
+        if not path.exists() or path.stat().st_size < record.size:
+            # the journal is written only after the fsync of the staging file, so this means
+            # the disk was lost: say so loudly, there is nothing left to upload
+            log.error(
+                "write-back of %s/%s lost: staging file %s is gone or short (disk failure?)",
+                record.namespace,
+                record.key,
+                record.path,
+            )
+            return False
+        if record.session in self._staged:
+            return True
+        try:
+            reservation = self._blocks.reserve(0, pinned=True, directory=path.parent.parent)
+            staged = StagedFile(
+                record.namespace, record.key, reservation, session_id=record.session, path=path
+            )
+            staged.attached = False
+            staged.account_disk_usage()
+        except OSError as exc:
+            log.warning("cannot account staging file %s: %s", record.path, exc)
+            return True
+        self._staged[record.session] = staged
+        return True
 
     def _clean_orphan_staging(self, keep: set[str]) -> None:
         for disk in self._blocks.disks():
@@ -217,99 +254,211 @@ class WriteBack:
                     if str(file) not in keep:  # an uncommitted write from before a crash
                         file.unlink(missing_ok=True)
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 2.0) -> None:
+        """Stop the uploaders (an upload in flight is abandoned after ``grace_s``: it is
+        journalled and resumes at the next start) and close the journal."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        for session in list(self._sessions.values()):
-            session.discard()
-        self._env.close()
+        deadline = time.monotonic() + grace_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._journal_lock:
+            self._journal_closed = True
+            self._env.close()
 
     # -- sessions ------------------------------------------------------------------------------
 
-    def open(self, namespace: str, key: str) -> Session:
+    def open(self, namespace: str, key: str) -> StagedFile:
+        """A new staging file for ``key``."""
         if namespace not in self._stores:
-            raise KeyError(namespace)
+            raise WriteError(f"unknown namespace {namespace!r}")
+        self._stores[namespace].check_key_length(key)
         reservation = self._blocks.reserve(0, pinned=True)
-        session = Session(self, namespace, key, reservation)
+        staged = StagedFile(namespace, key, reservation)
         with self._cond:
-            self._sessions[session.id] = session
-        return session
+            self._staged[staged.id] = staged
+        return staged
+
+    def session(self, session_id: str) -> StagedFile:
+        with self._cond:
+            staged = self._staged.get(session_id)
+        if staged is None or not staged.attached or staged.released:
+            raise WriteError(f"no open write session {session_id!r}")
+        return staged
 
     def reap_idle(self, max_idle_s: float) -> int:
-        """Abort write sessions nobody touched for ``max_idle_s`` (a client that died mid-write);
-        their staging files and reserved capacity are released."""
+        """Close write sessions nobody touched for ``max_idle_s`` (a client that died
+        mid-write): never-committed ones are discarded, committed ones keep their record."""
         now = time.monotonic()
         with self._cond:
-            idle = [s for s in self._sessions.values() if now - s.last_used > max_idle_s]
-        for session in idle:
+            idle = [
+                s for s in self._staged.values() if s.attached and now - s.last_used > max_idle_s
+            ]
+        for staged in idle:
             log.warning(
-                "aborting write of %s/%s: idle for %.0fs",
-                session.namespace,
-                session.key,
-                max_idle_s,
+                "closing write of %s/%s: idle for %.0fs", staged.namespace, staged.key, max_idle_s
             )
-            self.abort(session)
+            self.abort(staged)
         return len(idle)
 
-    def session(self, session_id: str) -> Session:
+    def abort(self, staged: StagedFile) -> None:
+        """The writer is done without (another) commit: what was committed stays."""
         with self._cond:
-            session = self._sessions.get(session_id)
-        if session is None:
-            raise WriteError(f"no open write session {session_id!r}")
-        return session
+            staged.attached = False
+            referenced = self._referenced(staged.id)
+            if not referenced:
+                self._staged.pop(staged.id, None)
+        if not referenced:
+            staged.release()
 
-    def abort(self, session: Session) -> None:
-        with self._cond:
-            self._sessions.pop(session.id, None)
-        session.discard()
+    def commit(
+        self,
+        staged: StagedFile,
+        *,
+        size: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        close: bool = True,
+    ) -> PendingObject:
+        """Make the file's content local-durable and queue its upload.
 
-    def commit(self, session: Session) -> PendingObject:
-        """Make the write local-durable and queue its upload."""
-        session.finish()
+        Args:
+            size: the size a direct writer sees (default: what went through ``write``).
+            metadata: user metadata for the object (replaces the previous commit's).
+            close: the writer is done; otherwise later commits may follow.
+
+        Raises:
+            WriteError: the session is closed, or its name was unlinked meanwhile.
+        """
+        if staged.detached:
+            raise WriteError(f"{staged.key!r} was removed while open: nothing to commit")
+        synced = staged.sync(size)
         with self._cond:
-            self._sessions.pop(session.id, None)
+            if not staged.attached or staged.released:
+                raise WriteError(f"write session {staged.id} is closed")
             self._seq += 1
             record = PendingObject(
                 self._seq,
-                session.id,
-                session.namespace,
-                session.key,
-                str(session.path),
-                session.size,
+                staged.id,
+                staged.namespace,
+                staged.key,
+                str(staged.path),
+                synced,
                 time.time(),
+                metadata=dict(metadata or {}),
             )
-            self._reservations[session.id] = session._reservation
-        self._journal(record)
+        self._journal([record])
         with self._cond:
-            self._pending.setdefault((record.namespace, record.key), []).append(record)
-        self._kick()
+            self._replace_locked(record)
+            if close:
+                staged.attached = False
         return record
 
-    def _journal(self, record: PendingObject) -> None:
-        with self._env.begin(write=True) as txn:
-            txn.put(record.session.encode(), json.dumps(asdict(record)).encode())
+    # -- namespace operations ----------------------------------------------------------------
 
-    def _forget(self, record: PendingObject) -> None:
-        with self._env.begin(write=True) as txn:
-            txn.delete(record.session.encode())
+    def delete(self, namespace: str, key: str) -> PendingObject:
+        """Journal a tombstone for ``key`` (an unlink): the store delete follows in the
+        background; any pending upload of the key is dropped, open writers are detached."""
+        with self._cond:
+            self._seq += 1
+            tomb = PendingObject(self._seq, "", namespace, key, "", 0, time.time(), delete=True)
+        self._journal([tomb])
+        with self._cond:
+            self._detach_writers_locked(namespace, key)
+            self._replace_locked(tomb)
+        return tomb
+
+    def rename(self, namespace: str, old: str, new: str) -> bool:
+        """Re-key a pending object from ``old`` to ``new`` (``old`` gets a tombstone), and open
+        writers of ``old`` with it. False when ``old`` has nothing pending here (the caller
+        then copies in the store)."""
+        self._stores[namespace].check_key_length(new)
+        with self._cond:
+            record = self._records.get((namespace, old))
+            writers = [
+                s
+                for s in self._staged.values()
+                if s.attached and (s.namespace, s.key) == (namespace, old)
+            ]
+            if (record is None or record.delete) and not writers:
+                return False
+            self._seq += 2
+            moved = (
+                None
+                if record is None or record.delete
+                else replace(
+                    record, key=new, seq=self._seq - 1, upload_id="", error="", permanent=False
+                )
+            )
+            tomb = PendingObject(self._seq, "", namespace, old, "", 0, time.time(), delete=True)
+        self._journal([r for r in (moved, tomb) if r is not None])
+        with self._cond:
+            self._detach_writers_locked(namespace, new)
+            for writer in writers:
+                writer.key = new
+            if moved is not None:
+                self._replace_locked(moved)
+            self._replace_locked(tomb)
+        return True
+
+    def set_metadata(self, namespace: str, key: str, metadata: Mapping[str, str]) -> bool:
+        """New user metadata for a pending upload of ``key`` (chmod before the upload);
+        False when nothing is pending (the caller then changes the stored object)."""
+        with self._cond:
+            record = self._records.get((namespace, key))
+            if record is None or record.delete:
+                return False
+            self._seq += 1
+            updated = replace(record, seq=self._seq, metadata=dict(metadata), upload_id="")
+        self._journal([updated])
+        with self._cond:
+            self._replace_locked(updated)
+        return True
+
+    def retry(self, namespace: str, key: str) -> bool:
+        """Try a failed upload again now; False when the key has no record."""
+        with self._cond:
+            record = self._records.get((namespace, key))
+            if record is None:
+                return False
+            self._records[(namespace, key)] = replace(record, error="", permanent=False)
+            self._retry_at.pop((namespace, key), None)
+            self._attempts.pop((namespace, key), None)
+            self._queue_locked((namespace, key))
+        return True
+
+    def discard(self, namespace: str, key: str) -> PendingObject | None:
+        """Drop the pending record of ``key`` (its bytes are lost); returns it."""
+        with self._cond:
+            record = self._records.pop((namespace, key), None)
+            self._retry_at.pop((namespace, key), None)
+            self._attempts.pop((namespace, key), None)
+        if record is not None:
+            self._forget(record)
+            self._release_if_unreferenced(record.session)
+            with self._cond:
+                self._cond.notify_all()
+            log.warning("discarded the pending write of %s/%s", namespace, key)
+        return record
 
     # -- queries -------------------------------------------------------------------------------
 
     def pending(self, namespace: str, key: str) -> PendingObject | None:
-        """The newest committed, not yet uploaded write of ``key``."""
+        """The newest journalled change of ``key`` not yet in the store (may be a tombstone)."""
         with self._cond:
-            records = self._pending.get((namespace, key))
-            return records[-1] if records else None
+            return self._records.get((namespace, key))
 
     def pending_under(self, namespace: str, prefix: str) -> list[PendingObject]:
         with self._cond:
             return [
-                records[-1]
-                for (ns, key), records in self._pending.items()
-                if ns == namespace and key.startswith(prefix) and records
+                r
+                for (ns, key), r in self._records.items()
+                if ns == namespace and key.startswith(prefix)
             ]
+
+    def records(self) -> list[PendingObject]:
+        with self._cond:
+            return sorted(self._records.values(), key=lambda r: r.seq)
 
     def read(self, record: PendingObject, offset: int, length: int) -> bytes:
         with open(record.path, "rb") as file:
@@ -320,109 +469,252 @@ class WriteBack:
         with self._cond:
             return self._uploaded_as.get(version)
 
+    def staged_file(self, session_id: str) -> StagedFile | None:
+        with self._cond:
+            return self._staged.get(session_id)
+
     def backlog(self) -> dict[str, Any]:
         with self._cond:
-            records = [r for rs in self._pending.values() for r in rs]
+            records = list(self._records.values())
             return {
                 "objects": len(records),
                 "bytes": sum(r.size for r in records),
-                "open_sessions": len(self._sessions),
-                "failures": dict(self._failures),
+                "open_sessions": sum(s.attached for s in self._staged.values()),
+                "failed": sum(1 for r in records if r.error),
+                "failed_permanently": sum(1 for r in records if r.permanent),
+                "failures": {f"{r.namespace}/{r.key}": r.error for r in records if r.error},
             }
 
     def wait_durable(self, namespace: str, key: str, timeout: float | None = None) -> bool:
-        """Block until no committed write of ``key`` is waiting; False on timeout."""
+        """Block until ``key`` has no pending record; False on timeout.
+
+        Raises:
+            UploadFailed: the store refused the upload for good (the data is kept).
+            WriteError: the worker is stopping.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        ident = (namespace, key)
         with self._cond:
-            while self._pending.get((namespace, key)):
+            while True:
+                record = self._records.get(ident)
+                if record is None:
+                    return True
+                if record.permanent:
+                    raise UploadFailed(
+                        f"the store refused {key!r}: {record.error} (kept on this node: "
+                        "`pcache uploads retry` or `pcache uploads discard`)"
+                    )
+                if self._closing:
+                    raise WriteError("the worker is stopping; the write resumes when it restarts")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
-                self._cond.wait(remaining)
-            return True
+                self._cond.wait(remaining if remaining is not None else 1.0)
 
-    # -- upload --------------------------------------------------------------------------------
+    # -- internals -----------------------------------------------------------------------------
 
-    def _kick(self) -> None:
-        """Start uploads for keys that have pending records and no upload running."""
-        with self._cond:
-            if self._closing:
+    @staticmethod
+    def _journal_key(record: PendingObject) -> bytes:
+        return f"{record.namespace}\x00{record.key}".encode("utf-8", "surrogateescape")
+
+    def _journal(self, records: Iterable[PendingObject]) -> None:
+        with self._journal_lock:
+            if self._journal_closed:
+                raise WriteError("the worker is stopping")
+            with self._env.begin(write=True) as txn:
+                for record in records:
+                    txn.put(self._journal_key(record), json.dumps(asdict(record)).encode())
+
+    def _journal_update(self, record: PendingObject) -> None:
+        """Rewrite ``record``'s journal entry (a failure, an upload id) unless a newer record
+        of its key replaced it meanwhile."""
+        with self._journal_lock:
+            if self._journal_closed:
                 return
-            for ident, records in self._pending.items():
-                if records and ident not in self._active and len(self._active) < self._concurrency:
-                    self._active.add(ident)
-                    self._pool.submit(self._upload_key, ident)
+            with self._env.begin(write=True) as txn:
+                raw = txn.get(self._journal_key(record))
+                if raw is not None and json.loads(raw)["seq"] == record.seq:
+                    txn.put(self._journal_key(record), json.dumps(asdict(record)).encode())
 
-    def _upload_key(self, ident: tuple[str, str]) -> None:
-        attempt = 0
+    def _forget(self, record: PendingObject) -> None:
+        """Remove ``record`` from the journal unless a newer record of its key replaced it."""
+        with self._journal_lock:
+            if self._journal_closed:
+                return
+            with self._env.begin(write=True) as txn:
+                raw = txn.get(self._journal_key(record))
+                if raw is not None and json.loads(raw)["seq"] == record.seq:
+                    txn.delete(self._journal_key(record))
+
+    def _referenced(self, session: str) -> bool:
+        return any(r.session == session for r in self._records.values())
+
+    def _release_if_unreferenced(self, session: str) -> None:
+        if not session:
+            return
+        with self._cond:
+            staged = self._staged.get(session)
+            if staged is None or staged.attached or self._referenced(session):
+                return
+            self._staged.pop(session, None)
+        staged.release()
+
+    def _replace_locked(self, record: PendingObject) -> None:
+        ident = (record.namespace, record.key)
+        old = self._records.get(ident)
+        self._records[ident] = record
+        self._retry_at.pop(ident, None)
+        self._attempts.pop(ident, None)
+        self._queue_locked(ident)
+        if old is not None and old.session and old.session != record.session:
+            staged = self._staged.get(old.session)
+            if staged is not None and not staged.attached and not self._referenced(old.session):
+                self._staged.pop(old.session, None)
+                threading.Thread(target=staged.release, daemon=True).start()
+        self._cond.notify_all()
+
+    def _detach_writers_locked(self, namespace: str, key: str) -> None:
+        for staged in self._staged.values():
+            if staged.attached and (staged.namespace, staged.key) == (namespace, key):
+                staged.detached = True
+
+    def _queue_locked(self, ident: Ident) -> None:
+        if ident not in self._queued:
+            self._queued.add(ident)
+            self._ready.append(ident)
+            self._cond.notify_all()
+
+    def _next_locked(self) -> Ident | None:
+        """A key that is due and not being uploaded, or None."""
+        now = time.monotonic()
+        for _ in range(len(self._ready)):
+            ident = self._ready.popleft()
+            if ident not in self._records:
+                self._queued.discard(ident)
+                continue
+            if ident in self._active or self._retry_at.get(ident, 0.0) > now:
+                self._ready.append(ident)
+                continue
+            self._queued.discard(ident)
+            return ident
+        return None
+
+    def _upload_loop(self) -> None:
         while True:
             with self._cond:
-                records = self._pending.get(ident)
-                if not records or self._closing:
-                    self._active.discard(ident)
-                    if not records:
-                        self._pending.pop(ident, None)
-                    self._cond.notify_all()
-                    break
-                # only the newest commit matters to the store; older ones are superseded
-                record = records[-1]
-                superseded = records[:-1]
-            for old in superseded:
-                self._finish(old, None)
+                ident = None
+                while not self._closing:
+                    ident = self._next_locked()
+                    if ident is not None:
+                        break
+                    due = [t for i, t in self._retry_at.items() if i in self._queued]
+                    wait = max(0.05, min(due) - time.monotonic()) if due else 1.0
+                    self._cond.wait(min(wait, 1.0))
+                if self._closing or ident is None:
+                    return
+                record = self._records[ident]
+                self._active.add(ident)
             try:
-                info = self._upload(record)
-            except Exception as exc:
-                delay = UPLOAD_RETRY_S[min(attempt, len(UPLOAD_RETRY_S) - 1)]
-                attempt += 1
+                self._upload_one(ident, record)
+            except Exception:  # the loop must survive anything
+                log.exception("uploader failed on %s/%s", *ident)
+            finally:
                 with self._cond:
-                    self._failures[f"{ident[0]}/{ident[1]}"] = str(exc)
-                log.warning(
-                    "upload of %s/%s failed (attempt %d, retrying in %.0fs): %s",
-                    ident[0],
-                    ident[1],
-                    attempt,
-                    delay,
-                    exc,
-                )
-                with self._cond:
-                    self._cond.wait_for(lambda: self._closing, timeout=delay)
-                continue
-            attempt = 0
-            with self._cond:
-                self._failures.pop(f"{ident[0]}/{ident[1]}", None)
-            self._finish(record, info)
-        self._kick()
+                    self._active.discard(ident)
+                    if self._records.get(ident, record).seq != record.seq:
+                        self._queue_locked(ident)  # replaced while uploading: the newer one next
+                    self._cond.notify_all()
 
-    def _upload(self, record: PendingObject) -> ObjectInfo:
+    def _current(self, ident: Ident, record: PendingObject) -> bool:
+        with self._cond:
+            return self._is_current_locked(ident, record) and not self._closing
+
+    def _is_current_locked(self, ident: Ident, record: PendingObject) -> bool:
+        current = self._records.get(ident)
+        return current is not None and current.seq == record.seq
+
+    def _upload_one(self, ident: Ident, record: PendingObject) -> None:
         store = self._stores[record.namespace]
+        try:
+            info = None if record.delete else self._upload(store, ident, record)
+            if record.delete:
+                store.delete(record.key)
+        except _Superseded:
+            return
+        except Exception as exc:
+            self._failed(ident, record, exc)
+            return
+        self._finish(record, info)
+
+    def _failed(self, ident: Ident, record: PendingObject, exc: BaseException) -> None:
+        permanent = is_permanent(exc)
+        with self._cond:
+            if not self._is_current_locked(ident, record):
+                return
+            attempt = self._attempts.get(ident, 0) + 1
+            self._attempts[ident] = attempt
+            failed = replace(record, error=str(exc) or type(exc).__name__, permanent=permanent)
+            self._records[ident] = failed
+            if not permanent:
+                delay = UPLOAD_RETRY_S[min(attempt - 1, len(UPLOAD_RETRY_S) - 1)]
+                self._retry_at[ident] = time.monotonic() + delay * random.uniform(0.8, 1.2)
+                self._queue_locked(ident)
+            else:
+                self.failed_permanently += 1
+            self._cond.notify_all()
+        self._journal_update(failed)
+        what = "delete" if record.delete else "upload"
+        if permanent:
+            log.error(
+                "%s of %s/%s refused by the store, not retried (kept; `pcache uploads retry` "
+                "or `discard`): %s",
+                what,
+                *ident,
+                exc,
+            )
+        else:
+            log.warning(
+                "%s of %s/%s failed (attempt %d, retrying in about %.0fs): %s",
+                what,
+                *ident,
+                attempt,
+                UPLOAD_RETRY_S[min(attempt - 1, len(UPLOAD_RETRY_S) - 1)],
+                exc,
+            )
+
+    def _upload(self, store: Store, ident: Ident, record: PendingObject) -> ObjectInfo:
         with open(record.path, "rb") as file:
             fd = file.fileno()
             if record.size <= self.part_size or record.size < store.features.min_part_size:
-                return store.put(record.key, os.pread(fd, record.size, 0))
+                info = store.put(
+                    record.key, os.pread(fd, record.size, 0), metadata=record.metadata or None
+                )
+                return (
+                    info
+                    if info.metadata == record.metadata
+                    else replace(info, metadata=dict(record.metadata))
+                )
             if record.upload_id:  # from before a restart: start over, cleanly
                 try:
                     store.abort_upload(record.key, record.upload_id)
                 except OSError as exc:
                     log.info("could not abort stale upload %s: %s", record.upload_id, exc)
             part_size = max(self.part_size, -(-record.size // store.features.max_parts))
-            upload_id = store.create_upload(record.key)
-            record = PendingObject(**{**asdict(record), "upload_id": upload_id})
-            self._journal(record)
-            offsets = range(0, record.size, part_size)
+            upload_id = store.create_upload(record.key, metadata=record.metadata or None)
             try:
-                with ThreadPoolExecutor(4, thread_name_prefix="pcache-part") as pool:
-                    parts: list[PartInfo] = list(
-                        pool.map(
-                            lambda n_off: store.upload_part(
-                                record.key,
-                                upload_id,
-                                n_off[0],
-                                os.pread(fd, min(part_size, record.size - n_off[1]), n_off[1]),
-                            ),
-                            enumerate(offsets, start=1),
-                        )
-                    )
-                return store.complete_upload(record.key, upload_id, parts)
+                self._journal_update(replace(record, upload_id=upload_id))
+                offsets = list(range(0, record.size, part_size))
+                parts = _map_daemon(
+                    lambda n: self._part(
+                        store, ident, record, upload_id, fd, n, offsets, part_size
+                    ),
+                    range(len(offsets)),
+                    PART_THREADS,
+                )
+                if not self._current(ident, record):
+                    raise _Superseded
+                info = store.complete_upload(record.key, upload_id, parts)
+                return replace(info, metadata=dict(record.metadata))
             except BaseException:
                 try:
                     store.abort_upload(record.key, upload_id)
@@ -430,35 +722,94 @@ class WriteBack:
                     log.info("could not abort upload %s: %s", upload_id, exc)
                 raise
 
-    def _finish(self, record: PendingObject, info: ObjectInfo | None) -> None:
-        """Drop a record that is uploaded (``info``) or superseded (``None``).
+    def _part(
+        self,
+        store: Store,
+        ident: Ident,
+        record: PendingObject,
+        upload_id: str,
+        fd: int,
+        index: int,
+        offsets: list[int],
+        part_size: int,
+    ) -> PartInfo:
+        if not self._current(ident, record):
+            raise _Superseded
+        start = offsets[index]
+        data = os.pread(fd, min(part_size, record.size - start), start)
+        return store.upload_part(record.key, upload_id, index + 1, data)
 
-        ``on_uploaded`` (the worker invalidates its metadata) runs before the record leaves the
-        pending set: a listing or stat running meanwhile then sees either the pending record or
-        the invalidation, never neither (see ``Worker.listing``)."""
-        if info is not None:
-            try:
-                self._on_uploaded(record.namespace, record.key, info)
-            except Exception:  # never keep a finished record because a callback failed
-                log.exception("on_uploaded for %s/%s failed", record.namespace, record.key)
-        self._forget(record)
+    def _finish(self, record: PendingObject, info: ObjectInfo | None) -> None:
+        """Drop a record whose change is in the store.
+
+        ``on_uploaded`` (the worker refreshes its metadata cache) runs before the record leaves
+        the pending set: a listing or stat meanwhile sees either the pending record or the new
+        state, never neither (see ``Worker.listing``)."""
+        ident = (record.namespace, record.key)
         with self._cond:
-            records = self._pending.get((record.namespace, record.key), [])
-            if record in records:
-                records.remove(record)
-            if not records:
-                self._pending.pop((record.namespace, record.key), None)
-            reservation = self._reservations.pop(record.session, None)
+            if not self._is_current_locked(ident, record):
+                return  # replaced while uploading: the newer record decides
+        try:
+            self._on_uploaded(record.namespace, record.key, info)
+        except Exception:  # never keep a finished record because a callback failed
+            log.exception("on_uploaded for %s/%s failed", record.namespace, record.key)
+        with self._cond:
+            if not self._is_current_locked(ident, record):
+                return
+            del self._records[ident]
+            self._attempts.pop(ident, None)
+            self._retry_at.pop(ident, None)
             if info is not None:
                 self.uploaded += 1
                 self.uploaded_bytes += record.size
                 self._uploaded_as[record.version] = info
                 while len(self._uploaded_as) > 10_000:
                     self._uploaded_as.popitem(last=False)
-        if reservation is not None:
-            reservation.release()
-        Path(record.path).unlink(missing_ok=True)
+        self._forget(record)
+        self._release_if_unreferenced(record.session)
         if info is not None:
             log.info("uploaded %s/%s (%d bytes)", record.namespace, record.key, record.size)
         with self._cond:
             self._cond.notify_all()
+
+
+class _Superseded(Exception):
+    """The record being uploaded was replaced (a newer commit, a rename, an unlink)."""
+
+
+def _map_daemon(func: Callable[[int], PartInfo], items: range, threads: int) -> list[PartInfo]:
+    """``[func(i) for i in items]`` on up to ``threads`` daemon threads (never joined at
+    interpreter exit, so a stopping worker does not wait on the store); first error raised."""
+    results: dict[int, PartInfo] = {}
+    errors: list[BaseException] = []
+    todo = deque(items)
+    lock = threading.Lock()
+    done = threading.Event()
+    running = [0]
+
+    def work() -> None:
+        while True:
+            with lock:
+                if errors or not todo:
+                    running[0] -= 1
+                    if running[0] == 0:
+                        done.set()
+                    return
+                item = todo.popleft()
+            try:
+                result = func(item)
+            except BaseException as exc:
+                with lock:
+                    errors.append(exc)
+                continue
+            with lock:
+                results[item] = result
+
+    count = max(1, min(threads, len(items)))
+    running[0] = count
+    for _ in range(count):
+        threading.Thread(target=work, name="pcache-part", daemon=True).start()
+    done.wait()
+    if errors:
+        raise errors[0]
+    return [results[i] for i in items]

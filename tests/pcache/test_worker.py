@@ -305,7 +305,7 @@ def test_evicted_files_held_open_are_closed(make_cluster, payload) -> None:
     root = cluster.nodes[0].root
     client.warmup("data/e-0.bin")
     assert reader_client.read("data/e-0.bin", 5, 10) == objects["e-0.bin"][5:15]
-    cache = reader_client._local_cache()
+    cache = reader_client.local_cache()
     assert cache is not None and len(cache._open) == 1  # the block file stays open
     for key in ("e-1.bin", "e-2.bin", "e-3.bin"):  # 9 MiB more through a 6 MiB cache
         client.warmup(f"data/{key}")
@@ -415,7 +415,7 @@ def test_shared_memory_read_and_write(make_cluster, payload) -> None:
     data = payload(40 * MiB + 3)
     store.put("shm.bin", data)
     client = make_cluster.client(cluster, shm_threshold=MiB)
-    assert client._shm_ok
+    assert client.shared_memory
     buf = bytearray(len(data))
     assert client.readinto("data/shm.bin", 0, buf) == len(data)
     assert bytes(buf) == data

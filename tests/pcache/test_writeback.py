@@ -86,7 +86,6 @@ def test_idle_sessions_are_reaped(tmp_path: Path) -> None:
 def test_resume_from_journal(tmp_path: Path) -> None:
     blocks, wb, backing = make(tmp_path)
     # no start(): the uploader never runs, as if the worker died right after the commits
-    wb._closing = True
     records = []
     for key in ("x.bin", "y.bin"):
         session = wb.open("data", key)

@@ -70,6 +70,11 @@ class RcloneS3Server(S3ServerProcess):
             str(self.root),
         ]
 
+    def profile(self, **extra: object) -> dict[str, object]:
+        # rclone serve s3 over a directory stores a "dir/" key as a file named "dir", which then
+        # blocks every key under it: mounts keep empty directories in memory instead
+        return super().profile(**{"directory_markers": False, **extra})
+
     def start(self) -> RcloneS3Server:
         super().start()
         return self

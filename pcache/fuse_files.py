@@ -1,0 +1,210 @@
+"""Files open on a ``pcache mount``: the staging file every descriptor of one path shares.
+
+A path opened for writing gets one :class:`OpenFile`: a write-back session on the node's worker
+whose staging file (on a cache disk) the mount writes and reads itself, with ``pwrite``, ``pread``
+and ``ftruncate``; the worker only reserves capacity for it ahead of the writes and journals it on
+commit. Every descriptor of the path (several writers, ``O_APPEND``, readers, a shared writable
+``mmap``) goes to the same file, so readers through the mount see a writer's bytes at once.
+
+Opening an existing object without ``O_TRUNC`` copies its content into the staging file first
+(copy on open). ``flush`` (each ``close(2)``) commits: the staging file is fsynced and journalled
+(local-durable; ``--durability remote`` also waits for the store); ``fsync`` waits for the store.
+The last release closes the session; what was committed stays journalled until uploaded.
+
+Recovery: when the worker lost the session (it restarted), the next commit opens a new session,
+copies this file's bytes into it from the descriptor the mount still holds, and commits that; a
+write is never lost because the worker went away.
+
+Threading: the attributes are touched only in the mount's trio task; the blocking calls (worker
+requests, copies) run in worker threads through the operations' limiter, never two at once for
+one file (:attr:`OpenFile.lock`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from objstore.base import ObjectInfo
+
+from .client import PcacheClient, WriteSession
+from .config import Durability
+from .files import PcacheReader
+from .posix import Attrs, keep_foreign
+from .protocol import WriteError
+
+log = logging.getLogger(__name__)
+
+COPY_CHUNK = 8 << 20
+
+
+class StagingUnreachable(OSError):
+    """The worker's staging file cannot be opened from here (the mount is not on its node)."""
+
+
+@dataclass
+class OpenFile:
+    """One path open for writing (and whoever reads it meanwhile) on this mount.
+
+    Attributes:
+        path: mount-relative path (changes on rename).
+        client_path: ``NS/KEY`` (changes on rename).
+        session: the worker's write session.
+        fd: the staging file, opened by the mount.
+        size: the file's size as the writers made it.
+        reserved: capacity the worker holds for the staging file.
+        attrs: mode, owner and times (committed as object metadata).
+        foreign: other user metadata of the object, kept as it was.
+        handles: descriptors (file handles) using this file.
+        changes: bumped by every write, truncate or attribute change.
+        committed_changes: ``changes`` as of the last successful commit.
+        unlinked: the path was removed or renamed over: nothing more is committed.
+        failed: the errno of a write that failed (no room): the file is never committed.
+    """
+
+    path: str
+    client_path: str
+    session: WriteSession
+    fd: int
+    size: int
+    attrs: Attrs
+    foreign: dict[str, str] = field(default_factory=dict)
+    reserved: int = 0
+    handles: int = 0
+    changes: int = 0
+    committed_changes: int = 0
+    unlinked: bool = False
+    failed: int = 0
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def dirty(self) -> bool:
+        return self.changes != self.committed_changes
+
+    def touch(self) -> None:
+        now = time.time_ns()
+        self.attrs = Attrs(
+            self.attrs.mode, self.attrs.uid, self.attrs.gid, now, now, self.attrs.atime_ns
+        )
+        self.changes += 1
+
+    def metadata(self) -> dict[str, str]:
+        return keep_foreign(self.foreign, self.attrs)
+
+    # -- data (inline: the staging file is on a local disk) --------------------------------
+
+    def pwrite(self, offset: int, data: bytes) -> int:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+        self.size = max(self.size, offset + done)
+        self.touch()
+        return done
+
+    def pread(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fd, max(0, min(size, self.size - offset)), offset)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        self.size = size
+        self.touch()
+
+    def close_fd(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def open_staging(client: PcacheClient, client_path: str) -> tuple[WriteSession, int]:
+    """A new write session and the mount's own descriptor of its staging file."""
+    session = client.open_session(client_path)
+    try:
+        fd = os.open(session.path, os.O_RDWR)
+    except OSError as exc:
+        session.abort()
+        raise StagingUnreachable(
+            exc.errno or 5,
+            f"cannot open the worker's staging file {session.path} ({exc.strerror}): a writable "
+            "mount must run on the worker's node, with access to its cache directories",
+        ) from None
+    return session, fd
+
+
+def fill_from(client: PcacheClient, client_path: str, fd: int, info: ObjectInfo) -> int:
+    """Copy the object's current content into a staging file (copy on open); returns its size.
+    Raises ``StaleVersion`` when it changed meanwhile."""
+    done = 0
+    with PcacheReader(client, client_path) as reader:
+        while chunk := reader.read(COPY_CHUNK):
+            done += os.pwrite(fd, chunk, done)
+    return done
+
+
+def copy_fd(source: int, target: int, size: int) -> None:
+    offset = 0
+    while offset < size:
+        chunk = os.pread(source, min(COPY_CHUNK, size - offset), offset)
+        if not chunk:
+            break
+        os.pwrite(target, chunk, offset)
+        offset += len(chunk)
+    os.ftruncate(target, size)
+
+
+def reserve(file: OpenFile, end: int) -> None:
+    """Capacity for the staging file to reach ``end`` (worker thread)."""
+    file.reserved = file.session.reserve(end)
+
+
+def commit(
+    client: PcacheClient, file: OpenFile, durability: Durability, *, close: bool
+) -> ObjectInfo | None:
+    """Commit the file's content and attributes (worker thread); returns what it became, or None
+    when its name was removed meanwhile. A session the worker lost is rebuilt from our copy."""
+    if file.unlinked:
+        return None
+    changes = file.changes
+    try:
+        info = file.session.commit(
+            size=file.size, metadata=file.metadata(), durable=durability, close=close
+        )
+    except WriteError:
+        if file.unlinked:
+            return None
+        info = _recommit(client, file, durability, close)
+    file.committed_changes = changes
+    return info
+
+
+def _recommit(
+    client: PcacheClient, file: OpenFile, durability: Durability, close: bool
+) -> ObjectInfo:
+    """The worker no longer knows the session (restarted, or reaped): a new one, same bytes."""
+    log.warning("write session of %s lost by the worker; writing it again", file.path)
+    session, fd = open_staging(client, file.client_path)
+    try:
+        session.reserve(file.size)
+        copy_fd(file.fd, fd, file.size)
+    except BaseException:
+        os.close(fd)
+        session.abort()
+        raise
+    old_fd, file.fd, file.session = file.fd, fd, session
+    os.close(old_fd)
+    file.reserved = 0
+    return session.commit(size=file.size, metadata=file.metadata(), durable=durability, close=close)
+
+
+def end_session(file: OpenFile) -> None:
+    """The last descriptor is gone: close the session (what was committed stays) and the fd."""
+    try:
+        file.session.abort()
+    except OSError as exc:  # the worker went away: it drops the session itself
+        log.info("closing the write session of %s: %s", file.path, exc)
+    file.close_fd()
