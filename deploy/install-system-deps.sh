@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the project needs (FUSE for pcache, headers to build pyfuse3,
 # iproute2 for network-namespace tests, chromium for the dashboard test, systemd for
-# `systemd-analyze verify` of the units). Idempotent: does nothing when all are present.
+# `systemd-analyze verify` of the units, s3fs as the second FUSE client on a bucket pcache writes,
+# rsync for the mount's workflow tests). Idempotent: does nothing when all are present.
 set -euo pipefail
-PKGS=(fuse3 libfuse3-dev pkg-config iproute2 chromium systemd)
+PKGS=(fuse3 libfuse3-dev pkg-config iproute2 chromium systemd s3fs rsync)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

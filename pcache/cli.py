@@ -121,7 +121,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print_json({"nodes": cluster})
         return ExitCode.OK
     print(
-        f"{'node':<16} {'state':<10} {'used':>12} {'capacity':>12} {'local hit':>9} {'backlog':>8}"
+        f"{'node':<16} {'state':<10} {'used':>12} {'capacity':>12} {'local hit':>9} "
+        f"{'backlog':>8} {'refused':>8}"
     )
     for node in cluster:
         if "error" in node:
@@ -133,9 +134,43 @@ def cmd_status(args: argparse.Namespace) -> int:
         state = "degraded" if unhealthy else "ok"
         print(
             f"{node['node_id']:<16} {state:<10} {human_bytes(used):>12} {human_bytes(capacity):>12} "
-            f"{node['reads']['hit_ratio_local']:>9.1%} {node['writeback']['objects']:>8}"
+            f"{node['reads']['hit_ratio_local']:>9.1%} {node['writeback']['objects']:>8} "
+            f"{node['writeback'].get('failed_permanently', 0):>8}"
         )
     return ExitCode.OK
+
+
+def cmd_uploads(args: argparse.Namespace) -> int:
+    """``pcache uploads [retry|discard NS[/KEY]]``: this node's write-back records."""
+    with _client(args) as client:
+        if args.action in ("retry", "discard"):
+            if not args.path:
+                raise CommandError(f"uploads {args.action} needs NS or NS/KEY", ExitCode.USAGE)
+            done = client.upload_action(args.action, args.path)
+            if args.json:
+                print_json({args.action: done})
+            else:
+                verb = "retrying" if args.action == "retry" else "discarded"
+                print(f"{verb} {len(done)} upload(s)" + "".join(f"\n  {k}" for k in done))
+            return ExitCode.OK if done else ExitCode.NOT_FOUND
+        listing = client.uploads()
+    records = listing["records"]
+    if args.json:
+        print_json(listing)
+        return ExitCode.OK
+    if not records:
+        print(f"{listing['node_id']}: nothing waiting for the store")
+        return ExitCode.OK
+    print(f"{'state':<10} {'size':>10}  key")
+    for record in records:
+        state = "refused" if record["permanent"] else "retrying" if record["error"] else "pending"
+        if record["delete"]:
+            state += "/rm"
+        print(f"{state:<10} {human_bytes(record['size']):>10}  {record['ns']}/{record['key']}")
+        if record["error"]:
+            print(f"{'':<22}{record['error']}")
+    refused = sum(1 for r in records if r["permanent"])
+    return ExitCode.FAILED if refused else ExitCode.OK
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -244,6 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("status", "show the cluster: disks, hit ratios, upload backlog", cmd_status)
 
+    uploads = command(
+        "uploads",
+        "write-back records of this node: pending, retrying and refused uploads; retry or "
+        "discard refused ones",
+        cmd_uploads,
+    )
+    uploads.add_argument("action", nargs="?", choices=("list", "retry", "discard"), default="list")
+    uploads.add_argument("path", nargs="?", metavar="NS[/KEY]", help="what to retry or discard")
+
     ls = command("ls", "list a directory through the cache", cmd_ls)
     ls.add_argument("path", metavar="NS/PREFIX")
     ls.add_argument("-R", "--recursive", action="store_true")
@@ -302,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="when close() returns: once the file is fsynced on the cache disk and journalled "
         "(local, default; the upload follows, fsync() waits for it) or once it is in the "
         "backing store (remote)",
+    )
+    mount.add_argument(
+        "--sync-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long fsync (and a remote-durable close) waits for a store that fails "
+        "transiently before EIO (default 120; the upload goes on)",
     )
 
     umount = command("umount", "unmount a pcache mount", cmd_umount, client=False)

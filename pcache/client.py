@@ -214,6 +214,10 @@ class PcacheClient:
         else:
             with selector.track(local, WorkerUnavailable):
                 response = self._request(method, self.config.worker, path, **kwargs)
+            if selector.is_dead(local_id):
+                # it answers again (a restart): its journal is what this node's reads need
+                # (pending writes), so it is asked first again from now on
+                selector.revive(local_id)
         return json.loads(response.data)
 
     def _local_dead(self) -> bool:
@@ -698,12 +702,11 @@ class PcacheClient:
         """Wait until ``path`` is durable in the backing store."""
         namespace, key = split_path(path)
         check_key(key)
-        fields = {"timeout": str(timeout)} if timeout else None
+        query = f"?timeout={timeout}" if timeout else ""
         return info_from_json(
             self.local_request(
                 "POST",
-                f"/v1/flush/{quote(namespace)}/{quote(key)}",
-                fields=fields,
+                f"/v1/flush/{quote(namespace)}/{quote(key)}{query}",
                 timeout=(timeout or 3600) + 5,
             )
         )

@@ -31,7 +31,7 @@ import trio
 
 from objstore.base import ObjectInfo
 
-from .client import PcacheClient, WriteSession
+from .client import STRICT_TIMEOUT_S, PcacheClient, WriteSession
 from .config import Durability
 from .files import PcacheReader
 from .posix import Attrs, keep_foreign
@@ -163,7 +163,12 @@ def reserve(file: OpenFile, end: int) -> None:
 
 
 def commit(
-    client: PcacheClient, file: OpenFile, durability: Durability, *, close: bool
+    client: PcacheClient,
+    file: OpenFile,
+    durability: Durability,
+    *,
+    close: bool,
+    timeout: float = STRICT_TIMEOUT_S,
 ) -> ObjectInfo | None:
     """Commit the file's content and attributes (worker thread); returns what it became, or None
     when its name was removed meanwhile. A session the worker lost is rebuilt from our copy."""
@@ -172,18 +177,22 @@ def commit(
     changes = file.changes
     try:
         info = file.session.commit(
-            size=file.size, metadata=file.metadata(), durable=durability, close=close
+            size=file.size,
+            metadata=file.metadata(),
+            durable=durability,
+            close=close,
+            timeout=timeout,
         )
     except WriteError:
         if file.unlinked:
             return None
-        info = _recommit(client, file, durability, close)
+        info = _recommit(client, file, durability, close, timeout)
     file.committed_changes = changes
     return info
 
 
 def _recommit(
-    client: PcacheClient, file: OpenFile, durability: Durability, close: bool
+    client: PcacheClient, file: OpenFile, durability: Durability, close: bool, timeout: float
 ) -> ObjectInfo:
     """The worker no longer knows the session (restarted, or reaped): a new one, same bytes."""
     log.warning("write session of %s lost by the worker; writing it again", file.path)
@@ -198,7 +207,9 @@ def _recommit(
     old_fd, file.fd, file.session = file.fd, fd, session
     os.close(old_fd)
     file.reserved = 0
-    return session.commit(size=file.size, metadata=file.metadata(), durable=durability, close=close)
+    return session.commit(
+        size=file.size, metadata=file.metadata(), durable=durability, close=close, timeout=timeout
+    )
 
 
 def end_session(file: OpenFile) -> None:

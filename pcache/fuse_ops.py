@@ -40,7 +40,7 @@ from objstore.errors import (
     TransientError,
 )
 
-from .client import Listing, PcacheClient
+from .client import STRICT_TIMEOUT_S, Listing, PcacheClient
 from .config import Durability
 from .files import PcacheReader
 from .fuse_files import OpenFile, commit, end_session, fill_from, open_staging, reserve
@@ -197,10 +197,14 @@ class InodeTable:
         self._by_path.pop(path, None)
 
     def move(self, old: str, new: str) -> None:
-        inode = self._by_path.pop(old, None)
-        if inode is not None:
-            self._nodes[inode].path = new
-            self._by_path[new] = inode
+        """``old`` is now ``new``, and so is everything below it (a directory rename)."""
+        below = old + "/"
+        moved = [p for p in self._by_path if p == old or p.startswith(below)]
+        for path in moved:
+            inode = self._by_path.pop(path)
+            target = new + path[len(old) :]
+            self._nodes[inode].path = target
+            self._by_path[target] = inode
 
 
 @dataclass
@@ -277,6 +281,8 @@ class PcacheOperations(pyfuse3.Operations):
         durability: when ``close`` returns (see :class:`~pcache.config.Durability`).
         max_dir_rename: a directory with more keys than this is not renamed (``EXDEV``: ``mv``
             copies it instead).
+        sync_timeout: seconds an ``fsync`` (or a remote-durable ``close``) waits for the store
+            while it fails transiently; then ``EIO`` (the upload goes on in the background).
 
     The root also holds a hidden, read-only control file (:data:`CONTROL_NAME`, not listed)
     whose content is the mount's live statistics as JSON; it hides an object of that name.
@@ -299,6 +305,7 @@ class PcacheOperations(pyfuse3.Operations):
         gid: int | None = None,
         durability: Durability = Durability.LOCAL,
         max_dir_rename: int = 10_000,
+        sync_timeout: float = STRICT_TIMEOUT_S,
     ) -> None:
         super().__init__()
         if prefix and not prefix.endswith("/"):
@@ -310,6 +317,7 @@ class PcacheOperations(pyfuse3.Operations):
         self.immutable = immutable
         self.durability = Durability(durability)
         self.max_dir_rename = max_dir_rename
+        self.sync_timeout = sync_timeout
         self.timeout = 24 * 3600.0 if immutable else 1.0
         self.dir_ttl = float("inf") if immutable else 5.0
         self.block_size = client.block_size
@@ -649,7 +657,10 @@ class PcacheOperations(pyfuse3.Operations):
                 if data:
                     session.write(0, data)
                 return session.commit(
-                    size=len(data), metadata=attrs.to_metadata(), durable=self.durability
+                    size=len(data),
+                    metadata=attrs.to_metadata(),
+                    durable=self.durability,
+                    timeout=self.sync_timeout,
                 )
             except BaseException:
                 session.abort()
@@ -1151,9 +1162,9 @@ class PcacheOperations(pyfuse3.Operations):
             if file.dirty:
                 await self._commit(file, Durability.REMOTE)
             elif not file.unlinked:
-                await self._run(self.client.flush, file.client_path)
+                await self._run(self.client.flush, file.client_path, self.sync_timeout)
         elif isinstance(handle, _ReadHandle):
-            await self._run(self.client.flush, self._client_path(handle.path))
+            await self._run(self.client.flush, self._client_path(handle.path), self.sync_timeout)
 
     @fuse_errors
     async def release(self, fh: int) -> None:

@@ -155,6 +155,16 @@ class _Collector:
             "Bytes uploaded by write-back",
             value=w.writeback.uploaded_bytes,
         )
+        yield GaugeMetricFamily(
+            "pcache_upload_failing_objects",
+            "Write-back records whose last upload failed (retrying or refused)",
+            value=backlog["failed"],
+        )
+        yield GaugeMetricFamily(
+            "pcache_upload_refused_objects",
+            "Write-back records the store refused for good (kept until retried or discarded)",
+            value=backlog["failed_permanently"],
+        )
         inflight = GaugeMetricFamily(
             "pcache_peer_inflight",
             "Requests in flight to each worker from this worker",

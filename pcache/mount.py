@@ -50,6 +50,7 @@ class MountOptions:
             root, ``user_allow_other`` must be set in ``/etc/fuse.conf``).
         uid, gid: the owner shown for entries that carry none (default: the mounting user).
         durability: when ``close`` returns (local-durable or in the store).
+        sync_timeout: seconds ``fsync`` waits for a store that fails transiently.
     """
 
     source: str
@@ -61,6 +62,7 @@ class MountOptions:
     uid: int | None = None
     gid: int | None = None
     durability: Durability = Durability.LOCAL
+    sync_timeout: float = 120.0
 
     @property
     def namespace(self) -> str:
@@ -194,6 +196,7 @@ def run_foreground(client: PcacheClient, options: MountOptions) -> None:
         uid=options.uid,
         gid=options.gid,
         durability=options.durability,
+        sync_timeout=options.sync_timeout,
     )
     try:
         pyfuse3.init(ops, str(options.mountpoint), fuse_options(options))
@@ -332,6 +335,8 @@ def _daemon_argv(args: Any, options: MountOptions) -> list[str]:
         argv += ["--gid", str(options.gid)]
     if options.durability is not Durability.LOCAL:
         argv += ["--durability", options.durability.value]
+    if getattr(args, "sync_timeout", None):
+        argv += ["--sync-timeout", str(args.sync_timeout)]
     argv += ["-v"] * (getattr(args, "verbose", 0) or 0)
     return argv
 
@@ -348,6 +353,7 @@ def mount_command(args: Any) -> int:
         uid=getattr(args, "uid", None),
         gid=getattr(args, "gid", None),
         durability=Durability(getattr(args, "durability", None) or Durability.LOCAL),
+        sync_timeout=getattr(args, "sync_timeout", None) or 120.0,
     )
     try:
         options.namespace  # noqa: B018 (validates the source)

@@ -50,6 +50,7 @@ VALUED = {
     "gid": "--gid",
     "timeout": "--timeout",
     "durability": "--durability",
+    "sync_timeout": "--sync-timeout",
 }
 
 

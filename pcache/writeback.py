@@ -39,6 +39,7 @@ block store's lock, never the other way round; the journal has its own lock, tak
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -515,7 +516,9 @@ class WriteBack:
 
     @staticmethod
     def _journal_key(record: PendingObject) -> bytes:
-        return f"{record.namespace}\x00{record.key}".encode("utf-8", "surrogateescape")
+        # LMDB keys are at most 511 bytes, object keys up to 1,024: a digest names the record
+        name = f"{record.namespace}\x00{record.key}".encode("utf-8", "surrogateescape")
+        return hashlib.sha256(name).digest()
 
     def _journal(self, records: Iterable[PendingObject]) -> None:
         with self._journal_lock:

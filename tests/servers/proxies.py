@@ -377,6 +377,11 @@ class _VerbatimResponse(web.StreamResponse):
             self.headers.popall("Content-Type", None)
 
 
+_UNAVAILABLE_BODY = (
+    b"<Error><Code>ServiceUnavailable</Code><Message>the store is down</Message></Error>"
+)
+
+
 class FaultProxy(_ThreadedServer):
     """HTTP reverse proxy forwarding requests verbatim, with fault injection."""
 
@@ -395,6 +400,26 @@ class FaultProxy(_ThreadedServer):
         self._storm_rng = random.Random(0)
         self._runner: web.ServerRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        # persistent refusals: (methods, path substring, status, body); and a store outage
+        self._refusals: list[tuple[frozenset[str], str, int, bytes]] = []
+        self._down = False
+
+    def refuse(
+        self,
+        path_contains: str,
+        status: int = 403,
+        body: bytes = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>",
+        methods: tuple[str, ...] = ("PUT", "POST"),
+    ) -> None:
+        """From now on answer ``methods`` requests whose path contains ``path_contains`` with
+        ``status``/``body`` (a key the store refuses for good)."""
+        with self._lock:
+            self._refusals.append((frozenset(methods), path_contains, status, body))
+
+    def outage(self, down: bool) -> None:
+        """While ``down``, every request is answered 503 ServiceUnavailable (a store outage)."""
+        with self._lock:
+            self._down = down
 
     def inject(
         self,
@@ -457,6 +482,18 @@ class FaultProxy(_ThreadedServer):
             ):
                 self._storm_left -= 1
                 self._faults.append((503, _SLOWDOWN_BODY, "application/xml"))
+            refusal = next(
+                (
+                    (status, body, "application/xml")
+                    for methods, needle, status, body in self._refusals
+                    if request.method in methods and needle in request.path
+                ),
+                None,
+            )
+            if self._down:
+                refusal = (503, _UNAVAILABLE_BODY, "application/xml")
+            if refusal is not None:
+                self._faults.appendleft(refusal)
             faulty = bool(self._faults)
             fault = self._faults.popleft() if faulty else None
         if not faulty:

@@ -1,0 +1,480 @@
+"""The mount as a writable POSIX filesystem, with write-back (the default durability).
+
+A bucket on moto's S3 server (it keeps ``dir/`` markers and user metadata as S3 does), reached
+through a fault proxy that can take the store down or refuse one key for good; two workers (two
+"nodes") and a write-back mount on each. Checked: the workflows a new user tries, attributes
+persisted in s3fs's conventions, close = local-durable / fsync = in the store, ``kill -9`` of the
+worker and of the mount between close and upload, permanent refusals and outages, renames of
+pending files, and the same bucket through Debian's s3fs.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from objstore import Config, Store, open_store
+from tests.conftest import unique_bucket
+from tests.servers.pcache_cluster import PcacheCluster
+from tests.servers.pcache_mount import PcacheMount, force_unmount
+from tests.servers.proxies import FaultProxy
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+    reason="FUSE mount tests need /dev/fuse and fusermount3",
+)
+
+MiB = 1 << 20
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Bed:
+    """Two workers over one bucket behind a fault proxy, a write-back mount on each."""
+
+    def __init__(self, moto: Any, root: Path) -> None:
+        self.root = root
+        self.bucket = unique_bucket("posix")
+        moto.create_bucket(self.bucket)
+        self.proxy = FaultProxy(moto.endpoint).start()
+        profile = moto.profile(endpoint=self.proxy.endpoint, max_attempts=2, retry_deadline=5.0)
+        self.store: Store = open_store(
+            f"s3://s3@{self.bucket}/",
+            Config.from_mapping({"profiles": {"s3": moto.profile()}}, env={}),
+        )
+        self.cluster = PcacheCluster(
+            root / "cluster",
+            {"s3": profile},
+            {"data": f"s3://s3@{self.bucket}/"},
+            nodes=2,
+            capacity=256 * MiB,
+            extra={"metadata_ttl": 1.0, "negative_ttl": 0.5},
+        )
+        self.cluster.start()
+        self.mounts: list[PcacheMount] = []
+        try:
+            self.a = self.mount(0, root / "a")
+            self.b = self.mount(1, root / "b")
+        except BaseException:
+            self.close()
+            raise
+
+    def mount(self, node: int, path: Path, *extra: str) -> Path:
+        mount = PcacheMount(
+            self.cluster.nodes[node].address,
+            self.cluster.token,
+            path,
+            "--sync-timeout",
+            "8",
+            *extra,
+        )
+        self.mounts.append(mount)
+        return mount.path
+
+    def worker(self, node: int, path: str, payload: Any = None) -> Any:
+        request = urllib.request.Request(
+            self.cluster.nodes[node].address + path,
+            data=None if payload is None else json.dumps(payload).encode(),
+            headers={
+                "Authorization": f"Bearer {self.cluster.token}",
+                "Content-Type": "application/json",
+            },
+            method="GET" if payload is None else "POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def records(self, node: int = 0) -> list[dict[str, Any]]:
+        return list(self.worker(node, "/v1/uploads")["records"])
+
+    def settle(self, node: int = 0, timeout: float = 60) -> None:
+        """Wait until the node's write-back has nothing left but refused records."""
+        deadline = time.monotonic() + timeout
+        while True:
+            waiting = [r for r in self.records(node) if not r["permanent"]]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"uploads never finished: {waiting}")
+            time.sleep(0.1)
+
+    def pcache(self, *args: str, node: int = 0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pcache.cli",
+                *args,
+                "--worker",
+                self.cluster.nodes[node].address,
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PCACHE_TOKEN": self.cluster.token, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def close(self) -> None:
+        for mount in self.mounts:
+            mount.stop()
+        self.cluster.stop()
+        self.proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def bed(moto_s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    bed = Bed(moto_s3, tmp_path_factory.mktemp("posix"))
+    try:
+        yield bed
+    finally:
+        logs = "\n".join(m.logs() for m in bed.mounts)
+        bed.close()
+        print(logs, bed.cluster.logs())
+
+
+@pytest.fixture
+def outage(bed: Bed) -> Iterator[FaultProxy]:
+    """The proxy, to take the store down (``outage(True)``); up again after the test. New names
+    cannot be created while it is down (their lookup asks the store), so tests open first."""
+    try:
+        yield bed.proxy
+    finally:
+        bed.proxy.outage(False)
+
+
+def sh(command: str, cwd: Path) -> str:
+    done = subprocess.run(command, shell=True, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{command}: {done.stderr}"
+    return done.stdout
+
+
+# -- what a new user tries -----------------------------------------------------------------------
+
+
+def test_shell_workflows(bed: Bed) -> None:
+    work = bed.a / "shell"
+    work.mkdir()
+    sh("echo one > log; echo two >> log; echo three >> log", work)
+    assert (work / "log").read_text() == "one\ntwo\nthree\n"
+    sh("dd if=/dev/zero of=img bs=4k count=4 status=none", work)
+    sh("printf XYZ | dd of=img bs=1 seek=5000 conv=notrunc status=none", work)
+    image = (work / "img").read_bytes()
+    assert len(image) == 16384 and image[5000:5003] == b"XYZ" and image.count(0) == 16381
+    sh("truncate -s 1M img && truncate -s 5001 img", work)
+    assert (work / "img").read_bytes() == bytes(5000) + b"X"
+    sh("chmod 750 log && touch -d '2021-03-04 05:06:07.5' log", work)
+    info = os.stat(work / "log")
+    assert stat.S_IMODE(info.st_mode) == 0o750
+    assert (
+        info.st_mtime_ns == int(time.mktime((2021, 3, 4, 5, 6, 7, 0, 0, -1))) * 10**9 + 500_000_000
+    )
+    sh("ln -s log link && mkdir -p a/b/c", work)
+    assert os.readlink(work / "link") == "log" and (work / "link").read_text().startswith("one")
+    assert os.path.islink(work / "link") and os.path.isdir(work / "a/b/c")
+    with pytest.raises(PermissionError):
+        os.link(work / "log", work / "hard")  # EPERM: an object has one name
+
+    bed.settle()
+    meta = bed.store.stat("shell/log").metadata
+    assert int(meta["mode"]) == stat.S_IFREG | 0o750 and meta["mtime"].endswith(".500000000")
+    assert bed.store.get("shell/link") == b"log"
+    assert int(bed.store.stat("shell/link").metadata["mode"]) == stat.S_IFLNK | 0o777
+    assert bed.store.exists("shell/a/b/c/")  # the empty directory is a marker object
+    # the other node sees all of it, attributes included
+    other = bed.b / "shell"
+    assert os.readlink(other / "link") == "log" and os.path.isdir(other / "a/b/c")
+    assert stat.S_IMODE(os.stat(other / "log").st_mode) == 0o750
+    assert os.stat(other / "log").st_mtime_ns == info.st_mtime_ns
+
+
+def test_sqlite_numpy_memmap_venv_rsync(bed: Bed, tmp_path: Path) -> None:
+    import sqlite3
+
+    import numpy as np
+
+    work = bed.a / "apps"
+    work.mkdir()
+    db = sqlite3.connect(work / "db.sqlite")
+    db.execute("create table t (i integer, s text)")
+    db.executemany("insert into t values (?, ?)", [(i, "x" * (i % 50)) for i in range(5000)])
+    db.commit()
+    db.execute("update t set s = 'changed' where i % 7 = 0")
+    db.commit()
+    db.close()
+    db = sqlite3.connect(work / "db.sqlite")
+    assert db.execute("select count(*), sum(s = 'changed') from t").fetchone() == (5000, 715)
+    assert db.execute("pragma integrity_check").fetchone() == ("ok",)
+    db.close()
+
+    # in a child: msync holds this interpreter's GIL, and the fault proxy runs in a thread here
+    sh(
+        f"""{sys.executable} -c '
+import numpy as np
+array = np.lib.format.open_memmap("arr.npy", mode="w+", dtype=np.float32, shape=(512, 512))
+array[:] = np.arange(512, dtype=np.float32)
+array.flush()
+del array
+patch = np.load("arr.npy", mmap_mode="r+")  # a shared writable mapping of an object
+patch[100, :] = -1
+patch.flush()
+'""",
+        work,
+    )
+    loaded = np.load(work / "arr.npy")
+    assert loaded[100, 0] == -1 and loaded[101, 5] == 5 and loaded.shape == (512, 512)
+
+    sh(f"{sys.executable} -m venv --without-pip venv && venv/bin/python -c 'print(1)'", work)
+    assert os.path.islink(work / "venv/bin/python")
+
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    (source / "sub/run.sh").write_text("#!/bin/sh\necho ran\n")
+    os.chmod(source / "sub/run.sh", 0o755)
+    (source / "data.txt").write_text("data")
+    os.utime(source / "data.txt", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    sh(f"rsync -a {source}/ {work}/copy/", tmp_path)
+    assert sh("copy/sub/run.sh", work) == "ran\n"
+    copied = os.stat(work / "copy/data.txt")
+    assert copied.st_mtime_ns == 1_600_000_000_123_456_789
+    assert sh(f"rsync -a --dry-run --itemize-changes {source}/ {work}/copy/", tmp_path) == ""
+
+
+def test_descriptors_share_one_file(bed: Bed) -> None:
+    path = bed.a / "shared.bin"
+    writer = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    appender = os.open(path, os.O_WRONLY | os.O_APPEND)
+    reader = os.open(path, os.O_RDONLY)
+    try:
+        os.write(writer, b"0123456789")
+        assert os.pread(reader, 100, 0) == b"0123456789"  # the writer's bytes, at once
+        os.write(appender, b"END")  # at the end, whatever the offset
+        os.pwrite(writer, b"ab", 2)
+        assert os.pread(reader, 100, 0) == b"01ab456789END"
+        os.close(writer)
+        writer = -1
+        os.write(appender, b"!")  # another descriptor goes on after one was closed
+    finally:
+        for fd in (writer, appender, reader):
+            if fd >= 0:
+                os.close(fd)
+    assert path.read_bytes() == b"01ab456789END!"
+    bed.settle()
+    assert bed.store.get("shared.bin") == b"01ab456789END!"
+
+
+def test_names_the_store_cannot_hold(bed: Bed) -> None:
+    with pytest.raises(OSError) as excinfo:
+        (bed.a / ("n" * 256)).write_bytes(b"x")
+    assert excinfo.value.errno == errno.ENAMETOOLONG
+    deep = bed.a / "/".join(["d" * 200] * 6)  # each name fits, the key (1,205 bytes) does not
+    with pytest.raises(OSError) as excinfo:
+        deep.parent.mkdir(parents=True)
+        deep.write_bytes(b"x")
+    assert excinfo.value.errno == errno.ENAMETOOLONG
+
+
+def test_rename_over_and_noreplace(bed: Bed) -> None:
+    work = bed.a / "mv"
+    work.mkdir()
+    (work / "x").write_bytes(b"new")
+    (work / "y").write_bytes(b"old")
+    os.replace(work / "x", work / "y")
+    assert (work / "y").read_bytes() == b"new" and not (work / "x").exists()
+    (work / "d1").mkdir()
+    (work / "d1/f").write_bytes(b"in d1")
+    (work / "d2").mkdir()
+    os.rename(work / "d1", work / "d2")  # over an empty directory
+    assert (work / "d2/f").read_bytes() == b"in d1" and not (work / "d1").exists()
+    (work / "d3").mkdir()
+    (work / "d3/g").write_bytes(b"g")
+    with pytest.raises(OSError) as excinfo:
+        os.rename(work / "d2", work / "d3")
+    assert excinfo.value.errno == errno.ENOTEMPTY
+    bed.settle()
+    assert bed.store.get("mv/y") == b"new" and not bed.store.exists("mv/x")
+    assert bed.store.get("mv/d2/f") == b"in d1" and not bed.store.exists("mv/d1/f")
+
+
+# -- durability ----------------------------------------------------------------------------------
+
+
+def test_close_is_local_durable_fsync_waits_for_the_store(bed: Bed, outage: FaultProxy) -> None:
+    data = os.urandom(3 * MiB + 17)
+    with open(bed.a / "wb.bin", "wb") as file:
+        outage.outage(True)
+        started = time.monotonic()
+        file.write(data)
+    assert time.monotonic() - started < 5  # the store is down: close does not wait for it
+    assert (bed.a / "wb.bin").read_bytes() == data
+    pending = [r for r in bed.records() if r["key"] == "wb.bin"]
+    assert pending and pending[0]["size"] == len(data)
+    fd = os.open(bed.a / "wb.bin", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as excinfo:  # fsync means "in the store": not while it is down
+            os.fsync(fd)
+        assert excinfo.value.errno == errno.EIO
+        outage.outage(False)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert bed.store.get("wb.bin") == data
+
+
+def test_rename_of_a_pending_file_uploads_only_the_new_name(bed: Bed) -> None:
+    # uploads of the temporary name fail (and are retried) until the rename comes
+    bed.proxy.refuse("ckpt.tmp", status=503, body=b"<Error><Code>SlowDown</Code></Error>")
+    data = os.urandom(20 * MiB)
+    (bed.a / "ckpt.tmp").write_bytes(data)
+    assert not os.path.exists(bed.a / "ckpt.bin")
+    started = time.perf_counter()
+    os.replace(bed.a / "ckpt.tmp", bed.a / "ckpt.bin")
+    assert time.perf_counter() - started < 0.5  # a journal transaction, no upload
+    keys = {(r["key"], r["delete"]) for r in bed.records()}
+    assert ("ckpt.bin", False) in keys and ("ckpt.tmp", True) in keys
+    assert ("ckpt.tmp", False) not in keys
+    bed.settle()
+    assert bed.store.get("ckpt.bin") == data and not bed.store.exists("ckpt.tmp")
+
+
+def test_kill_9_of_the_worker_between_close_and_upload(bed: Bed, outage: FaultProxy) -> None:
+    data = os.urandom(5 * MiB + 3)
+    with open(bed.a / "k9w.bin", "wb") as file:
+        outage.outage(True)
+        file.write(data)
+    assert [r for r in bed.records() if r["key"] == "k9w.bin"]
+    node = bed.cluster.nodes[0]
+    bed.cluster.kill(node)  # SIGKILL: nothing orderly
+    outage.outage(False)
+    bed.cluster.start(node)
+    bed.settle()
+    assert bed.store.get("k9w.bin") == data
+    assert (bed.a / "k9w.bin").read_bytes() == data
+
+
+def test_kill_9_of_the_mount_between_close_and_upload(bed: Bed, outage: FaultProxy) -> None:
+    extra = bed.mount(0, bed.root / "doomed")
+    data = os.urandom(2 * MiB + 9)
+    with open(extra / "k9m.bin", "wb") as file:
+        outage.outage(True)
+        file.write(data)
+    doomed = bed.mounts.pop()
+    doomed.process.send_signal(signal.SIGKILL)
+    doomed.process.wait(timeout=10)
+    force_unmount(extra)
+    outage.outage(False)
+    bed.settle()
+    assert bed.store.get("k9m.bin") == data
+
+
+def test_worker_restart_while_a_file_is_open(bed: Bed) -> None:
+    fd = os.open(bed.a / "open-across.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, b"before ")
+        node = bed.cluster.nodes[0]
+        bed.cluster.kill(node)
+        bed.cluster.start(node)
+        os.write(fd, b"after")
+    finally:
+        os.close(fd)  # the worker lost the session: the mount writes it again from its copy
+    bed.settle()
+    assert bed.store.get("open-across.bin") == b"before after"
+
+
+# -- refusals ------------------------------------------------------------------------------------
+
+
+def test_a_key_the_store_refuses_is_prompt_and_holds_up_nothing(bed: Bed) -> None:
+    bed.proxy.refuse("forbidden-")
+    work = bed.a / "refused"
+    work.mkdir()
+    for i in range(6):  # more than the worker's upload slots
+        (work / f"forbidden-{i}").write_bytes(b"never stored")
+    (work / "fine").write_bytes(b"stored")  # write-back: close succeeds, the store decides later
+    deadline = time.monotonic() + 30
+    while not bed.store.exists("refused/fine"):
+        assert time.monotonic() < deadline, bed.records()
+        time.sleep(0.1)
+    fd = os.open(work / "forbidden-0", os.O_RDONLY)
+    try:
+        started = time.monotonic()
+        with pytest.raises(OSError) as excinfo:
+            os.fsync(fd)
+        assert excinfo.value.errno == errno.EIO and time.monotonic() - started < 5
+    finally:
+        os.close(fd)
+    refused = [r for r in bed.records() if r["permanent"]]
+    assert {r["key"] for r in refused} == {f"refused/forbidden-{i}" for i in range(6)}
+    assert "AccessDenied" in refused[0]["error"]
+    listed = bed.pcache("uploads")
+    assert listed.returncode == 1 and "refused" in listed.stdout
+    assert (work / "forbidden-3").read_bytes() == b"never stored"  # kept on the node
+    discarded = bed.pcache("uploads", "discard", "data/refused/forbidden-3")
+    assert discarded.returncode == 0, discarded.stderr
+    assert "refused/forbidden-3" not in {r["key"] for r in bed.records()}
+
+    strict = bed.mount(0, bed.root / "strict", "--durability", "remote")
+    started = time.monotonic()
+    with pytest.raises(OSError) as excinfo:
+        (strict / "refused/forbidden-strict").write_bytes(b"x")
+    assert excinfo.value.errno == errno.EIO and time.monotonic() - started < 5
+    bed.pcache("uploads", "discard", "data")
+    assert not [r for r in bed.records() if r["permanent"]]
+
+
+# -- another FUSE client on the same bucket -------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("s3fs") is None, reason="needs Debian's s3fs")
+def test_s3fs_reads_what_pcache_wrote_and_back(bed: Bed, moto_s3: Any, tmp_path: Path) -> None:
+    work = bed.a / "interop"
+    work.mkdir()
+    (work / "script.sh").write_text("#!/bin/sh\n")
+    os.chmod(work / "script.sh", 0o751)
+    os.utime(work / "script.sh", ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
+    os.symlink("script.sh", work / "link")
+    (work / "empty").mkdir()
+    bed.settle()
+    passwd = tmp_path / "passwd"
+    passwd.write_text(f"{moto_s3.access_key_id}:{moto_s3.secret_access_key}\n")
+    passwd.chmod(0o600)
+    mnt = tmp_path / "s3fs"
+    mnt.mkdir()
+    subprocess.run(
+        ["s3fs", bed.bucket, str(mnt), "-o", f"url={moto_s3.endpoint}", "-o", "use_path_request_style",
+         "-o", f"passwd_file={passwd}", "-o", "stat_cache_expire=1"],
+        check=True, timeout=30,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.ismount(mnt):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        seen = os.stat(mnt / "interop/script.sh")
+        assert stat.S_IMODE(seen.st_mode) == 0o751 and int(seen.st_mtime) == 1_500_000_000
+        assert os.readlink(mnt / "interop/link") == "script.sh"
+        assert os.path.isdir(mnt / "interop/empty") and os.listdir(mnt / "interop/empty") == []
+        # and the other way round
+        (mnt / "interop/from-s3fs").mkdir()
+        (mnt / "interop/from-s3fs/f.txt").write_text("s3fs wrote this")
+        os.chmod(mnt / "interop/from-s3fs/f.txt", 0o604)
+        os.symlink("f.txt", mnt / "interop/from-s3fs/l")
+    finally:
+        force_unmount(mnt)
+    time.sleep(1.5)  # the workers' metadata TTL
+    theirs = bed.b / "interop/from-s3fs"
+    assert (theirs / "f.txt").read_text() == "s3fs wrote this"
+    assert stat.S_IMODE(os.stat(theirs / "f.txt").st_mode) == 0o604
+    assert os.readlink(theirs / "l") == "f.txt"
