@@ -14,6 +14,7 @@ import pytest
 
 from objstore import Config, Store, open_store
 from tests.conftest import unique_bucket
+from tests.servers.s3_process import toml_value
 from tests.servers.sync_service import Service, profiles
 
 MiB = 1024 * 1024
@@ -55,9 +56,7 @@ def regions(rclone_s3, s3_proxy, oss_server, tmp_path_factory: pytest.TempPathFa
     lines = []
     for name, table in profiles.items():
         lines.append(f"[profiles.{name}]")
-        lines += [
-            f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in table.items()
-        ]
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
     path = tmp_path_factory.mktemp("sync-config") / "objstore.toml"
     path.write_text("\n".join(lines) + "\n")
     return Regions(Config.load(path, env={}), path, rclone_s3, s3_proxy, oss_server)

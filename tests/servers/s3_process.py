@@ -4,6 +4,7 @@ and the ``[profiles.NAME]`` table that reaches the server."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -132,13 +133,20 @@ class S3ServerProcess:
         self.stop()
 
 
+def toml_value(value: object) -> str:
+    """A TOML literal for a profile value (strings, numbers, booleans)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
 def write_config(path: Path, **profiles: dict[str, object]) -> Path:
     """An objstore config file (``$OBJSTORE_CONFIG``) with these ``[profiles.NAME]`` tables."""
     lines = []
     for name, table in profiles.items():
         lines.append(f"[profiles.{name}]")
-        lines += [
-            f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in table.items()
-        ]
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
     path.write_text("\n".join(lines) + "\n")
     return path

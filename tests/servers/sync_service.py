@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.servers.s3_process import free_port, wait_for_port
+from tests.servers.s3_process import free_port, toml_value, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "test-service-token-0123456789"
@@ -33,9 +33,7 @@ class Service:
                  f'state_dir = "{tmp / "state"}"', f"max_concurrent = {max_concurrent}"]  # fmt: skip
         for name, profile in profiles.items():
             lines.append(f"[profiles.{name}]")
-            lines += [
-                f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v}" for k, v in profile.items()
-            ]
+            lines += [f"{k} = {toml_value(v)}" for k, v in profile.items()]
         self.config.write_text("\n".join(lines) + "\n")
         self.log = tmp / "service.log"
         self.proc: subprocess.Popen[bytes] | None = None
