@@ -17,7 +17,27 @@ same way (Python loops, no tool of either side):
 Targets (issue 5): every measurement >= 1.0x rclone, re-read >= 3x rclone; write compared by
 "in S3" (durability), both columns printed.
 
-    .venv/bin/python bench/mount_vs_peers.py [--size 1GiB] [--files 10000] [--repeat 2] [--json]
+The write phase (``--phase write``; issue 17) mounts pcache writable with write-back (the default
+durability) next to ``rclone mount --vfs-cache-mode full --vfs-write-back 0s`` and Debian's
+``s3fs``, on a fresh bucket of the same server, the local disk as the physical limit:
+
+- write SIZE, close returns: 1 MiB writes then ``close``; the local disk does write + fsync + close
+  (what "durable" costs there). pcache's close is local-durable (fsynced on the cache disk and
+  journalled); rclone's and s3fs's close is theirs.
+- write SIZE, in S3: until the object is in the bucket with its full size (pcache: ``fsync``
+  before close, which waits for the store; the others: polled after close).
+- random 4 KiB overwrites + fsync: open an existing 256 MiB object, N seeded 4 KiB ``pwrite``, fsync,
+  close: N / the whole time (the peers download and upload the file as pcache does).
+- small files: create, write 4 KiB, close FILES files in one directory: files/s.
+- rename after a SIZE write: ``os.replace`` of a just-closed temporary file (ms).
+- untar + ls -lR: ``tar x`` of an installed package (pip, ~1,000 files) onto the mount, then
+  ``ls -lR``; the tree read back is compared with the archive's.
+
+s3fs only takes part where no directory is created (``rclone serve s3`` turns ``dir/`` markers
+into files, and s3fs makes them on mkdir).
+
+    .venv/bin/python bench/mount_vs_peers.py [--phase read,write] [--size 1GiB] [--files 10000]
+        [--repeat 2] [--json]
 """
 
 from __future__ import annotations
@@ -26,6 +46,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,6 +73,8 @@ from tests.servers.rclone_s3 import RcloneS3Server, rclone_binary  # noqa: E402
 MiB = 1 << 20
 CHUNK = MiB
 CONTENDERS = ("local", "pcache", "rclone")
+WRITE_CONTENDERS = ("local", "pcache", "rclone", "s3fs")
+RANDOM_FILE = 256 * MiB
 
 
 class RcloneMount:
@@ -97,6 +120,37 @@ class RcloneMount:
             self.process.wait()
         if self.process.stderr:
             self.process.stderr.close()
+
+
+class S3fsMount:
+    """Debian's ``s3fs BUCKET MOUNTPOINT`` against the same server, in the foreground."""
+
+    def __init__(self, s3: RcloneS3Server, bucket: str, mountpoint: Path, work: Path) -> None:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        self.path = mountpoint
+        passwd = work / "s3fs-passwd"
+        passwd.write_text(f"{s3.access_key_id}:{s3.secret_access_key}\n")
+        passwd.chmod(0o600)
+        self.process = subprocess.Popen(
+            ["s3fs", bucket, str(mountpoint), "-f", "-o", f"url={s3.endpoint}",
+             "-o", "use_path_request_style", "-o", f"passwd_file={passwd}",
+             "-o", f"use_cache={work / 's3fs-cache'}", "-o", "enable_noobj_cache"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mountpoint):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("s3fs did not come up")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        force_unmount(self.path)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 def small_content(i: int) -> bytes:
@@ -162,6 +216,7 @@ class Bench:
         self.size: int = args.size
         self.results: dict[str, dict[str, float]] = {}  # measurement -> contender -> value
         self.dropped = True
+        self.phases = set(args.phase.split(","))
 
     def record(self, measurement: str, contender: str, value: float, best: str = "max") -> None:
         row = self.results.setdefault(measurement, {})
@@ -200,6 +255,9 @@ class Bench:
                 "s3://s3@bench/", Config.from_mapping({"profiles": {"s3": profile}}, env={})
             )
             self.pattern = os.urandom(64 * MiB)
+            if "read" not in self.phases:
+                WriteBench(self, store, profile).run(s3)
+                return
             parts = [self.pattern[: min(64 * MiB, size - off)] for off in range(0, size, 64 * MiB)]
             store.put_parts("big.bin", parts)
             self.local = self.work / "local"
@@ -224,6 +282,8 @@ class Bench:
                     self.measure(store, client)
                 finally:
                     client.close()
+            if "write" in self.phases:
+                WriteBench(self, store, profile).run(s3)
 
     def selected(self) -> list[str]:
         return [c for c in CONTENDERS if c in self.args.only.split(",")]
@@ -286,6 +346,195 @@ class Bench:
         time.sleep(0.5)
 
 
+def wait_in_store(store: Any, key: str, size: int, what: str) -> None:
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            if store.stat(key).size == size:
+                return
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: {key} never reached S3")
+        time.sleep(0.01)
+
+
+def write_stream(path: Path, size: int, pattern: bytes, *, fsync: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(pattern)
+        for offset in range(0, size, CHUNK):
+            at = offset % len(pattern)
+            os.write(fd, view[at : at + min(CHUNK, size - offset)])
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def random_overwrites(path: Path, offsets: list[int]) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        block = os.urandom(4096)
+        for offset in offsets:
+            os.pwrite(fd, block, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def small_files(directory: Path, count: int) -> None:
+    directory.mkdir(exist_ok=True)
+    data = os.urandom(4096)
+    for i in range(count):
+        fd = os.open(directory / f"s-{i:05d}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+
+
+def source_tarball(work: Path) -> tuple[Path, int]:
+    """A tar of an installed package (pip): thousands of small files and directories."""
+    import pip
+
+    package = Path(pip.__file__).parent
+    tarball = work / "tree.tar"
+    subprocess.run(["tar", "cf", str(tarball), "-C", str(package.parent), package.name], check=True)
+    count = sum(1 for _ in package.rglob("*"))
+    return tarball, count
+
+
+class WriteBench:
+    """The write phase: fresh writable mounts of a fresh bucket, the same server."""
+
+    def __init__(self, bench: Bench, store: Any, profile: dict[str, Any]) -> None:
+        self.bench = bench
+        self.store = store
+        self.profile = profile
+        self.args = bench.args
+        self.work = bench.work
+
+    def run(self, s3: RcloneS3Server) -> None:
+        args, size = self.args, self.bench.size
+        pattern = self.bench.pattern
+        s3.create_bucket("writes")
+        store = open_store(
+            "s3://s3@writes/", Config.from_mapping({"profiles": {"s3": self.profile}}, env={})
+        )
+        store.put_parts("random.bin", [pattern[: RANDOM_FILE // 4]] * 4)
+        rng = random.Random(args.seed)
+        offsets = [rng.randrange(0, RANDOM_FILE // 4096) * 4096 for _ in range(args.random_writes)]
+        tarball, entries = source_tarball(self.work)
+        local = self.work / "local-writes"
+        local.mkdir()
+        (local / "random.bin").write_bytes(b"".join([pattern[: RANDOM_FILE // 4]] * 4))
+        cluster = PcacheCluster(
+            self.work / "write-cluster",
+            {"s3": self.profile},
+            {"data": "s3://s3@writes/"},
+            nodes=1,
+            capacity=4 * size + 2048 * MiB,
+            block_size="4MiB",
+        )
+        with cluster:
+            node = cluster.nodes[0]
+            for attempt in range(args.repeat):
+                print(f"write run {attempt + 1}/{args.repeat}", file=sys.stderr)
+                mounts: dict[str, Any] = {}
+                try:
+                    mounts["pcache"] = PcacheMount(
+                        node.address, cluster.token, self.work / "wmnt-pcache"
+                    )
+                    mounts["rclone"] = RcloneMount(
+                        s3, "writes", self.work / "wmnt-rclone", self.work / "wrclone-cache"
+                    )
+                    if "s3fs" in self.selected() and shutil.which("s3fs"):
+                        mounts["s3fs"] = S3fsMount(s3, "writes", self.work / "wmnt-s3fs", self.work)
+                    roots = {"local": local, **{n: m.path for n, m in mounts.items()}}
+                    for name in self.selected():
+                        if name in roots:
+                            self.measure(
+                                store, name, roots[name], attempt, offsets, tarball, entries
+                            )
+                finally:
+                    for mount in mounts.values():
+                        mount.stop()
+
+    def selected(self) -> list[str]:
+        return [c for c in WRITE_CONTENDERS if c in self.args.only.split(",")]
+
+    def measure(
+        self,
+        store: Any,
+        name: str,
+        root: Path,
+        attempt: int,
+        offsets: list[int],
+        tarball: Path,
+        entries: int,
+    ) -> None:
+        size, pattern, record = self.bench.size, self.bench.pattern, self.bench.record
+        key = f"seq-{name}-{attempt}.bin"
+        started = time.perf_counter()
+        write_stream(root / key, size, pattern, fsync=name == "local")
+        returned = time.perf_counter() - started
+        record("write, close returns (MiB/s)", name, size / returned / MiB)
+        if name != "local":
+            wait_in_store(store, key, size, name)
+        in_store = time.perf_counter() - started
+        (root / key).unlink()
+        key = f"dur-{name}-{attempt}.bin"
+        started = time.perf_counter()
+        write_stream(root / key, size, pattern, fsync=True)
+        if name not in ("local", "pcache"):  # pcache's fsync returns once it is in S3
+            wait_in_store(store, key, size, name)
+        durable = time.perf_counter() - started
+        record("write, in S3 (MiB/s)", name, size / min(durable, in_store) / MiB)
+        (root / key).unlink()
+
+        started = time.perf_counter()
+        random_overwrites(root / "random.bin", offsets)
+        record(
+            "random 4 KiB overwrites + fsync (IOPS)",
+            name,
+            len(offsets) / (time.perf_counter() - started),
+        )
+
+        if name == "s3fs":
+            return  # the rest makes directories
+        directory = root / f"small-{attempt}"
+        started = time.perf_counter()
+        small_files(directory, self.args.files)
+        record(
+            "small files: create+4KiB+close (files/s)",
+            name,
+            self.args.files / (time.perf_counter() - started),
+        )
+
+        tmp, final = root / f"ckpt-{attempt}.tmp", root / f"ckpt-{attempt}.bin"
+        write_stream(tmp, size, pattern, fsync=False)
+        started = time.perf_counter()
+        os.replace(tmp, final)
+        record(
+            "rename after the write (ms)", name, (time.perf_counter() - started) * 1000, best="min"
+        )
+
+        target = root / f"tree-{attempt}"
+        target.mkdir()
+        started = time.perf_counter()
+        subprocess.run(["tar", "xf", str(tarball), "-C", str(target)], check=True)
+        listed = subprocess.run(["ls", "-lR", str(target)], capture_output=True, check=True)
+        record("untar + ls -lR (s)", name, time.perf_counter() - started, best="min")
+        if listed.stdout.count(b"\n") < entries:
+            raise RuntimeError(f"{name}: ls -lR shows fewer than {entries} entries")
+        reference = self.work / "tree-reference"
+        if not reference.exists():
+            reference.mkdir()
+            subprocess.run(["tar", "xf", str(tarball), "-C", str(reference)], check=True)
+        diff = subprocess.run(["diff", "-r", str(reference), str(target)], capture_output=True)
+        if diff.returncode != 0:
+            raise RuntimeError(f"{name}: the unpacked tree differs: {diff.stdout[:500]!r}")
+
+
 TARGETS = {
     "ls -l cold (s)": 1.0,
     "ls -l warm (s)": 1.0,
@@ -293,13 +542,20 @@ TARGETS = {
     "re-read, page cache kept (MiB/s)": 3.0,
     "random 4 KiB reads (IOPS)": 1.0,
     "write + fsync, in S3 (MiB/s)": 1.0,
+    "write, in S3 (MiB/s)": 1.0,
+    "random 4 KiB overwrites + fsync (IOPS)": 1.0,
+    "small files: create+4KiB+close (files/s)": 1.0,
+    "untar + ls -lR (s)": 1.0,
 }
+# against the local disk, where the issue says so
+LOCAL_TARGETS = {"write, close returns (MiB/s)": 0.8}
+ABSOLUTE_TARGETS = {"rename after the write (ms)": 20.0}  # pcache's value at most this
 
 
 def ratio(measurement: str, row: dict[str, float], peer: str) -> float | None:
     if "pcache" not in row or peer not in row or not row[peer] or not row["pcache"]:
         return None
-    if measurement.endswith("(s)"):  # times: lower is better
+    if measurement.endswith(("(s)", "(ms)")):  # times: lower is better
         return row[peer] / row["pcache"]
     return row["pcache"] / row[peer]
 
@@ -313,7 +569,15 @@ def main() -> int:
     parser.add_argument("--random-reads", type=int, default=4000, help="4 KiB preads (4000)")
     parser.add_argument("--repeat", type=int, default=2, help="runs, best kept (2)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--only", default=",".join(CONTENDERS), help="local,pcache,rclone")
+    parser.add_argument(
+        "--only", default=",".join(WRITE_CONTENDERS), help="local,pcache,rclone,s3fs"
+    )
+    parser.add_argument(
+        "--phase", default="read,write", help="read (issue 5), write (issue 17), or both"
+    )
+    parser.add_argument(
+        "--random-writes", type=int, default=4000, help="4 KiB pwrites into 256 MiB (4000)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mount-bench-", dir="/var/tmp") as tmp:
@@ -321,7 +585,7 @@ def main() -> int:
         try:
             bench.run()
         finally:
-            for name in ("mnt-pcache", "mnt-rclone"):
+            for name in ("mnt-pcache", "mnt-rclone", "wmnt-pcache", "wmnt-rclone", "wmnt-s3fs"):
                 force_unmount(Path(tmp) / name)
     rows = []
     for measurement, row in bench.results.items():
@@ -330,7 +594,13 @@ def main() -> int:
         target = TARGETS.get(measurement)
         verdict = ""
         if target is not None and vs_rclone is not None:
-            verdict = f">= {target}x: {'PASS' if vs_rclone >= target else 'FAIL'}"
+            verdict = f">= {target}x rclone: {'PASS' if vs_rclone >= target else 'FAIL'}"
+        if measurement in LOCAL_TARGETS and vs_local is not None:
+            goal = LOCAL_TARGETS[measurement]
+            verdict = f">= {goal}x local: {'PASS' if vs_local >= goal else 'FAIL'}"
+        if measurement in ABSOLUTE_TARGETS and "pcache" in row:
+            limit = ABSOLUTE_TARGETS[measurement]
+            verdict = f"<= {limit:g}: {'PASS' if row['pcache'] <= limit else 'FAIL'}"
         rows.append((measurement, row, vs_rclone, vs_local, verdict))
     if args.json:
         print(json.dumps({
@@ -346,10 +616,12 @@ def main() -> int:
         "rclone mount --vfs-cache-mode full --vfs-write-back 0s; pcache mount --immutable"
     )
     print(
-        f"{'measurement':<34} | {'local':>9} | {'pcache':>9} | {'rclone':>9} | "
-        f"{'vs rclone':>9} | {'vs local':>8} | target"
+        f"{'measurement':<42} | {'local':>9} | {'pcache':>9} | {'rclone':>9} | {'s3fs':>9} | "
+        f"{'vs rclone':>9} | {'vs s3fs':>8} | {'vs local':>8} | target"
     )
-    print(f"{'-' * 34} | {'-' * 9} | {'-' * 9} | {'-' * 9} | {'-' * 9} | {'-' * 8} | ------")
+    print(
+        f"{'-' * 42} | {'-' * 9} | {'-' * 9} | {'-' * 9} | {'-' * 9} | {'-' * 9} | {'-' * 8} | {'-' * 8} | ------"
+    )
 
     def cell(value: float | None) -> str:
         if value is None:
@@ -357,10 +629,12 @@ def main() -> int:
         return f"{value:.3f}" if value < 10 else f"{value:,.0f}"
 
     for measurement, row, vs_rclone, vs_local, verdict in rows:
+        vs_s3fs = ratio(measurement, row, "s3fs")
         print(
-            f"{measurement:<34} | {cell(row.get('local')):>9} | {cell(row.get('pcache')):>9} | "
-            f"{cell(row.get('rclone')):>9} | "
+            f"{measurement:<42} | {cell(row.get('local')):>9} | {cell(row.get('pcache')):>9} | "
+            f"{cell(row.get('rclone')):>9} | {cell(row.get('s3fs')):>9} | "
             f"{'-' if vs_rclone is None else f'{vs_rclone:.2f}x':>9} | "
+            f"{'-' if vs_s3fs is None else f'{vs_s3fs:.2f}x':>8} | "
             f"{'-' if vs_local is None else f'{vs_local:.2f}x':>8} | {verdict}"
         )
     return 0

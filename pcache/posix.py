@@ -120,7 +120,7 @@ def attrs_of(info: ObjectInfo, defaults: Defaults, *, directory: bool = False) -
     meta = info.metadata
     mtime = parse_time(meta[MTIME]) if MTIME in meta else None
     if mtime is None:
-        mtime = int(info.mtime * 1e9)
+        mtime = round(info.mtime * 1_000_000) * 1000  # Last-Modified: microseconds at best
     ctime = parse_time(meta[CTIME]) if CTIME in meta else None
     atime = parse_time(meta[ATIME]) if ATIME in meta else None
     mode = _int(meta, MODE)

@@ -207,6 +207,7 @@ class WriteBack:
                 txn.put(self._journal_key(record), json.dumps(asdict(record)).encode())
         self._clean_orphan_staging({r.path for r in self._records.values()})
         with self._cond:
+            resumed = len(self._records)
             for ident in self._records:
                 self._queue_locked(ident)
         for i in range(self._concurrency):
@@ -215,9 +216,9 @@ class WriteBack:
             )
             thread.start()
             self._threads.append(thread)
-        if self._records:
-            log.info("resuming %d pending write-back record(s)", len(self._records))
-        return len(self._records)
+        if resumed:
+            log.info("resuming %d pending write-back record(s)", resumed)
+        return resumed
 
     def _adopt_staging(self, record: PendingObject) -> bool:
         """Take back the staging file of a journalled upload; False when it is lost."""
@@ -652,7 +653,7 @@ class WriteBack:
     def _failed(self, ident: Ident, record: PendingObject, exc: BaseException) -> None:
         permanent = is_permanent(exc)
         with self._cond:
-            if not self._is_current_locked(ident, record):
+            if self._closing or not self._is_current_locked(ident, record):
                 return
             attempt = self._attempts.get(ident, 0) + 1
             self._attempts[ident] = attempt
@@ -750,6 +751,8 @@ class WriteBack:
         state, never neither (see ``Worker.listing``)."""
         ident = (record.namespace, record.key)
         with self._cond:
+            if self._closing:
+                return  # stopped meanwhile: the record stays journalled, redone at start
             if not self._is_current_locked(ident, record):
                 return  # replaced while uploading: the newer record decides
         try:
@@ -757,7 +760,7 @@ class WriteBack:
         except Exception:  # never keep a finished record because a callback failed
             log.exception("on_uploaded for %s/%s failed", record.namespace, record.key)
         with self._cond:
-            if not self._is_current_locked(ident, record):
+            if self._closing or not self._is_current_locked(ident, record):
                 return
             del self._records[ident]
             self._attempts.pop(ident, None)

@@ -1,17 +1,20 @@
 """Write-back in isolation (a local directory as the backing store): commit order, superseded
-writes, capacity pinning, abandoned sessions, and resume from the journal."""
+writes, capacity pinning, abandoned sessions, resume from the journal, permanent and transient
+upload failures, renames and unlinks of pending writes, and a prompt close."""
 
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from objstore import open_store
+from objstore.errors import AccessDenied, TransientError
 from pcache.blockstore import BlockStore, CacheDir, NoSpace
-from pcache.writeback import WriteBack, WriteError
+from pcache.writeback import UploadFailed, WriteBack, WriteError
 
 MiB = 1 << 20
 
@@ -102,5 +105,163 @@ def test_resume_from_journal(tmp_path: Path) -> None:
     assert (backing / "x.bin").read_bytes() == b"x.bin" * 1000
     assert not orphan.path.exists()  # an uncommitted write is not resurrected
     assert not (backing / "uncommitted.bin").exists()
+    wb2.close()
+    blocks2.close()
+
+
+class RefusingStore:
+    """A backing store that refuses (or fails transiently on) keys containing a marker."""
+
+    def __init__(self, inner: Any, *, refuse: str = "", transient: str = "") -> None:
+        self.inner = inner
+        self.refuse = refuse
+        self.transient = transient
+        self.puts: list[str] = []
+
+    def _check(self, key: str) -> None:
+        if self.refuse and self.refuse in key:
+            raise AccessDenied(f"refused {key}")
+        if self.transient and self.transient in key:
+            raise TransientError(f"busy {key}")
+
+    def put(self, key: str, data: Any, *, metadata: Any = None) -> Any:
+        self._check(key)
+        self.puts.append(key)
+        return self.inner.put(key, data, metadata=metadata)
+
+    def delete(self, key: str) -> None:
+        self._check(key)
+        self.inner.delete(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def make_with(tmp_path: Path, store: Any) -> tuple[BlockStore, WriteBack]:
+    blocks = BlockStore([CacheDir(tmp_path / "disk", 64 * MiB)], tmp_path / "index", block_size=MiB)
+    return blocks, WriteBack(blocks, {"data": store}, tmp_path / "state", part_size=5 * MiB)
+
+
+def commit_bytes(wb: WriteBack, key: str, data: bytes, **kwargs: Any) -> Any:
+    staged = wb.open("data", key)
+    staged.write(0, data)
+    return wb.commit(staged, **kwargs)
+
+
+def test_a_permanent_refusal_is_kept_not_retried_and_holds_up_nothing(tmp_path: Path) -> None:
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    store = RefusingStore(open_store(str(backing)), refuse="bad")
+    blocks, wb = make_with(tmp_path, store)
+    wb.start()
+    for i in range(8):  # twice the upload slots
+        commit_bytes(wb, f"bad-{i}", b"x")
+    commit_bytes(wb, "good", b"fine")
+    assert wb.wait_durable("data", "good", timeout=10)
+    assert (backing / "good").read_bytes() == b"fine"
+    started = time.monotonic()
+    with pytest.raises(UploadFailed, match="refused"):
+        wb.wait_durable("data", "bad-0", timeout=10)
+    assert time.monotonic() - started < 5
+    assert store.puts.count("bad-0") == 0  # refused before the inner put, and never again
+    backlog = wb.backlog()
+    assert backlog["failed_permanently"] == 8 and "data/bad-3" in backlog["failures"]
+    assert wb.discard("data", "bad-3") is not None and wb.pending("data", "bad-3") is None
+    store.refuse = ""
+    assert wb.retry("data", "bad-4")
+    assert wb.wait_durable("data", "bad-4", timeout=10)
+    wb.close()
+    blocks.close()
+
+
+def test_transient_failures_are_retried_without_holding_a_slot(tmp_path: Path) -> None:
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    store = RefusingStore(open_store(str(backing)), transient="busy")
+    blocks, wb = make_with(tmp_path, store)
+    wb._concurrency = 1  # one slot: a retrying object must not sit in it
+    wb.start()
+    commit_bytes(wb, "busy-1", b"later")
+    commit_bytes(wb, "other", b"now")
+    assert wb.wait_durable("data", "other", timeout=10)
+    assert not wb.wait_durable("data", "busy-1", timeout=0.5)
+    record = wb.pending("data", "busy-1")
+    assert record is not None and "busy" in record.error and not record.permanent
+    store.transient = ""
+    assert wb.wait_durable("data", "busy-1", timeout=30)
+    wb.close()
+    blocks.close()
+
+
+def test_rename_of_a_pending_write_rekeys_it_and_the_old_name_gets_a_tombstone(
+    tmp_path: Path,
+) -> None:
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    (backing / "old.bin").write_bytes(b"an older version in the store")
+    store = RefusingStore(open_store(str(backing)))
+    blocks, wb = make_with(tmp_path, store)
+    commit_bytes(wb, "old.bin", b"new content", metadata={"mode": "33188"})
+    assert wb.rename("data", "old.bin", "new.bin")
+    assert wb.pending("data", "old.bin").delete  # type: ignore[union-attr]
+    moved = wb.pending("data", "new.bin")
+    assert moved is not None and moved.metadata == {"mode": "33188"}
+    assert not wb.rename("data", "absent", "x")  # nothing pending: the caller copies
+    wb.start()
+    assert wb.wait_durable("data", "new.bin", timeout=10)
+    assert wb.wait_durable("data", "old.bin", timeout=10)
+    assert (backing / "new.bin").read_bytes() == b"new content"
+    assert not (backing / "old.bin").exists()
+    assert store.puts == ["new.bin"]  # nothing was ever uploaded under the old name
+    wb.close()
+    blocks.close()
+
+
+def test_commits_of_an_open_file_and_a_detached_writer(tmp_path: Path) -> None:
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    blocks, wb = make_with(tmp_path, open_store(str(backing)))
+    staged = wb.open("data", "grow.log")
+    staged.write(0, b"one\n")
+    wb.commit(staged, close=False)
+    staged.write(4, b"two\n")
+    record = wb.commit(staged, close=False)
+    assert record.size == 8 and wb.session(staged.id) is staged
+    wb.delete("data", "grow.log")  # unlinked while open: its next commit must not bring it back
+    with pytest.raises(WriteError):
+        wb.commit(staged)
+    wb.abort(staged)
+    wb.start()
+    assert wb.wait_durable("data", "grow.log", timeout=10)
+    assert not (backing / "grow.log").exists()
+    assert blocks.stats()["bytes_reserved"] == 0  # the staging file went with its last user
+    wb.close()
+    blocks.close()
+
+
+def test_close_does_not_wait_for_a_hung_store(tmp_path: Path) -> None:
+    import threading
+
+    release = threading.Event()
+
+    class Hung(RefusingStore):
+        def put(self, key: str, data: Any, *, metadata: Any = None) -> Any:
+            release.wait(60)
+            return super().put(key, data, metadata=metadata)
+
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    blocks, wb = make_with(tmp_path, Hung(open_store(str(backing))))
+    wb.start()
+    commit_bytes(wb, "stuck", b"x")
+    time.sleep(0.2)
+    started = time.monotonic()
+    wb.close(grace_s=1.0)
+    assert time.monotonic() - started < 3  # SIGTERM must stop the worker
+    release.set()
+    blocks.close()
+    blocks2, wb2 = make_with(tmp_path, open_store(str(backing)))
+    assert wb2.start() == 1  # still journalled: it resumes
+    assert wb2.wait_durable("data", "stuck", timeout=10)
     wb2.close()
     blocks2.close()
