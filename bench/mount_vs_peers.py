@@ -501,7 +501,7 @@ class WriteBench:
 
         if name == "s3fs":
             return  # the rest makes directories
-        directory = root / f"small-{attempt}"
+        directory = root / f"small-{name}-{attempt}"
         started = time.perf_counter()
         small_files(directory, self.args.files)
         record(
@@ -510,7 +510,7 @@ class WriteBench:
             self.args.files / (time.perf_counter() - started),
         )
 
-        tmp, final = root / f"ckpt-{attempt}.tmp", root / f"ckpt-{attempt}.bin"
+        tmp, final = root / f"ckpt-{name}-{attempt}.tmp", root / f"ckpt-{name}-{attempt}.bin"
         write_stream(tmp, size, pattern, fsync=False)
         started = time.perf_counter()
         os.replace(tmp, final)
@@ -518,7 +518,7 @@ class WriteBench:
             "rename after the write (ms)", name, (time.perf_counter() - started) * 1000, best="min"
         )
 
-        target = root / f"tree-{attempt}"
+        target = root / f"tree-{name}-{attempt}"
         target.mkdir()
         started = time.perf_counter()
         subprocess.run(["tar", "xf", str(tarball), "-C", str(target)], check=True)

@@ -40,6 +40,7 @@ from .config import CONFIG_ENV, SECTION, ClientConfig, Durability
 from .files import PcacheReader, PcacheWriter
 from .localcache import LocalCacheReader
 from .protocol import (
+    METADATA_HEADER,
     SOURCE_HEADER,
     TOKEN_HEADER,
     StaleVersion,
@@ -178,9 +179,10 @@ class PcacheClient:
         body: bytes | None = None,
         payload: Any = None,
         timeout: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> urllib3.BaseHTTPResponse:
         url = base + path
-        headers = {}
+        headers = dict(headers or {})
         if payload is not None:
             body = json.dumps(payload).encode()
             headers["Content-Type"] = "application/json"
@@ -403,6 +405,30 @@ class PcacheClient:
                 f"/v1/meta/{quote(namespace)}/{quote(key)}",
                 payload={"metadata": metadata, "durable": Durability(durable).value},
                 timeout=STRICT_TIMEOUT_S + 5,
+            )
+        )
+
+    def put_small(
+        self,
+        path: str,
+        data: bytes,
+        *,
+        metadata: dict[str, str] | None = None,
+        durable: Durability = Durability.LOCAL,
+        timeout: float = STRICT_TIMEOUT_S,
+    ) -> ObjectInfo:
+        """Write a small object in one request (staged, fsynced and journalled by the worker;
+        ``durable="remote"`` also waits for the store)."""
+        namespace, key = split_path(path)
+        check_key(key)
+        query = f"?durable={Durability(durable).value}&timeout={timeout}"
+        return info_from_json(
+            self.local_request(
+                "PUT",
+                f"/v1/object/{quote(namespace)}/{quote(key)}{query}",
+                body=data,
+                headers={METADATA_HEADER: json.dumps(metadata or {})},
+                timeout=timeout + 5,
             )
         )
 

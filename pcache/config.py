@@ -133,7 +133,10 @@ class WorkerConfig:
         readahead_blocks: blocks fetched ahead on sequential reads.
         fetch_concurrency: parallel backend/peer fetches.
         upload_part_size: part size for write-back uploads.
-        upload_concurrency: parts uploaded in parallel per object.
+        upload_concurrency: objects uploaded in parallel.
+        upload_delay: seconds a committed write waits before its upload starts, so a quick
+            rename, chmod or rewrite replaces it instead of uploading it twice (an ``fsync``
+            starts it at once).
         request_timeout: seconds for one peer request.
         profiles: the objstore profiles of the same file.
     """
@@ -159,6 +162,7 @@ class WorkerConfig:
     fetch_concurrency: int = 32
     upload_part_size: int = 16 << 20
     upload_concurrency: int = 4
+    upload_delay: float = 0.5
     request_timeout: float = 30.0
     profiles: Config = field(default_factory=Config, repr=False)
 
@@ -196,7 +200,13 @@ class WorkerConfig:
             raise ConfigError(f"pcache.load_factor must be >= 1, got {self.load_factor!r}")
         if not (math.isfinite(self.weight) and self.weight > 0):
             raise ConfigError(f"pcache.weight must be > 0, got {self.weight!r}")
-        for name in ("metadata_ttl", "negative_ttl", "request_timeout", "peers_dns_interval"):
+        for name in (
+            "metadata_ttl",
+            "negative_ttl",
+            "request_timeout",
+            "peers_dns_interval",
+            "upload_delay",
+        ):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"pcache.{name} must be >= 0")
         for name in ("readahead_blocks",):
@@ -292,7 +302,7 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
         if key in out:
             out[key] = parse_size(out[key], f"{where} {key}")
     for key in ("metadata_ttl", "negative_ttl", "request_timeout", "peers_dns_interval", "weight",
-                "load_factor"):  # fmt: skip
+                "load_factor", "upload_delay"):  # fmt: skip
         if key in out:
             if isinstance(out[key], bool) or not isinstance(out[key], int | float):
                 unit = "" if key in ("weight", "load_factor") else " of seconds"

@@ -6,8 +6,12 @@ and ``ftruncate``; the worker only reserves capacity for it ahead of the writes 
 commit. Every descriptor of the path (several writers, ``O_APPEND``, readers, a shared writable
 ``mmap``) goes to the same file, so readers through the mount see a writer's bytes at once.
 
-Opening an existing object without ``O_TRUNC`` copies its content into the staging file first
-(copy on open). ``flush`` (each ``close(2)``) commits: the staging file is fsynced and journalled
+Small files (up to :data:`SMALL_FILE_MAX`) stay in the mount's memory until their first commit,
+which sends them in one request (the worker stages, fsyncs and journals them as any other): a
+create, a write and a close cost one worker round trip. A file that grows past the limit moves
+into a staging file.
+
+Opening an existing object without ``O_TRUNC`` copies its content first (copy on open). ``flush`` (each ``close(2)``) commits: the staging file is fsynced and journalled
 (local-durable; ``--durability remote`` also waits for the store); ``fsync`` waits for the store.
 The last release closes the session; what was committed stays journalled until uploaded.
 
@@ -40,6 +44,7 @@ from .protocol import WriteError
 log = logging.getLogger(__name__)
 
 COPY_CHUNK = 8 << 20
+SMALL_FILE_MAX = 1 << 20  # files up to this size are kept in memory until committed
 
 
 class StagingUnreachable(OSError):
@@ -53,8 +58,9 @@ class OpenFile:
     Attributes:
         path: mount-relative path (changes on rename).
         client_path: ``NS/KEY`` (changes on rename).
-        session: the worker's write session.
-        fd: the staging file, opened by the mount.
+        session: the worker's write session (None while the file is small and in ``buffer``).
+        fd: the staging file, opened by the mount (-1 while buffered).
+        buffer: the content of a small file not in a staging file yet.
         size: the file's size as the writers made it.
         reserved: capacity the worker holds for the staging file.
         attrs: mode, owner and times (committed as object metadata).
@@ -68,11 +74,12 @@ class OpenFile:
 
     path: str
     client_path: str
-    session: WriteSession
+    session: WriteSession | None
     fd: int
     size: int
     attrs: Attrs
     foreign: dict[str, str] = field(default_factory=dict)
+    buffer: bytearray | None = None
     reserved: int = 0
     handles: int = 0
     changes: int = 0
@@ -97,24 +104,47 @@ class OpenFile:
 
     # -- data (inline: the staging file is on a local disk) --------------------------------
 
+    def needs_room(self, end: int) -> bool:
+        """Whether growing to ``end`` needs the worker first (capacity, or a staging file)."""
+        if self.buffer is not None:
+            return end > SMALL_FILE_MAX
+        return end > self.reserved
+
     def pwrite(self, offset: int, data: bytes) -> int:
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], offset + done)
+        if self.buffer is not None:
+            if offset > len(self.buffer):
+                self.buffer.extend(bytes(offset - len(self.buffer)))
+            self.buffer[offset : offset + len(data)] = data
+            done = len(data)
+        else:
+            view = memoryview(data)
+            done = 0
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:], offset + done)
         self.size = max(self.size, offset + done)
         self.touch()
         return done
 
     def pread(self, offset: int, size: int) -> bytes:
-        return os.pread(self.fd, max(0, min(size, self.size - offset)), offset)
+        size = max(0, min(size, self.size - offset))
+        if self.buffer is not None:
+            return bytes(self.buffer[offset : offset + size])
+        return os.pread(self.fd, size, offset)
 
     def truncate(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
+        if self.buffer is not None:
+            if size < len(self.buffer):
+                del self.buffer[size:]
+            else:
+                self.buffer.extend(bytes(size - len(self.buffer)))
+        else:
+            os.ftruncate(self.fd, size)
         self.size = size
         self.touch()
 
     def close_fd(self) -> None:
+        if self.fd < 0:
+            return
         try:
             os.close(self.fd)
         except OSError:
@@ -157,8 +187,21 @@ def copy_fd(source: int, target: int, size: int) -> None:
     os.ftruncate(target, size)
 
 
-def reserve(file: OpenFile, end: int) -> None:
-    """Capacity for the staging file to reach ``end`` (worker thread)."""
+def make_room(client: PcacheClient, file: OpenFile, end: int) -> None:
+    """Before the file grows to ``end`` (worker thread): a small file past the limit moves into
+    a staging file; a staged one gets capacity for ``end`` (``InsufficientStorage`` if none)."""
+    if file.buffer is not None:
+        session, fd = open_staging(client, file.client_path)
+        try:
+            file.reserved = session.reserve(max(end, len(file.buffer)))
+            os.pwrite(fd, bytes(file.buffer), 0)
+        except BaseException:
+            os.close(fd)
+            session.abort()
+            raise
+        file.session, file.fd, file.buffer = session, fd, None
+        return
+    assert file.session is not None
     file.reserved = file.session.reserve(end)
 
 
@@ -175,6 +218,17 @@ def commit(
     if file.unlinked:
         return None
     changes = file.changes
+    if file.buffer is not None:  # a small file: staged, fsynced and journalled in one request
+        info = client.put_small(
+            file.client_path,
+            bytes(file.buffer),
+            metadata=file.metadata(),
+            durable=durability,
+            timeout=timeout,
+        )
+        file.committed_changes = changes
+        return info
+    assert file.session is not None
     try:
         info = file.session.commit(
             size=file.size,
@@ -205,7 +259,8 @@ def _recommit(
         session.abort()
         raise
     old_fd, file.fd, file.session = file.fd, fd, session
-    os.close(old_fd)
+    if old_fd >= 0:
+        os.close(old_fd)
     file.reserved = 0
     return session.commit(
         size=file.size, metadata=file.metadata(), durable=durability, close=close, timeout=timeout
@@ -214,6 +269,8 @@ def _recommit(
 
 def end_session(file: OpenFile) -> None:
     """The last descriptor is gone: close the session (what was committed stays) and the fd."""
+    if file.session is None:
+        return
     try:
         file.session.abort()
     except OSError as exc:  # the worker went away: it drops the session itself

@@ -43,9 +43,17 @@ from objstore.errors import (
 from .client import STRICT_TIMEOUT_S, Listing, PcacheClient
 from .config import Durability
 from .files import PcacheReader
-from .fuse_files import OpenFile, commit, end_session, fill_from, open_staging, reserve
+from .fuse_files import (
+    SMALL_FILE_MAX,
+    OpenFile,
+    commit,
+    end_session,
+    fill_from,
+    make_room,
+    open_staging,
+)
 from .mount_stats import CONTROL_NAME, MountStats
-from .posix import POSIX_KEYS, SYMLINK_MAX, Attrs, Defaults, attrs_of, new_attrs
+from .posix import POSIX_KEYS, SYMLINK_MAX, Attrs, Defaults, attrs_of, keep_foreign, new_attrs
 from .protocol import UploadFailed
 
 log = logging.getLogger(__name__)
@@ -332,6 +340,9 @@ class PcacheOperations(pyfuse3.Operations):
         self._local_dirs: set[str] = set()  # emptied here: exist until rmdir
         self._known_dirs: dict[str, float] = {}  # path -> expiry (seen with content)
         self._dir_attrs: dict[str, tuple[Attrs, float]] = {}  # marker attributes, with expiry
+        # directory -> the names it holds, as listed or made here, and until when that is trusted:
+        # a lookup of a name not there is answered at once (no store round trip per new file)
+        self._names: dict[str, tuple[set[str], float]] = {}
         self._started = time.time()
         self.defaults = Defaults(
             os.getuid() if uid is None else uid, os.getgid() if gid is None else gid
@@ -456,6 +467,50 @@ class PcacheOperations(pyfuse3.Operations):
             self._local_dirs.add(path)
             path = path.rpartition("/")[0]
 
+    def _known_names(self, directory: str) -> set[str] | None:
+        entry = self._names.get(directory)
+        if entry is None or entry[1] <= time.monotonic():
+            return None
+        return entry[0]
+
+    def _note_listing(self, directory: str, names: set[str]) -> None:
+        # as long as the kernel trusts an entry: a name another node adds is seen as soon
+        self._names[directory] = (names, time.monotonic() + self.timeout)
+        if len(self._names) > 4096:  # bounded: the oldest trust goes first
+            oldest = min(self._names, key=lambda d: self._names[d][1])
+            del self._names[oldest]
+
+    def _note_added(self, path: str) -> None:
+        parent, _, name = path.rpartition("/")
+        names = self._known_names(parent)
+        if names is not None:
+            names.add(name)
+
+    def _note_removed(self, path: str) -> None:
+        parent, _, name = path.rpartition("/")
+        names = self._known_names(parent)
+        if names is not None:
+            names.discard(name)
+        below = path + "/"
+        for directory in [d for d in self._names if d == path or d.startswith(below)]:
+            del self._names[directory]
+
+    async def _absent(self, path: str) -> bool:
+        """Whether ``path`` is surely not there, from its directory's names (listed again when
+        that is older than the directory TTL: one listing instead of a lookup per new name)."""
+        parent, _, name = path.rpartition("/")
+        names = self._known_names(parent)
+        if names is None:
+            if parent and not self._dir_known_locally(parent):
+                return False
+            listing = await self._listing(parent)
+            base = self._key(parent) + "/" if parent else self.prefix
+            names = {o.key[len(base) :] for o in listing.objects}
+            names |= {p[len(base) :].rstrip("/") for p in listing.prefixes}
+            names |= {w.rpartition("/")[2] for w in self._open if w.rpartition("/")[0] == parent}
+            self._note_listing(parent, names)
+        return name not in names
+
     async def _listing(self, path: str) -> Listing:
         return await self._run(self.client.list_dir, self._dir_client_path(path))
 
@@ -480,6 +535,13 @@ class PcacheOperations(pyfuse3.Operations):
         """What ``path`` is: (FILE or LINK, info), (DIR, marker info or None), or None."""
         if path in self._open:
             return FILE, None
+        if (
+            not self.immutable
+            and path not in self._local_dirs
+            and not self._dir_known_locally(path)
+            and await self._absent(path)
+        ):
+            return None
         if path not in self._local_dirs and not self._dir_known_locally(path):
             info = await self._stat_file(path)
             if info is not None:
@@ -522,7 +584,10 @@ class PcacheOperations(pyfuse3.Operations):
 
     async def _invalidate_cluster(self, path: str) -> None:
         """Tell every node's metadata cache that ``path`` changed (best effort); the worker
-        also drops the listings of its parent directories."""
+        also drops the listings of its parent directories. Under write-back the worker does it
+        itself once the change is in the store (before, other nodes could not see it anyway)."""
+        if self.durability is Durability.LOCAL:
+            return
         target = f"{self.namespace}/{self._key(path)}"
         try:
             await self._run(
@@ -593,6 +658,20 @@ class PcacheOperations(pyfuse3.Operations):
             await self._set_dir_attrs(node.path, attr, fields)
             return self._dir_entry(inode, node.path)
         file = self._open.get(node.path)
+        if file is None and not fields.update_size:
+            # attributes only (chmod, chown, touch, what tar and rsync do after close): the
+            # object's metadata changes, its bytes are neither read nor written again
+            info = await self._stat_file(node.path)
+            if info is None:
+                raise fail(errno.ENOENT)
+            attrs = self._changed_attrs(attrs_of(info, self.defaults), attr, fields)
+            foreign = {k: v for k, v in info.metadata.items() if k not in POSIX_KEYS}
+            updated = await self._run(
+                functools.partial(self.client.set_metadata, durable=self.durability),
+                self._client_path(node.path),
+                keep_foreign(foreign, attrs),
+            )
+            return self._object_entry(inode, updated)
         if file is None:
             file = await self._open_file(inode, node.path, truncate=False, create=None)
             try:
@@ -609,8 +688,8 @@ class PcacheOperations(pyfuse3.Operations):
 
     async def _apply_setattr(self, file: OpenFile, attr: Any, fields: Any) -> None:
         if fields.update_size:
-            if attr.st_size > file.reserved:
-                await self._run(reserve, file, attr.st_size)
+            if file.needs_room(attr.st_size):
+                await self._run(make_room, self.client, file, attr.st_size)
             file.truncate(attr.st_size)
         file.attrs = self._changed_attrs(file.attrs, attr, fields)
         file.changes += 1
@@ -716,6 +795,7 @@ class PcacheOperations(pyfuse3.Operations):
         for name, (kind, _, _) in entries.items():
             if kind == DIR:
                 self._remember_dir(f"{below}{name}")
+        self._note_listing(path, set(entries))
         listed = [(name, kind, info, full) for name, (kind, info, full) in sorted(entries.items())]
         return self._alloc_fh(_DirHandle(inode, listed))
 
@@ -773,6 +853,8 @@ class PcacheOperations(pyfuse3.Operations):
         else:  # this mount remembers it until rmdir or until it has content
             self._keep_dir(path)
             self._dir_attrs[path] = (attrs, float("inf"))
+        self._note_added(path)
+        self._note_listing(path, set())  # made here: empty
         inode = self.inodes.inode(path, DIR)
         self.inodes.remember(inode)
         return self._entry_attrs(inode, attrs, 0)
@@ -803,6 +885,7 @@ class PcacheOperations(pyfuse3.Operations):
                 functools.partial(self.client.delete, durable=self.durability), self._marker(path)
             )
         self._forget_dir(path)
+        self._note_removed(path)
         self._keep_dir(path.rpartition("/")[0])
         self.inodes.unlink(path)
 
@@ -818,6 +901,7 @@ class PcacheOperations(pyfuse3.Operations):
             raise fail(errno.EEXIST)
         attrs = new_attrs(stat.S_IFLNK, 0o777, *self._owner(ctx), time.time_ns())
         await self._put_object(self._client_path(path), target, attrs)
+        self._note_added(path)
         inode = self.inodes.inode(path, LINK)
         self.inodes.remember(inode)
         return self._entry_attrs(inode, attrs, len(target))
@@ -858,6 +942,7 @@ class PcacheOperations(pyfuse3.Operations):
             functools.partial(self.client.delete, durable=self.durability), self._client_path(path)
         )
         await self._invalidate_cluster(path)
+        self._note_removed(path)
         self._keep_dir(path.rpartition("/")[0])  # the directory stays until rmdir
         self.inodes.unlink(path)
 
@@ -897,11 +982,17 @@ class PcacheOperations(pyfuse3.Operations):
             await self._rename_dir(old, new, target is not None)
         else:
             await self._rename_file(old, new)
+        self._note_removed(old)
+        self._note_removed(new)
+        self._note_added(new)
         self._keep_dir(old.rpartition("/")[0])
         self.inodes.unlink(new)
         self.inodes.move(old, new)
 
     async def _rename_file(self, old: str, new: str) -> None:
+        file = self._open.get(old)
+        if file is not None and file.session is None and file.dirty:
+            await self._commit(file)  # a small file only the mount knows yet: journal it first
         self._detach(new)
         await self._run(
             functools.partial(self.client.rename, durable=self.durability),
@@ -1000,24 +1091,28 @@ class PcacheOperations(pyfuse3.Operations):
         current = None if create is not None else await self._stat_file(path)
         if create is None and current is None:
             raise fail(errno.ENOENT)
-        session, fd = await self._run(open_staging, self.client, client_path)
-        try:
-            if create is not None:
-                attrs, foreign, size = create, {}, 0
-            else:
-                assert current is not None
-                attrs = attrs_of(current, self.defaults)
-                foreign = {k: v for k, v in current.metadata.items() if k not in POSIX_KEYS}
-                size = 0
+        if create is not None:
+            file = OpenFile(path, client_path, None, -1, 0, create, buffer=bytearray())
+        else:
+            assert current is not None
+            attrs = attrs_of(current, self.defaults)
+            foreign = {k: v for k, v in current.metadata.items() if k not in POSIX_KEYS}
+            if truncate or current.size <= SMALL_FILE_MAX:
+                content = b""
                 if not truncate and current.size:
-                    await self._run(session.reserve, current.size)
-                    size = await self._run(fill_from, self.client, client_path, fd, current)
-            file = OpenFile(path, client_path, session, fd, size, attrs, foreign)
-        except BaseException:
-            os.close(fd)
-            with trio.CancelScope(shield=True):
-                await self._run(session.abort)
-            raise
+                    content = await self._run(self.client.read, client_path)
+                file = OpenFile(
+                    path,
+                    client_path,
+                    None,
+                    -1,
+                    len(content),
+                    attrs,
+                    foreign,
+                    buffer=bytearray(content),
+                )
+            else:
+                file = await self._open_staged(path, client_path, current, attrs, foreign)
         if create is not None or (truncate and current is not None and current.size):
             file.touch()  # a new or emptied file: it must be committed even if never written
         if path in self._open:  # another open won the race meanwhile: use that one
@@ -1025,6 +1120,26 @@ class PcacheOperations(pyfuse3.Operations):
             return self._open[path]
         self._open[path] = file
         return file
+
+    async def _open_staged(
+        self,
+        path: str,
+        client_path: str,
+        current: ObjectInfo,
+        attrs: Attrs,
+        foreign: dict[str, str],
+    ) -> OpenFile:
+        """A large existing object opened for writing: a staging file holding its content."""
+        session, fd = await self._run(open_staging, self.client, client_path)
+        try:
+            await self._run(session.reserve, current.size)
+            size = await self._run(fill_from, self.client, client_path, fd, current)
+        except BaseException:
+            os.close(fd)
+            with trio.CancelScope(shield=True):
+                await self._run(session.abort)
+            raise
+        return OpenFile(path, client_path, session, fd, size, attrs, foreign)
 
     def _open_control(self, flags: int) -> Any:
         if flags & os.O_ACCMODE != os.O_RDONLY:
@@ -1059,6 +1174,7 @@ class PcacheOperations(pyfuse3.Operations):
         if file is None:
             attrs = new_attrs(stat.S_IFREG, mode, *self._owner(ctx), time.time_ns())
             file = await self._open_file(inode, path, truncate=True, create=attrs)
+            self._note_added(path)
         elif flags & os.O_TRUNC:
             file.truncate(0)
         file.handles += 1
@@ -1119,11 +1235,11 @@ class PcacheOperations(pyfuse3.Operations):
         if file.failed:
             raise fail(file.failed)
         end = off + len(buf)
-        if end > file.reserved:
+        if file.needs_room(end):
             async with file.lock:
-                if end > file.reserved:
+                if file.needs_room(end):
                     try:
-                        await self._run(reserve, file, end)
+                        await self._run(make_room, self.client, file, end)
                     except Exception as exc:
                         # a file that lost a write is never committed half: close says so
                         file.failed = errno_for(exc, "write")

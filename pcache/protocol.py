@@ -21,10 +21,18 @@ Routes (``{ns}`` is a namespace from the worker's ``backends``, ``{key}`` an obj
     POST /v1/write/{ns}/{key}             open a write session -> {session}
     PUT  /v1/session/{id}?offset=N        body: bytes at offset
     POST /v1/session/{id}/shm             {offset, length, segment, segment_offset}
-    POST /v1/session/{id}/commit          {durable: "local"|"remote"} -> stat
+    POST /v1/session/{id}/commit          {durable, size, metadata, close, timeout} -> stat
     DELETE /v1/session/{id}               abort
     POST /v1/flush/{ns}/{key}             wait until remote-durable
-    DELETE /v1/object/{ns}/{key}          delete from the backing store
+    PUT  /v1/object/{ns}/{key}?durable=   body: a small object, X-Pcache-Metadata: {json};
+                                          staged + journalled (+ uploaded when remote) -> stat
+    DELETE /v1/object/{ns}/{key}?durable= journal a delete (remote: wait for the store)
+    POST /v1/session/{id}/reserve         {size}: capacity for a direct writer -> {reserved}
+    POST /v1/session/{id}/truncate        {size}
+    POST /v1/rename                       {ns, old, new, durable, noreplace}
+    POST /v1/meta/{ns}/{key}              {metadata, durable}: replace user metadata
+    GET  /v1/uploads                      this node's write-back records
+    POST /v1/uploads/{retry|discard}      {ns, key}
     POST /v1/invalidate                   {ns, path, cluster}
     GET  /v1/status                       disks, counters, write-back backlog, peers
     GET  /metrics                         Prometheus
@@ -54,6 +62,7 @@ log = logging.getLogger(__name__)
 TOKEN_HEADER = "Authorization"
 SOURCE_HEADER = "X-Pcache-Source"
 VERSION_HEADER = "X-Pcache-Version"
+METADATA_HEADER = "X-Pcache-Metadata"  # user metadata of a PUT object, as a JSON object
 
 # error kind -> HTTP status; the client maps statuses back through ERROR_BY_KIND
 STATUS_BY_KIND: dict[str, int] = {

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,7 @@ from .fetch import BlockFetcher, PeerClient
 from .membership import DnsMembership, Membership, parse_dns_target
 from .metacache import MISSING, MetadataCache, Missing
 from .protocol import (
+    METADATA_HEADER,
     SOURCE_HEADER,
     TOKEN_HEADER,
     VERSION_HEADER,
@@ -112,12 +114,14 @@ class Worker:
             config.state_dir,
             part_size=config.upload_part_size,
             concurrency=config.upload_concurrency,
+            upload_delay=config.upload_delay,
             on_uploaded=self._uploaded,
         )
         self.segments = SegmentMap()
         self.metrics = metrics_mod.WorkerMetrics(self)
         self._sequential: dict[tuple[str, str], int] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None  # set once serving
 
     def _nodes_with_self(self, nodes: list[Node]) -> list[Node]:
         if any(n.node_id == self.config.node_id for n in nodes):
@@ -144,10 +148,30 @@ class Worker:
         return str(body["node_id"]), float(body.get("weight", 1.0))
 
     def _uploaded(self, namespace: str, key: str, info: ObjectInfo | None) -> None:
-        """A write-back record reached the store: what it became is what this node knows."""
+        """A write-back record reached the store (upload thread): what it became is what this
+        node knows, and the other nodes forget what they knew of the key."""
         self.meta.invalidate(namespace, key)
         self.meta.put_stat(namespace, key, MISSING if info is None else info)
         self.blocks.drop_object(namespace, key, keep_version=None if info is None else info.version)
+        if self.loop is not None and len(self.members()) > 1:
+            body = {"ns": namespace, "path": key, "cluster": False, "blocks": False}
+            asyncio.run_coroutine_threadsafe(self.invalidate_peers(body), self.loop)
+
+    async def invalidate_peers(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """POST ``body`` to every other node's ``/v1/invalidate``; a dead peer is reported, not
+        raised."""
+        peers = []
+        for node in self.selector.candidates(""):
+            if node.node_id == self.config.node_id:
+                continue
+            try:
+                async with self.peers._client().post(
+                    f"{node.address}/v1/invalidate", json=body
+                ) as response:
+                    peers.append(await response.json())
+            except Exception as exc:  # one dead peer must not fail the whole invalidation
+                peers.append({"node_id": node.node_id, "error": str(exc)})
+        return peers
 
     def store(self, namespace: str) -> Store:
         try:
@@ -647,6 +671,44 @@ async def flush(request: web.Request) -> web.Response:
     return web.json_response(info_to_json(await worker.stat(namespace, key)))
 
 
+def _metadata_of(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError("metadata must be an object of strings")
+    return value
+
+
+async def put_object(request: web.Request) -> web.Response:
+    """A small object in one request: staged, fsynced and journalled (``durable=remote``: and
+    in the store)."""
+    worker, namespace, key = _key(request)
+    worker.store(namespace)
+    durable = _durability(request.query.get("durable"))
+    try:
+        metadata = _metadata_of(json.loads(request.headers.get(METADATA_HEADER) or "{}"))
+    except json.JSONDecodeError:
+        raise ValueError(f"{METADATA_HEADER} must be a JSON object") from None
+    data = await request.read()
+
+    def stage() -> Any:
+        staged = worker.writeback.open(namespace, key)
+        try:
+            if data:
+                staged.write(0, data)
+            return worker.writeback.commit(staged, metadata=metadata)
+        except BaseException:
+            worker.writeback.abort(staged)
+            raise
+
+    record = await asyncio.to_thread(stage)
+    worker.meta.invalidate(namespace, key)
+    if durable is Durability.REMOTE:
+        await _wait_remote(worker, namespace, key, _float(request, "timeout"))
+        return web.json_response(info_to_json(await worker.stat(namespace, key)))
+    return web.json_response(info_to_json(record.info()))
+
+
 async def delete_object(request: web.Request) -> web.Response:
     """Journal the delete (gone for this node at once); ``durable=remote`` (the default for
     API clients) waits until the store has it too."""
@@ -685,6 +747,7 @@ async def rename_object(request: web.Request) -> web.Response:
         await asyncio.to_thread(worker.writeback.discard, namespace, new)
         await asyncio.to_thread(store.copy, old, new)
         await asyncio.to_thread(worker.writeback.delete, namespace, old)
+        await worker.invalidate_peers({"ns": namespace, "path": new, "blocks": True})
         log.debug("renamed %s -> %s in the store (%d bytes)", old, new, info.size)
     for key in (old, new):
         worker.meta.invalidate(namespace, key)
@@ -714,6 +777,7 @@ async def set_metadata(request: web.Request) -> web.Response:
     info = await asyncio.to_thread(store.replace_metadata, key, metadata)
     worker.meta.invalidate(namespace, key)
     worker.meta.put_stat(namespace, key, info)
+    await worker.invalidate_peers({"ns": namespace, "path": key, "blocks": False})
     return web.json_response(info_to_json(info))
 
 
@@ -770,19 +834,7 @@ async def invalidate(request: web.Request) -> web.Response:
         "blocks": blocks,
     }
     if body.get("cluster"):
-        peers = []
-        for node in worker.selector.candidates(""):
-            if node.node_id == worker.config.node_id:
-                continue
-            try:
-                async with worker.peers._client().post(
-                    f"{node.address}/v1/invalidate",
-                    json={**body, "cluster": False},
-                ) as response:
-                    peers.append(await response.json())
-            except Exception as exc:  # one dead peer must not fail the whole invalidation
-                peers.append({"node_id": node.node_id, "error": str(exc)})
-        result["peers"] = peers
+        result["peers"] = await worker.invalidate_peers({**body, "cluster": False})
     return web.json_response(result)
 
 
@@ -827,6 +879,7 @@ def create_app(config: WorkerConfig) -> web.Application:
             ThreadPoolExecutor(max(64, 2 * config.fetch_concurrency), "pcache-io")
         )
         worker = await asyncio.to_thread(Worker, config)
+        worker.loop = asyncio.get_running_loop()
         app[WORKER] = worker
         resumed = await asyncio.to_thread(worker.writeback.start)
         log.info(
@@ -868,6 +921,7 @@ def create_app(config: WorkerConfig) -> web.Application:
     app.router.add_delete("/v1/session/{id}", session_abort)
     app.router.add_post(f"/v1/flush/{{ns}}/{key}", flush)
     app.router.add_delete(f"/v1/object/{{ns}}/{key}", delete_object)
+    app.router.add_put(f"/v1/object/{{ns}}/{key}", put_object)
     app.router.add_post("/v1/invalidate", invalidate)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/metrics", metrics_endpoint)
@@ -877,6 +931,9 @@ def create_app(config: WorkerConfig) -> web.Application:
 def run_worker(config: WorkerConfig) -> None:
     """Serve until SIGTERM/SIGINT; the app's cleanup closes everything in order."""
     host, _, port = config.listen.rpartition(":")
+    # the event loop answers clients while upload threads move bytes: a shorter GIL switch
+    # interval keeps a rename or a stat from waiting behind them (5 ms per switch by default)
+    sys.setswitchinterval(0.0005)
     app = create_app(config)
 
     async def main() -> None:

@@ -133,6 +133,9 @@ class WriteBack:
         state_dir: where the journal lives.
         part_size: multipart part size; objects up to this size go in one PUT.
         concurrency: objects uploaded in parallel.
+        upload_delay: seconds a commit waits before its upload starts, so what quickly follows
+            (a rename, a chmod, another commit) replaces it instead of uploading twice; a
+            ``wait_durable`` (fsync) starts it at once.
         on_uploaded: called with (namespace, key, info) once an upload is in the store, and
             with (namespace, key, None) once a tombstone's delete is.
     """
@@ -145,11 +148,13 @@ class WriteBack:
         *,
         part_size: int = 16 << 20,
         concurrency: int = 4,
+        upload_delay: float = 0.0,
         on_uploaded: Callable[[str, str, ObjectInfo | None], None] | None = None,
     ) -> None:
         self._blocks = blockstore
         self._stores = stores
         self.part_size = part_size
+        self.upload_delay = upload_delay
         self._on_uploaded = on_uploaded or (lambda ns, key, info: None)
         path = Path(state_dir) / "writeback"
         path.mkdir(parents=True, exist_ok=True)
@@ -497,6 +502,10 @@ class WriteBack:
         deadline = None if timeout is None else time.monotonic() + timeout
         ident = (namespace, key)
         with self._cond:
+            record = self._records.get(ident)
+            if record is not None and not record.error and ident in self._retry_at:
+                del self._retry_at[ident]  # someone waits for it: no more delay
+                self._cond.notify_all()
             while True:
                 record = self._records.get(ident)
                 if record is None:
@@ -567,8 +576,11 @@ class WriteBack:
         ident = (record.namespace, record.key)
         old = self._records.get(ident)
         self._records[ident] = record
-        self._retry_at.pop(ident, None)
         self._attempts.pop(ident, None)
+        if self.upload_delay > 0:
+            self._retry_at[ident] = time.monotonic() + self.upload_delay
+        else:
+            self._retry_at.pop(ident, None)
         self._queue_locked(ident)
         if old is not None and old.session and old.session != record.session:
             staged = self._staged.get(old.session)
