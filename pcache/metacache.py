@@ -71,6 +71,9 @@ class _TTLMap(Generic[T]):
         while len(self._data) > self._max:
             self._data.popitem(last=False)
 
+    def pop(self, key: tuple[str, str]) -> None:
+        self._data.pop(key, None)
+
     def drop_where(self, doomed: Callable[[tuple[str, str]], bool]) -> int:
         keys = [k for k in self._data if doomed(k)]
         for k in keys:
@@ -191,6 +194,18 @@ class MetadataCache:
                     (namespace, f"{prefix}\x00{delimiter}"), page, self._expiry(self.ttl)
                 )
             return True
+
+    def invalidate_key(self, namespace: str, key: str) -> None:
+        """Forget one object's stat and the listings of its parent directories (what a write of
+        ``key`` changes): O(depth), where :meth:`invalidate` scans every entry."""
+        parts = key.split("/")
+        parents = [""] + ["/".join(parts[:i]) + "/" for i in range(1, len(parts))]
+        with self._lock:
+            self.generation += 1
+            self._stats.pop((namespace, key))
+            for prefix in parents:
+                for delimiter in ("/", ""):
+                    self._listings.pop((namespace, f"{prefix}\x00{delimiter}"))
 
     def invalidate(self, namespace: str, path: str = "") -> int:
         """Forget every stat under ``path`` and every listing that could contain it."""

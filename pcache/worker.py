@@ -150,7 +150,7 @@ class Worker:
     def _uploaded(self, namespace: str, key: str, info: ObjectInfo | None) -> None:
         """A write-back record reached the store (upload thread): what it became is what this
         node knows, and the other nodes forget what they knew of the key."""
-        self.meta.invalidate(namespace, key)
+        self.meta.invalidate_key(namespace, key)
         self.meta.put_stat(namespace, key, MISSING if info is None else info)
         self.blocks.drop_object(namespace, key, keep_version=None if info is None else info.version)
         if self.loop is not None and len(self.members()) > 1:
@@ -650,7 +650,7 @@ async def session_commit(request: web.Request) -> web.Response:
             close=bool(body.get("close", True)),
         )
     )
-    worker.meta.invalidate(record.namespace, record.key)
+    worker.meta.invalidate_key(record.namespace, record.key)
     if durable is Durability.REMOTE:
         await _wait_remote(worker, record.namespace, record.key, body.get("timeout"))
         return web.json_response(info_to_json(await worker.stat(record.namespace, record.key)))
@@ -692,6 +692,9 @@ async def put_object(request: web.Request) -> web.Response:
     data = await request.read()
 
     def stage() -> Any:
+        record = worker.writeback.commit_inline(namespace, key, data, metadata)
+        if record is not None:
+            return record
         staged = worker.writeback.open(namespace, key)
         try:
             if data:
@@ -702,7 +705,7 @@ async def put_object(request: web.Request) -> web.Response:
             raise
 
     record = await asyncio.to_thread(stage)
-    worker.meta.invalidate(namespace, key)
+    worker.meta.invalidate_key(namespace, key)
     if durable is Durability.REMOTE:
         await _wait_remote(worker, namespace, key, _float(request, "timeout"))
         return web.json_response(info_to_json(await worker.stat(namespace, key)))
@@ -716,7 +719,7 @@ async def delete_object(request: web.Request) -> web.Response:
     worker.store(namespace)
     durable = _durability(request.query.get("durable", Durability.REMOTE))
     await asyncio.to_thread(worker.writeback.delete, namespace, key)
-    worker.meta.invalidate(namespace, key)
+    worker.meta.invalidate_key(namespace, key)
     await asyncio.to_thread(worker.blocks.drop_object, namespace, key)
     if durable is Durability.REMOTE:
         await _wait_remote(worker, namespace, key, _float(request, "timeout"))
@@ -750,7 +753,7 @@ async def rename_object(request: web.Request) -> web.Response:
         await worker.invalidate_peers({"ns": namespace, "path": new, "blocks": True})
         log.debug("renamed %s -> %s in the store (%d bytes)", old, new, info.size)
     for key in (old, new):
-        worker.meta.invalidate(namespace, key)
+        worker.meta.invalidate_key(namespace, key)
     await asyncio.to_thread(worker.blocks.drop_object, namespace, old)
     if durable is Durability.REMOTE:
         await _wait_remote(worker, namespace, old, body.get("timeout"))
@@ -770,12 +773,12 @@ async def set_metadata(request: web.Request) -> web.Response:
     ):
         raise ValueError("metadata must be an object of strings")
     if await asyncio.to_thread(worker.writeback.set_metadata, namespace, key, metadata):
-        worker.meta.invalidate(namespace, key)
+        worker.meta.invalidate_key(namespace, key)
         if _durability(body.get("durable")) is Durability.REMOTE:
             await _wait_remote(worker, namespace, key, body.get("timeout"))
         return web.json_response(info_to_json(await worker.stat(namespace, key)))
     info = await asyncio.to_thread(store.replace_metadata, key, metadata)
-    worker.meta.invalidate(namespace, key)
+    worker.meta.invalidate_key(namespace, key)
     worker.meta.put_stat(namespace, key, info)
     await worker.invalidate_peers({"ns": namespace, "path": key, "blocks": False})
     return web.json_response(info_to_json(info))
@@ -808,7 +811,7 @@ async def uploads_action(request: web.Request) -> web.Response:
             ok = worker.writeback.retry(namespace, key)
         elif action == "discard":
             ok = await asyncio.to_thread(worker.writeback.discard, namespace, key) is not None
-            worker.meta.invalidate(namespace, key)
+            worker.meta.invalidate_key(namespace, key)
         else:
             raise ObjectNotFound(f"no upload action {action!r} (retry, discard)")
         if ok:

@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import threading
 import time
 from collections import OrderedDict, deque
@@ -66,6 +67,9 @@ log = logging.getLogger(__name__)
 __all__ = ["PendingObject", "StagedFile", "UploadFailed", "WriteBack", "WriteError"]
 
 UPLOAD_RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+INLINE_MAX = 64 << 10  # objects up to this size are journalled with their bytes
+INLINE_BUDGET = 256 << 20  # at most this many such bytes pending at once (else staging files)
+_DATA_PREFIX = b"\x00data\x00"  # journal keys of inline bytes (record keys are 32-byte digests)
 PART_THREADS = 4
 
 
@@ -85,6 +89,7 @@ class PendingObject:
         upload_id: a multipart upload in progress (aborted on resume).
         error: the last upload failure, if any.
         permanent: that failure will not go away by retrying.
+        inline: the bytes live in the journal itself (a small object: one fsync, no file).
     """
 
     seq: int
@@ -99,6 +104,7 @@ class PendingObject:
     upload_id: str = ""
     error: str = ""
     permanent: bool = False
+    inline: bool = False
 
     @property
     def version(self) -> str:
@@ -158,7 +164,8 @@ class WriteBack:
         self._on_uploaded = on_uploaded or (lambda ns, key, info: None)
         path = Path(state_dir) / "writeback"
         path.mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(str(path), map_size=1 << 30, subdir=True, metasync=True, sync=True)
+        self._env = lmdb.open(str(path), map_size=4 << 30, subdir=True, metasync=True, sync=True)
+        self._inline_bytes = 0
         self._journal_lock = threading.Lock()
         self._journal_closed = False
         self._cond = threading.Condition()
@@ -188,6 +195,8 @@ class WriteBack:
         stale_keys: list[bytes] = []
         with self._env.begin() as txn:
             for raw_key, raw in txn.cursor():
+                if raw_key.startswith(_DATA_PREFIX):
+                    continue
                 data = json.loads(raw)
                 data.setdefault("metadata", {})
                 known = {f for f in PendingObject.__dataclass_fields__}
@@ -199,7 +208,9 @@ class WriteBack:
         for record in sorted(records, key=lambda r: r.seq):
             newest[(record.namespace, record.key)] = record
         for record in newest.values():
-            if not record.delete and not self._adopt_staging(record):
+            if record.inline:
+                self._inline_bytes += record.size
+            elif not record.delete and not self._adopt_staging(record):
                 self._forget(record)
                 continue
             with self._cond:
@@ -207,6 +218,14 @@ class WriteBack:
                 self._records[(record.namespace, record.key)] = record
         with self._journal_lock, self._env.begin(write=True) as txn:
             for raw_key in stale_keys:
+                txn.delete(raw_key)
+            live = {r.session for r in self._records.values() if r.inline}
+            orphans = [
+                k
+                for k, _ in txn.cursor()
+                if k.startswith(_DATA_PREFIX) and k[len(_DATA_PREFIX) :].decode() not in live
+            ]
+            for raw_key in orphans:
                 txn.delete(raw_key)
             for record in self._records.values():
                 txn.put(self._journal_key(record), json.dumps(asdict(record)).encode())
@@ -361,6 +380,52 @@ class WriteBack:
                 staged.attached = False
         return record
 
+    def commit_inline(
+        self, namespace: str, key: str, data: bytes, metadata: Mapping[str, str] | None = None
+    ) -> PendingObject | None:
+        """A small object journalled with its bytes in one synced transaction (no staging file:
+        one fsync); None when it is too large or the inline budget is spent (stage it instead)."""
+        if namespace not in self._stores:
+            raise WriteError(f"unknown namespace {namespace!r}")
+        self._stores[namespace].check_key_length(key)
+        with self._cond:
+            if len(data) > INLINE_MAX or self._inline_bytes + len(data) > INLINE_BUDGET:
+                return None
+            self._inline_bytes += len(data)
+            self._seq += 1
+            record = PendingObject(
+                self._seq,
+                secrets.token_hex(8),
+                namespace,
+                key,
+                "",
+                len(data),
+                time.time(),
+                metadata=dict(metadata or {}),
+                inline=True,
+            )
+        try:
+            with self._journal_lock:
+                if self._journal_closed:
+                    raise WriteError("the worker is stopping")
+                with self._env.begin(write=True) as txn:
+                    txn.put(_DATA_PREFIX + record.session.encode(), data)
+                    txn.put(self._journal_key(record), json.dumps(asdict(record)).encode())
+        except BaseException:
+            with self._cond:
+                self._inline_bytes -= len(data)
+            raise
+        with self._cond:
+            self._replace_locked(record)
+        return record
+
+    def _inline_data(self, record: PendingObject) -> bytes:
+        with self._env.begin() as txn:
+            data = txn.get(_DATA_PREFIX + record.session.encode())
+        if data is None:
+            raise FileNotFoundError(f"the journalled bytes of {record.key!r} are gone")
+        return bytes(data)
+
     # -- namespace operations ----------------------------------------------------------------
 
     def delete(self, namespace: str, key: str) -> PendingObject:
@@ -442,6 +507,8 @@ class WriteBack:
             self._attempts.pop((namespace, key), None)
         if record is not None:
             self._forget(record)
+            if record.inline:
+                self._drop_inline_if_unreferenced(record.session)
             self._release_if_unreferenced(record.session)
             with self._cond:
                 self._cond.notify_all()
@@ -468,6 +535,8 @@ class WriteBack:
             return sorted(self._records.values(), key=lambda r: r.seq)
 
     def read(self, record: PendingObject, offset: int, length: int) -> bytes:
+        if record.inline:
+            return self._inline_data(record)[offset : offset + length]
         with open(record.path, "rb") as file:
             return os.pread(file.fileno(), length, offset)
 
@@ -572,6 +641,20 @@ class WriteBack:
             self._staged.pop(session, None)
         staged.release()
 
+    def _drop_inline_if_unreferenced(self, session: str) -> None:
+        """Delete the journalled bytes of an inline object no record needs any more."""
+        with self._cond:
+            if self._referenced(session):
+                return
+        with self._journal_lock:
+            if self._journal_closed:
+                return
+            with self._env.begin(write=True) as txn:
+                data = txn.pop(_DATA_PREFIX + session.encode())
+        if data is not None:
+            with self._cond:
+                self._inline_bytes -= len(data)
+
     def _replace_locked(self, record: PendingObject) -> None:
         ident = (record.namespace, record.key)
         old = self._records.get(ident)
@@ -582,6 +665,10 @@ class WriteBack:
         else:
             self._retry_at.pop(ident, None)
         self._queue_locked(ident)
+        if old is not None and old.inline and old.session != record.session:
+            threading.Thread(
+                target=self._drop_inline_if_unreferenced, args=(old.session,), daemon=True
+            ).start()
         if old is not None and old.session and old.session != record.session:
             staged = self._staged.get(old.session)
             if staged is not None and not staged.attached and not self._referenced(old.session):
@@ -699,6 +786,11 @@ class WriteBack:
             )
 
     def _upload(self, store: Store, ident: Ident, record: PendingObject) -> ObjectInfo:
+        if record.inline:
+            info = store.put(
+                record.key, self._inline_data(record), metadata=record.metadata or None
+            )
+            return replace(info, metadata=dict(record.metadata))
         with open(record.path, "rb") as file:
             fd = file.fileno()
             if record.size <= self.part_size or record.size < store.features.min_part_size:
@@ -784,6 +876,8 @@ class WriteBack:
                 while len(self._uploaded_as) > 10_000:
                     self._uploaded_as.popitem(last=False)
         self._forget(record)
+        if record.inline:
+            self._drop_inline_if_unreferenced(record.session)
         self._release_if_unreferenced(record.session)
         if info is not None:
             log.info("uploaded %s/%s (%d bytes)", record.namespace, record.key, record.size)

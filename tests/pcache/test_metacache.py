@@ -81,3 +81,20 @@ def test_a_value_fetched_across_an_invalidation_is_not_cached() -> None:
     now = cache.generation
     assert cache.put_listing("ns", "dir/", stale, "/", now)
     assert cache.get_listing("ns", "dir/") == stale
+
+
+def test_invalidating_one_key_drops_it_and_its_parents_listings_only() -> None:
+    from objstore.base import ListPage, ObjectInfo
+    from pcache.metacache import MetadataCache
+
+    cache = MetadataCache(ttl=60)
+    for key in ("d/x", "d/x2", "d/sub/y"):
+        cache.put_stat("ns", key, ObjectInfo(key, 1, 0.0, "e"))
+    for prefix in ("", "d/", "d/sub/", "other/"):
+        cache.put_listing("ns", prefix, ListPage([], [], None))
+    cache.invalidate_key("ns", "d/x")
+    assert cache.get_stat("ns", "d/x") is None
+    assert cache.get_stat("ns", "d/x2") is not None  # not a prefix match
+    assert cache.get_listing("ns", "") is None and cache.get_listing("ns", "d/") is None
+    assert cache.get_listing("ns", "d/sub/") is not None
+    assert cache.get_listing("ns", "other/") is not None

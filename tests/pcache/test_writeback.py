@@ -265,3 +265,31 @@ def test_close_does_not_wait_for_a_hung_store(tmp_path: Path) -> None:
     assert wb2.wait_durable("data", "stuck", timeout=10)
     wb2.close()
     blocks2.close()
+
+
+def test_small_objects_are_journalled_with_their_bytes(tmp_path: Path) -> None:
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    blocks, wb = make_with(tmp_path, open_store(str(backing)))
+    record = wb.commit_inline("data", "small.txt", b"tiny", {"mode": "33188"})
+    assert record is not None and record.inline and not list((tmp_path / "disk").rglob("staging/*"))
+    assert wb.read(record, 1, 2) == b"in"
+    assert wb.commit_inline("data", "big", os.urandom(100 << 10)) is None  # too large: stage it
+    assert wb.rename("data", "small.txt", "moved.txt")
+    wb._env.close()  # a crash before any upload
+    blocks.close()
+    blocks2, wb2 = make_with(tmp_path, open_store(str(backing)))
+    assert wb2.start() == 2  # the moved object and the old name's tombstone
+    assert wb2.wait_durable("data", "moved.txt", timeout=10)
+    assert (backing / "moved.txt").read_bytes() == b"tiny"
+    assert not (backing / "small.txt").exists()
+    assert wb2.wait_durable("data", "small.txt", timeout=10)
+    deadline = time.monotonic() + 10
+    while True:  # nothing is left behind in the journal (the bytes go right after the record)
+        with wb2._env.begin() as txn:
+            if txn.stat()["entries"] == 0:
+                break
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    wb2.close()
+    blocks2.close()
