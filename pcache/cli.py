@@ -354,6 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long fsync (and a remote-durable close) waits for a store that fails "
         "transiently before EIO (default 120; the upload goes on)",
     )
+    mount.add_argument(
+        "--negative-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="answer a lookup of a name missing from its directory's listing without asking "
+        "the store, for this long after the listing (default 0: always ask; a positive value "
+        "speeds up creating many files, e.g. untar, but an object another writer puts is "
+        "seen up to that much later)",
+    )
 
     umount = command("umount", "unmount a pcache mount", cmd_umount, client=False)
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")

@@ -22,7 +22,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -314,6 +314,7 @@ class PcacheOperations(pyfuse3.Operations):
         durability: Durability = Durability.LOCAL,
         max_dir_rename: int = 10_000,
         sync_timeout: float = STRICT_TIMEOUT_S,
+        negative_ttl: float = 0.0,
     ) -> None:
         super().__init__()
         if prefix and not prefix.endswith("/"):
@@ -326,6 +327,7 @@ class PcacheOperations(pyfuse3.Operations):
         self.durability = Durability(durability)
         self.max_dir_rename = max_dir_rename
         self.sync_timeout = sync_timeout
+        self.negative_ttl = negative_ttl
         self.timeout = 24 * 3600.0 if immutable else 1.0
         self.dir_ttl = float("inf") if immutable else 5.0
         self.block_size = client.block_size
@@ -341,7 +343,8 @@ class PcacheOperations(pyfuse3.Operations):
         self._known_dirs: dict[str, float] = {}  # path -> expiry (seen with content)
         self._dir_attrs: dict[str, tuple[Attrs, float]] = {}  # marker attributes, with expiry
         # directory -> the names it holds, as listed or made here, and until when that is trusted:
-        # a lookup of a name not there is answered at once (no store round trip per new file)
+        # a lookup of a name not there is answered at once (no store round trip per new file);
+        # kept only with a positive negative_ttl
         self._names: dict[str, tuple[set[str], float]] = {}
         self._started = time.time()
         self.defaults = Defaults(
@@ -474,8 +477,10 @@ class PcacheOperations(pyfuse3.Operations):
         return entry[0]
 
     def _note_listing(self, directory: str, names: set[str]) -> None:
-        # as long as the kernel trusts an entry: a name another node adds is seen as soon
-        self._names[directory] = (names, time.monotonic() + self.timeout)
+        # for negative_ttl: a name another writer adds is seen that much later at most
+        if self.negative_ttl <= 0:
+            return
+        self._names[directory] = (names, time.monotonic() + self.negative_ttl)
         if len(self._names) > 4096:  # bounded: the oldest trust goes first
             oldest = min(self._names, key=lambda d: self._names[d][1])
             del self._names[oldest]
@@ -498,6 +503,8 @@ class PcacheOperations(pyfuse3.Operations):
     async def _absent(self, path: str) -> bool:
         """Whether ``path`` is surely not there, from its directory's names (listed again when
         that is older than the directory TTL: one listing instead of a lookup per new name)."""
+        if self.negative_ttl <= 0:
+            return False
         parent, _, name = path.rpartition("/")
         names = self._known_names(parent)
         if names is None:
@@ -546,11 +553,23 @@ class PcacheOperations(pyfuse3.Operations):
             info = await self._stat_file(path)
             if info is not None:
                 return (LINK if attrs_of(info, self.defaults).is_symlink else FILE), info
-        marker = (
-            None
-            if self.immutable or not self.markers
-            else await self._stat_object(self._marker(path))
-        )
+        # not a file: its marker and its listing, asked side by side (one round trip, not two)
+        found: dict[str, Any] = {}
+        known = self._dir_known_locally(path)
+
+        async def ask(what: str, call: Callable[[], Awaitable[Any]]) -> None:
+            found[what] = await call()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.markers and not self.immutable:
+                    marker_path = self._marker(path)
+                    nursery.start_soon(ask, "marker", lambda: self._stat_object(marker_path))
+                if not known:
+                    nursery.start_soon(ask, "listing", lambda: self._listing(path))
+        except BaseExceptionGroup as group:  # the first failure, as the caller maps it
+            raise group.exceptions[0] from None
+        marker = found.get("marker")
         if marker is not None:
             self._dir_attrs[path] = (
                 attrs_of(marker, self.defaults, directory=True),
@@ -558,9 +577,9 @@ class PcacheOperations(pyfuse3.Operations):
             )
             self._remember_dir(path)
             return DIR, marker
-        if self._dir_known_locally(path):
+        if known:
             return DIR, None
-        listing = await self._listing(path)
+        listing = found["listing"]
         if listing.objects or listing.prefixes:
             self._remember_dir(path)
             return DIR, None

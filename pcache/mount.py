@@ -51,6 +51,9 @@ class MountOptions:
         uid, gid: the owner shown for entries that carry none (default: the mounting user).
         durability: when ``close`` returns (local-durable or in the store).
         sync_timeout: seconds ``fsync`` waits for a store that fails transiently.
+        negative_ttl: seconds a directory's listing answers "no such name" without asking
+            the store (0, default: every lookup of a missing name asks, so an object another
+            writer just put is seen at once).
     """
 
     source: str
@@ -63,6 +66,7 @@ class MountOptions:
     gid: int | None = None
     durability: Durability = Durability.LOCAL
     sync_timeout: float = 120.0
+    negative_ttl: float = 0.0
 
     @property
     def namespace(self) -> str:
@@ -197,6 +201,7 @@ def run_foreground(client: PcacheClient, options: MountOptions) -> None:
         gid=options.gid,
         durability=options.durability,
         sync_timeout=options.sync_timeout,
+        negative_ttl=options.negative_ttl,
     )
     try:
         pyfuse3.init(ops, str(options.mountpoint), fuse_options(options))
@@ -337,6 +342,8 @@ def _daemon_argv(args: Any, options: MountOptions) -> list[str]:
         argv += ["--durability", options.durability.value]
     if getattr(args, "sync_timeout", None):
         argv += ["--sync-timeout", str(args.sync_timeout)]
+    if getattr(args, "negative_ttl", None):
+        argv += ["--negative-ttl", str(args.negative_ttl)]
     argv += ["-v"] * (getattr(args, "verbose", 0) or 0)
     return argv
 
@@ -354,6 +361,7 @@ def mount_command(args: Any) -> int:
         gid=getattr(args, "gid", None),
         durability=Durability(getattr(args, "durability", None) or Durability.LOCAL),
         sync_timeout=getattr(args, "sync_timeout", None) or 120.0,
+        negative_ttl=getattr(args, "negative_ttl", None) or 0.0,
     )
     try:
         options.namespace  # noqa: B018 (validates the source)

@@ -51,6 +51,7 @@ VALUED = {
     "timeout": "--timeout",
     "durability": "--durability",
     "sync_timeout": "--sync-timeout",
+    "negative_ttl": "--negative-ttl",
 }
 
 

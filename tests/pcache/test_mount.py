@@ -603,7 +603,10 @@ def test_allow_other_with_an_owner(cluster2, store: Store, tmp_path: Path) -> No
         private.stop()
     public = Path(tempfile.mkdtemp(prefix="pcache-allow-other-"))  # nobody can reach it
     os.chmod(public, 0o755)
-    mount = Mount(cluster, 0, public / "mnt", "--allow-other", "--uid", "65534", "--gid", "65534")
+    mount = Mount(
+        cluster, 0, public / "mnt", "--allow-other", "--uid", "65534", "--gid", "65534",
+        "--durability", "remote",  # close returns once the file is in the store
+    )  # fmt: skip
     try:
         info = os.stat(mount.path / "shared/x.txt")
         assert (info.st_uid, info.st_gid) == (nobody, nobody)
