@@ -59,6 +59,8 @@ class Features:
         conditional_get: ``get_range(..., if_match=etag)`` is enforced by the service.
         max_key_bytes: the longest key (UTF-8 bytes, the root's prefix included) it stores.
         replace_metadata: :meth:`Store.replace_metadata` works (in place, content untouched).
+        max_metadata_bytes: the most user metadata one object carries, counted as the UTF-8
+            bytes of its keys (without the provider's prefix) and values (S3: 2 KB, OSS: 8 KB).
     """
 
     native_checksum: str | None = None
@@ -71,6 +73,7 @@ class Features:
     conditional_get: bool = True
     max_key_bytes: int = 1024
     replace_metadata: bool = True
+    max_metadata_bytes: int = 2048
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ class LocalStore(TreeListing, Store):
         max_parts=10_000,
         conditional_get=True,
         max_key_bytes=4096,
+        max_metadata_bytes=4096,  # ext4 keeps all of a file's xattrs in one block
     )
 
     def __init__(

@@ -60,6 +60,7 @@ class OSSStore(Store):
         max_parts=10_000,
         conditional_get=True,
         max_key_bytes=1023,
+        max_metadata_bytes=8192,
     )
 
     def __init__(self, url: StoreURL, profile: Profile, retry_policy: RetryPolicy | None = None):

@@ -53,7 +53,21 @@ from .fuse_files import (
     open_staging,
 )
 from .mount_stats import CONTROL_NAME, MountStats
-from .posix import POSIX_KEYS, SYMLINK_MAX, Attrs, Defaults, attrs_of, keep_foreign, new_attrs
+from .posix import (
+    POSIX_KEYS,
+    SYMLINK_MAX,
+    XATTR_NAMESPACE,
+    Attrs,
+    Defaults,
+    XattrError,
+    attrs_of,
+    check_xattr_name,
+    keep_foreign,
+    metadata_bytes,
+    new_attrs,
+    parse_xattrs,
+    with_xattrs,
+)
 from .protocol import UploadFailed
 
 log = logging.getLogger(__name__)
@@ -136,6 +150,11 @@ def fuse_errors(
 
 def fail(code: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(code)
+
+
+def _foreign(metadata: dict[str, str]) -> dict[str, str]:
+    """The user metadata that is not a POSIX attribute (extended attributes, other tools')."""
+    return {k: v for k, v in metadata.items() if k not in POSIX_KEYS}
 
 
 # -- inodes and handles ----------------------------------------------------------------------------
@@ -332,7 +351,10 @@ class PcacheOperations(pyfuse3.Operations):
         self.dir_ttl = float("inf") if immutable else 5.0
         self.block_size = client.block_size
         # empty directories persist as "dir/" objects where the store keeps them as such
-        self.markers = bool(client.info().get("directory_markers", {}).get(namespace, True))
+        info = client.info()
+        self.markers = bool(info.get("directory_markers", {}).get(namespace, True))
+        # the store's user-metadata limit, which POSIX attributes and xattrs share
+        self.max_metadata = int(info.get("max_metadata_bytes", {}).get(namespace, 2048))
         self.inodes = InodeTable()
         self._limiter = trio.CapacityLimiter(threads)
         self._handles: dict[int, Handle] = {}
@@ -684,7 +706,7 @@ class PcacheOperations(pyfuse3.Operations):
             if info is None:
                 raise fail(errno.ENOENT)
             attrs = self._changed_attrs(attrs_of(info, self.defaults), attr, fields)
-            foreign = {k: v for k, v in info.metadata.items() if k not in POSIX_KEYS}
+            foreign = _foreign(info.metadata)
             updated = await self._run(
                 functools.partial(self.client.set_metadata, durable=self.durability),
                 self._client_path(node.path),
@@ -743,11 +765,16 @@ class PcacheOperations(pyfuse3.Operations):
         if not self.markers:  # nowhere to keep them but here
             self._dir_attrs[path] = (attrs, float("inf"))
             return
-        await self._put_object(self._marker(path), b"", attrs)
+        marker = resolved[1] if resolved else None
+        foreign = {} if marker is None else _foreign(marker.metadata)
+        await self._put_object(self._marker(path), b"", attrs, foreign)
         self._dir_attrs[path] = (attrs, time.monotonic() + self.timeout)
 
-    async def _put_object(self, client_path: str, data: bytes, attrs: Attrs) -> ObjectInfo:
-        """A small object (marker, symlink) written in one session."""
+    async def _put_object(
+        self, client_path: str, data: bytes, attrs: Attrs, foreign: dict[str, str] | None = None
+    ) -> ObjectInfo:
+        """A small object (marker, symlink) written in one session; ``foreign`` is the other
+        user metadata it keeps (its extended attributes)."""
 
         def put() -> ObjectInfo:
             session = self.client.open_session(client_path)
@@ -756,7 +783,7 @@ class PcacheOperations(pyfuse3.Operations):
                     session.write(0, data)
                 return session.commit(
                     size=len(data),
-                    metadata=attrs.to_metadata(),
+                    metadata=keep_foreign(foreign or {}, attrs),
                     durable=self.durability,
                     timeout=self.sync_timeout,
                 )
@@ -782,6 +809,114 @@ class PcacheOperations(pyfuse3.Operations):
         result.f_ffree = result.f_favail = 1 << 32
         result.f_namemax = NAME_MAX
         return result
+
+    # -- extended attributes (user.* in the object's metadata) -----------------------------
+
+    @staticmethod
+    def _xattr_name(name: bytes) -> str:
+        text = name.decode("utf-8", "surrogateescape")
+        if not text.startswith(XATTR_NAMESPACE):
+            raise fail(errno.EOPNOTSUPP)  # security.*, trusted.*, system.*: not kept
+        try:
+            check_xattr_name(text)
+        except XattrError:
+            raise fail(errno.EINVAL) from None
+        return text
+
+    async def _xattr_holder(self, inode: int) -> tuple[str, str, ObjectInfo | None]:
+        """(kind, path, the object holding the attributes: file, or directory marker)."""
+        node = self.inodes.node(inode)
+        if node.kind == CONTROL:
+            return CONTROL, node.path, None
+        if node.kind == DIR:
+            resolved = await self._resolve(node.path) if node.path else None
+            return DIR, node.path, resolved[1] if resolved else None
+        if node.path in self._open:
+            return node.kind, node.path, None
+        info = await self._stat_file(node.path)
+        if info is None:
+            raise fail(errno.ENOENT)
+        return node.kind, node.path, info
+
+    async def _xattrs(self, inode: int) -> dict[str, bytes]:
+        kind, path, info = await self._xattr_holder(inode)
+        file = self._open.get(path) if kind in (FILE, LINK) else None
+        if file is not None:
+            return parse_xattrs(file.foreign)
+        return parse_xattrs(info.metadata) if info is not None else {}
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        if not name.startswith(XATTR_NAMESPACE.encode()):
+            # the kernel asks for security.capability before every write: no round trip
+            raise fail(pyfuse3.ENOATTR)
+        value = (await self._xattrs(inode)).get(self._xattr_name(name))
+        if value is None:
+            raise fail(pyfuse3.ENOATTR)
+        return value
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: Any = None) -> Sequence[bytes]:
+        return [n.encode("utf-8", "surrogateescape") for n in await self._xattrs(inode)]
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any = None) -> None:
+        self._check_writable()
+        await self._change_xattr(inode, self._xattr_name(name), value)
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: Any = None) -> None:
+        self._check_writable()
+        await self._change_xattr(inode, self._xattr_name(name), None)
+
+    async def _change_xattr(self, inode: int, name: str, value: bytes | None) -> None:
+        """Set (or remove, ``value`` None) one attribute: the holder's metadata is replaced,
+        its bytes untouched; an open file commits it with its content."""
+        kind, path, info = await self._xattr_holder(inode)
+        if kind == CONTROL or path == "":
+            raise fail(errno.EPERM)  # the control file and the mount root hold none
+        if kind == LINK:
+            raise fail(errno.EPERM)  # Linux keeps no user.* attributes on symlinks either
+        if kind == DIR and not self.markers:
+            raise fail(errno.EOPNOTSUPP)  # no marker object to carry them
+        file = self._open.get(path) if kind == FILE else None
+        now = time.time_ns()
+        if file is not None:
+            foreign, attrs = file.foreign, file.attrs
+        elif kind == DIR:
+            foreign = {} if info is None else _foreign(info.metadata)
+            attrs = (
+                self._default_dir_attrs()
+                if info is None
+                else attrs_of(info, self.defaults, directory=True)
+            )
+        else:
+            assert info is not None
+            foreign, attrs = _foreign(info.metadata), attrs_of(info, self.defaults)
+        xattrs = parse_xattrs(foreign)
+        if value is None:
+            if xattrs.pop(name, None) is None:
+                raise fail(pyfuse3.ENOATTR)
+        else:
+            xattrs[name] = value
+        attrs = Attrs(attrs.mode, attrs.uid, attrs.gid, attrs.mtime_ns, now, attrs.atime_ns)
+        foreign = with_xattrs(foreign, xattrs)
+        if value is not None and metadata_bytes(keep_foreign(foreign, attrs)) > self.max_metadata:
+            alone = with_xattrs({}, {name: value})
+            too_big = metadata_bytes(keep_foreign(alone, attrs)) > self.max_metadata
+            raise fail(errno.E2BIG if too_big else errno.ENOSPC)
+        if file is not None:
+            file.foreign, file.attrs = foreign, attrs
+            file.changes += 1
+        elif kind == DIR:
+            await self._put_object(self._marker(path), b"", attrs, foreign)
+            self._dir_attrs[path] = (attrs, time.monotonic() + self.timeout)
+        else:
+            await self._run(
+                functools.partial(self.client.set_metadata, durable=self.durability),
+                self._client_path(path),
+                keep_foreign(foreign, attrs),
+            )
 
     # -- directories -----------------------------------------------------------------------
 
@@ -1115,7 +1250,7 @@ class PcacheOperations(pyfuse3.Operations):
         else:
             assert current is not None
             attrs = attrs_of(current, self.defaults)
-            foreign = {k: v for k, v in current.metadata.items() if k not in POSIX_KEYS}
+            foreign = _foreign(current.metadata)
             if truncate or current.size <= SMALL_FILE_MAX:
                 content = b""
                 if not truncate and current.size:

@@ -11,6 +11,8 @@ one bucket reads alike through pcache, s3fs and rclone:
 ``x-amz-meta-mtime``   seconds since the epoch, ``"SEC"`` or ``"SEC.NNNNNNNNN"`` (nanoseconds);
                        rclone writes a float with up to 9 decimals, read the same way
 ``x-amz-meta-ctime``   the same format (``atime`` is read, and written when set)
+``x-amz-meta-xattr``   extended attributes: ``{"user.name":"BASE64","user.other":"..."}``
+                       percent-encoded as a whole (s3fs's ``use_xattr`` format)
 symlink                an object whose content is the target, mode ``S_IFLNK``
 directory              a zero-byte ``dir/`` marker object (optional: a prefix with keys under
                        it is a directory too)
@@ -23,8 +25,11 @@ Objects without these headers (put by other tools) get the defaults of :class:`D
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import stat
+import urllib.parse
 from dataclasses import dataclass, replace
 
 from objstore.base import ObjectInfo
@@ -34,6 +39,10 @@ log = logging.getLogger(__name__)
 MODE, UID, GID, MTIME, CTIME, ATIME = "mode", "uid", "gid", "mtime", "ctime", "atime"
 POSIX_KEYS = frozenset({MODE, UID, GID, MTIME, CTIME, ATIME})
 SYMLINK_MAX = 4095  # PATH_MAX - 1: longer targets are refused with ENAMETOOLONG
+XATTR = "xattr"  # the metadata key of the extended attributes (not one of POSIX_KEYS)
+XATTR_NAMESPACE = "user."  # the only namespace kept: others are the kernel's or root's
+XATTR_NAME_MAX = 255  # XATTR_NAME_MAX of <linux/limits.h>
+_XATTR_UNSAFE = frozenset('",:{}')  # would break the format's plain splitting
 
 
 @dataclass(frozen=True)
@@ -148,3 +157,56 @@ def keep_foreign(metadata: dict[str, str], attrs: Attrs) -> dict[str, str]:
     kept = {k: v for k, v in metadata.items() if k not in POSIX_KEYS}
     kept.update(attrs.to_metadata())
     return kept
+
+
+class XattrError(ValueError):
+    """An extended attribute name the format cannot hold (``EINVAL`` at the mount)."""
+
+
+def parse_xattrs(metadata: dict[str, str]) -> dict[str, bytes]:
+    """The extended attributes in ``metadata`` (empty when none or unreadable)."""
+    raw = metadata.get(XATTR)
+    if not raw:
+        return {}
+    text = urllib.parse.unquote(raw).strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        log.debug("ignoring unreadable xattr metadata %r", raw[:80])
+        return {}
+    xattrs: dict[str, bytes] = {}
+    for pair in text[1:-1].split(","):
+        name, sep, value = pair.partition(":")
+        name, value = name.strip().strip('"'), value.strip().strip('"')
+        if not sep or not name:
+            continue
+        try:
+            xattrs[name] = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            log.debug("ignoring unreadable xattr %r", name)
+    return xattrs
+
+
+def check_xattr_name(name: str) -> None:
+    """Refuse a name this format cannot round-trip (quotes, commas, colons, braces)."""
+    if not name or _XATTR_UNSAFE & set(name) or len(name.encode()) > XATTR_NAME_MAX:
+        raise XattrError(f"extended attribute name {name!r} cannot be stored")
+
+
+def format_xattrs(xattrs: dict[str, bytes]) -> str:
+    """The metadata value for ``xattrs`` (s3fs writes the same bytes)."""
+    body = ",".join(
+        f'"{name}":"{base64.b64encode(value).decode()}"' for name, value in sorted(xattrs.items())
+    )
+    return urllib.parse.quote("{" + body + "}", safe="")
+
+
+def with_xattrs(metadata: dict[str, str], xattrs: dict[str, bytes]) -> dict[str, str]:
+    """``metadata`` with its extended attributes replaced (the key dropped when none)."""
+    updated = {k: v for k, v in metadata.items() if k != XATTR}
+    if xattrs:
+        updated[XATTR] = format_xattrs(xattrs)
+    return updated
+
+
+def metadata_bytes(metadata: dict[str, str]) -> int:
+    """What the store counts against its user-metadata limit: UTF-8 bytes of keys and values."""
+    return sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())

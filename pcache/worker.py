@@ -417,6 +417,9 @@ async def info(request: web.Request) -> web.Response:
             "directory_markers": {
                 name: store.directory_markers for name, store in worker.stores.items()
             },
+            "max_metadata_bytes": {
+                name: store.features.max_metadata_bytes for name, store in worker.stores.items()
+            },
             "nodes": [
                 {"id": n.node_id, "address": n.address, "weight": n.weight}
                 # every member, dead or alive in this worker's view: clients judge health

@@ -200,6 +200,64 @@ def test_shell_workflows(bed: Bed) -> None:
     assert os.stat(other / "log").st_mtime_ns == info.st_mtime_ns
 
 
+def test_extended_attributes(bed: Bed) -> None:
+    work = bed.a / "xattr"
+    work.mkdir()
+    (work / "f").write_bytes(b"content")
+    os.setxattr(work / "f", "user.origin", b"lab-7")
+    os.setxattr(work / "f", "user.bin", bytes(range(256)))
+    assert os.getxattr(work / "f", "user.origin") == b"lab-7"
+    assert sorted(os.listxattr(work / "f")) == ["user.bin", "user.origin"]
+    os.removexattr(work / "f", "user.bin")
+    assert os.listxattr(work / "f") == ["user.origin"]
+    with pytest.raises(OSError) as missing:
+        os.getxattr(work / "f", "user.bin")
+    assert missing.value.errno == errno.ENODATA
+    with pytest.raises(OSError) as removed:
+        os.removexattr(work / "f", "user.bin")
+    assert removed.value.errno == errno.ENODATA
+    os.chmod(work / "f", 0o600)  # the attributes survive a chmod, and a rename
+    os.rename(work / "f", work / "g")
+    assert os.getxattr(work / "g", "user.origin") == b"lab-7"
+    # set while the file is open for writing: committed with its content
+    with open(work / "h", "wb") as file:
+        file.write(b"x" * 1000)
+        os.setxattr(work / "h", "user.stage", b"writing")
+        file.write(b"y")
+    assert os.getxattr(work / "h", "user.stage") == b"writing"
+    (work / "d").mkdir()  # a directory's live on its marker
+    os.setxattr(work / "d", "user.team", b"infra")
+    os.chmod(work / "d", 0o700)
+    assert os.getxattr(work / "d", "user.team") == b"infra"
+    os.symlink("g", work / "l")
+    for name, code in (("trusted.x", errno.EOPNOTSUPP), ('user.a"b', errno.EINVAL)):
+        with pytest.raises(OSError) as refused:
+            os.setxattr(work / "g", name, b"v")
+        assert refused.value.errno == code, name
+    with pytest.raises(OSError) as on_link:
+        os.setxattr(work / "l", "user.x", b"v", follow_symlinks=False)
+    assert on_link.value.errno == errno.EPERM
+    # S3 keeps 2 KB of user metadata per object, POSIX attributes included
+    with pytest.raises(OSError) as too_big:
+        os.setxattr(work / "g", "user.big", b"z" * 2048)
+    assert too_big.value.errno == errno.E2BIG
+    with pytest.raises(OSError) as full:
+        for i in range(8):
+            os.setxattr(work / "g", f"user.part{i}", b"z" * 300)
+    assert full.value.errno == errno.ENOSPC
+    kept = os.listxattr(work / "g")
+    assert "user.origin" in kept and 1 < len(kept) < 9
+
+    bed.settle()
+    assert "xattr" in bed.store.stat("xattr/g").metadata
+    assert "xattr" in bed.store.stat("xattr/d/").metadata
+    other = bed.b / "xattr"
+    assert os.getxattr(other / "g", "user.origin") == b"lab-7"
+    assert os.getxattr(other / "h", "user.stage") == b"writing"
+    assert os.getxattr(other / "d", "user.team") == b"infra"
+    assert stat.S_IMODE(os.stat(other / "d").st_mode) == 0o700
+
+
 def test_sqlite_numpy_memmap_venv_rsync(bed: Bed, tmp_path: Path) -> None:
     import sqlite3
 
@@ -446,6 +504,8 @@ def test_s3fs_reads_what_pcache_wrote_and_back(bed: Bed, moto_s3: Any, tmp_path:
     os.utime(work / "script.sh", ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
     os.symlink("script.sh", work / "link")
     (work / "empty").mkdir()
+    os.setxattr(work / "script.sh", "user.tag", b'\x00binary,"tag"')
+    os.setxattr(work / "empty", "user.dir", b"marked")
     bed.settle()
     passwd = tmp_path / "passwd"
     passwd.write_text(f"{moto_s3.access_key_id}:{moto_s3.secret_access_key}\n")
@@ -454,7 +514,7 @@ def test_s3fs_reads_what_pcache_wrote_and_back(bed: Bed, moto_s3: Any, tmp_path:
     mnt.mkdir()
     subprocess.run(
         ["s3fs", bed.bucket, str(mnt), "-o", f"url={moto_s3.endpoint}", "-o", "use_path_request_style",
-         "-o", f"passwd_file={passwd}", "-o", "stat_cache_expire=1"],
+         "-o", f"passwd_file={passwd}", "-o", "stat_cache_expire=1", "-o", "use_xattr"],
         check=True, timeout=30,
     )  # fmt: skip
     try:
@@ -466,11 +526,14 @@ def test_s3fs_reads_what_pcache_wrote_and_back(bed: Bed, moto_s3: Any, tmp_path:
         assert stat.S_IMODE(seen.st_mode) == 0o751 and int(seen.st_mtime) == 1_500_000_000
         assert os.readlink(mnt / "interop/link") == "script.sh"
         assert os.path.isdir(mnt / "interop/empty") and os.listdir(mnt / "interop/empty") == []
+        assert os.getxattr(mnt / "interop/script.sh", "user.tag") == b'\x00binary,"tag"'
+        assert os.getxattr(mnt / "interop/empty", "user.dir") == b"marked"
         # and the other way round
         (mnt / "interop/from-s3fs").mkdir()
         (mnt / "interop/from-s3fs/f.txt").write_text("s3fs wrote this")
         os.chmod(mnt / "interop/from-s3fs/f.txt", 0o604)
         os.symlink("f.txt", mnt / "interop/from-s3fs/l")
+        os.setxattr(mnt / "interop/from-s3fs/f.txt", "user.by", b"s3fs")
     finally:
         force_unmount(mnt)
     time.sleep(1.5)  # the workers' metadata TTL
@@ -478,3 +541,4 @@ def test_s3fs_reads_what_pcache_wrote_and_back(bed: Bed, moto_s3: Any, tmp_path:
     assert (theirs / "f.txt").read_text() == "s3fs wrote this"
     assert stat.S_IMODE(os.stat(theirs / "f.txt").st_mode) == 0o604
     assert os.readlink(theirs / "l") == "f.txt"
+    assert os.getxattr(theirs / "f.txt", "user.by") == b"s3fs"

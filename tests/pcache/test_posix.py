@@ -10,12 +10,19 @@ import pytest
 from objstore.base import ObjectInfo
 from objstore.errors import NameTooLong
 from pcache.posix import (
+    XATTR,
     Defaults,
+    XattrError,
     attrs_of,
+    check_xattr_name,
     format_time,
+    format_xattrs,
     keep_foreign,
+    metadata_bytes,
     new_attrs,
     parse_time,
+    parse_xattrs,
+    with_xattrs,
 )
 from pcache.protocol import (
     AlreadyExists,
@@ -75,6 +82,35 @@ def test_other_user_metadata_is_kept() -> None:
     attrs = new_attrs(stat.S_IFREG, 0o600, 1, 2, 3)
     kept = keep_foreign({"mode": "1", "owner-team": "ml", "mtime": "9"}, attrs)
     assert kept["owner-team"] == "ml" and kept["mode"] == str(stat.S_IFREG | 0o600)
+
+
+def test_xattrs_in_s3fs_format() -> None:
+    # s3fs's use_xattr layout: JSON-ish names to base64 values, percent-encoded as a whole
+    # (the mount tests check it against Debian's s3fs both ways)
+    value = format_xattrs({"user.b": b"\x00\xff", "user.a": b"hi"})
+    assert value == "%7B%22user.a%22%3A%22aGk%3D%22%2C%22user.b%22%3A%22AP8%3D%22%7D"
+    assert parse_xattrs({XATTR: value}) == {"user.a": b"hi", "user.b": b"\x00\xff"}
+    assert parse_xattrs({XATTR: "%7B%7D"}) == {} and parse_xattrs({}) == {}
+    # unreadable values are skipped, never an error
+    assert parse_xattrs({XATTR: "not json"}) == {}
+    assert parse_xattrs({XATTR: '{"user.ok":"b2s=","user.bad":"!!!"}'}) == {"user.ok": b"ok"}
+
+
+@pytest.mark.parametrize(
+    "name", ['user.a"b', "user.a,b", "user.a:b", "user.{", "", "user." + "n" * 251]
+)
+def test_xattr_names_the_format_cannot_hold(name: str) -> None:
+    with pytest.raises(XattrError):
+        check_xattr_name(name)
+    assert isinstance(XattrError("x"), ValueError)
+
+
+def test_xattrs_replace_only_their_own_key() -> None:
+    metadata = {"mode": "33188", "color": "blue"}
+    updated = with_xattrs(metadata, {"user.k": b"v"})
+    assert updated["color"] == "blue" and parse_xattrs(updated) == {"user.k": b"v"}
+    assert with_xattrs(updated, {}) == metadata  # the last one removed: no empty key left
+    assert metadata_bytes({"mode": "33188", "k": "\u00e9"}) == 4 + 5 + 1 + 2
 
 
 @pytest.mark.parametrize(
