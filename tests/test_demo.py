@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # runs the CLI or servers as processes
+
 REPO = Path(__file__).resolve().parents[1]
 
 

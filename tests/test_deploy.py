@@ -17,6 +17,8 @@ from babel_sync.service.config import ServiceConfig
 from objstore.config import Config, Profile
 from pcache.config import WorkerConfig
 
+pytestmark = pytest.mark.integration  # runs the CLI or servers as processes
+
 REPO = Path(__file__).resolve().parents[1]
 UNITS = sorted((REPO / "deploy/systemd").iterdir())
 BIN = str(Path(sys.executable).parent)

@@ -22,6 +22,8 @@ import pytest
 from tests.servers.pcache_mount import force_unmount
 from tests.servers.rclone_s3 import RcloneS3Server
 
+pytestmark = pytest.mark.integration  # runs the CLI or servers as processes
+
 REPO = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"<!-- (tour(?::settings)?) -->\n```bash\n(.*?)```", re.DOTALL)
 

@@ -24,7 +24,7 @@ from tests.servers.proxies import DelayProxy
 from tests.servers.rclone_s3 import RcloneS3Server
 from tests.servers.s3_process import write_config
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.integration]
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parents[2]
 

@@ -86,6 +86,7 @@ def test_a_daily_job_waits_for_its_time(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.integration  # starts a process
 def test_a_job_whose_process_cannot_start_fails_with_the_reason(tmp_path: Path) -> None:
     async def scenario() -> Job:
         runner = JobRunner(RunnerOptions(tmp_path, python=str(tmp_path / "no-such-python")))

@@ -275,6 +275,7 @@ def test_resumable_state_is_left_empty() -> None:
     assert r.complete and state.pending() == []
 
 
+@pytest.mark.integration  # starts a process
 def test_main_writes_a_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "listing.json"
     main(["--keys", "60000", "--manifest-keys", "20000", "--workers", "16", "--json", str(out)])

@@ -20,7 +20,7 @@ from tests.ckpt import scenarios
 from tests.conftest import unique_bucket
 from tests.servers.s3_process import free_port, write_config
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.integration]
 REPO = Path(__file__).resolve().parents[2]
 
 

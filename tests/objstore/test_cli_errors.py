@@ -18,7 +18,7 @@ from objstore.cli import ExitCode
 from tests.conftest import unique_bucket
 from tests.servers.s3_process import write_config
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.integration]
 
 
 def babel_sync(

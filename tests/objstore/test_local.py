@@ -94,6 +94,7 @@ def test_full_disk_is_a_clear_error_and_keeps_old_data(tiny_disk: Path) -> None:
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["ckpt"]  # and left no temp file
 
 
+@pytest.mark.integration  # starts a process
 def test_permission_denied(tmp_path: Path) -> None:
     """A real EACCES: as root, run the store in a child process that drops to 'nobody'."""
     root = tmp_path / "private"

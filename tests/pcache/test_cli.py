@@ -16,6 +16,8 @@ from objstore.errors import ConfigError
 from pcache.config import WorkerConfig
 from tests.pcache.conftest import MiB
 
+pytestmark = pytest.mark.integration  # runs the CLI or servers as processes
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

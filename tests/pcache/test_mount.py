@@ -676,6 +676,7 @@ def test_mount_helper_mounts_like_mount_t_pcache(cluster2, store: Store, tmp_pat
     )
 
 
+@pytest.mark.integration  # starts a process
 def test_install_script_puts_the_helper_and_units_in_place(tmp_path: Path) -> None:
     script = ROOT / "deploy/pcache/install.sh"
     bin_dir = Path(sys.executable).parent

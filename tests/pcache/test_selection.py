@@ -160,6 +160,7 @@ def test_address_is_not_a_hash_input() -> None:
         ]
 
 
+@pytest.mark.integration  # starts a process
 def test_deterministic_across_processes() -> None:
     nodes = make_nodes(5, [1, 2, 1, 3, 1])
     sample = keys(300)

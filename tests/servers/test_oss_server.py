@@ -21,7 +21,7 @@ from oss2.models import PartInfo
 
 from tests.servers.oss_server import MIN_PART_SIZE, OSSServer
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.integration]
 
 # CRC-64/ECMA-182 as Aliyun defines it, computed independently of the server (which uses anycrc).
 _CRC64 = crcmod.Crc(0x142F0E1EBA9EA3693, initCrc=0, rev=True, xorOut=0xFFFFFFFFFFFFFFFF)

