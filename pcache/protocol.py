@@ -33,7 +33,9 @@ Routes (``{ns}`` is a namespace from the worker's ``backends``, ``{key}`` an obj
     POST /v1/meta/{ns}/{key}              {metadata, durable}: replace user metadata
     GET  /v1/uploads                      this node's write-back records
     POST /v1/uploads/{retry|discard}      {ns, key}
-    POST /v1/invalidate                   {ns, path, cluster}
+    POST /v1/invalidate                   {ns, path, cluster, landed: {owner, version}}
+    POST /v1/announce                     {owner, entries: [{ns, key, version, info|null}]}:
+                                          peers' pending write-back versions (pcache.announce)
     GET  /v1/status                       disks, counters, write-back backlog, peers
     GET  /metrics                         Prometheus
 """

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 
 from objstore import open_store
@@ -32,6 +33,7 @@ from objstore.errors import ObjectNotFound
 from objstore.url import check_key, check_prefix
 
 from . import metrics as metrics_mod
+from .announce import Announced, Announcement
 from .blockindex import BlockId
 from .blockstore import BlockStore, CacheDir
 from .config import Durability, WorkerConfig
@@ -46,17 +48,19 @@ from .protocol import (
     StaleVersion,
     Unauthorized,
     error_body,
+    info_from_json,
     info_to_json,
     is_pending,
     pending_session,
 )
 from .selection import Node, WorkerSelector
 from .shm import SegmentMap
-from .writeback import WriteBack
+from .writeback import PendingObject, WriteBack
 
 log = logging.getLogger(__name__)
 
 FETCH_ATTEMPTS = 3  # metadata fetches overtaken by an upload or invalidation are retried
+ANNOUNCE_TIMEOUT_S = 2.0  # a peer slower than this to take an announcement is skipped
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz"})
 MAX_BODY = 64 << 20
@@ -117,6 +121,8 @@ class Worker:
             upload_delay=config.upload_delay,
             on_uploaded=self._uploaded,
         )
+        # pending write-back versions the other nodes announced (close-to-open across nodes)
+        self.announced = Announced()
         self.segments = SegmentMap()
         self.metrics = metrics_mod.WorkerMetrics(self)
         self._sequential: dict[tuple[str, str], int] = {}
@@ -147,15 +153,68 @@ class Worker:
             body = await response.json()
         return str(body["node_id"]), float(body.get("weight", 1.0))
 
-    def _uploaded(self, namespace: str, key: str, info: ObjectInfo | None) -> None:
+    def _uploaded(self, record: PendingObject, info: ObjectInfo | None) -> None:
         """A write-back record reached the store (upload thread): what it became is what this
-        node knows, and the other nodes forget what they knew of the key."""
+        node knows, and the other nodes forget what they knew of the key (its announcement
+        ends: the invalidation names the version that landed)."""
+        namespace, key = record.namespace, record.key
         self.meta.invalidate_key(namespace, key)
         self.meta.put_stat(namespace, key, MISSING if info is None else info)
         self.blocks.drop_object(namespace, key, keep_version=None if info is None else info.version)
         if self.loop is not None and len(self.members()) > 1:
-            body = {"ns": namespace, "path": key, "cluster": False, "blocks": False}
+            body = {
+                "ns": namespace,
+                "path": key,
+                "cluster": False,
+                "blocks": False,
+                "landed": {"owner": self.config.node_id, "version": record.version},
+            }
             asyncio.run_coroutine_threadsafe(self.invalidate_peers(body), self.loop)
+
+    async def announce(self, records: list[PendingObject]) -> None:
+        """Tell every other live node of changes journalled here, before the commit returns:
+        a stat, listing or read there sees them at once (reads of them come here). A peer that
+        does not answer within ANNOUNCE_TIMEOUT_S is reported to the selector and skipped;
+        it sees the change once it is uploaded."""
+        peers = [n for n in self.selector.candidates("") if n.node_id != self.config.node_id]
+        if not peers or not records:
+            return
+        body = {
+            "owner": self.config.node_id,
+            "entries": [
+                {
+                    "ns": r.namespace,
+                    "key": r.key,
+                    "version": r.version,
+                    "info": None if r.delete else info_to_json(r.info()),
+                }
+                for r in records
+            ],
+        }
+        timeout = aiohttp.ClientTimeout(total=ANNOUNCE_TIMEOUT_S)
+
+        async def one(node: Node) -> None:
+            try:
+                async with self.peers._client().post(
+                    f"{node.address}/v1/announce", json=body, timeout=timeout
+                ) as response:
+                    if response.status != 200:
+                        raise RuntimeError(f"HTTP {response.status}")
+            except Exception as exc:
+                self.selector.record_failure(node.node_id)
+                log.warning(
+                    "could not announce %d change(s) to %s: %s", len(records), node.node_id, exc
+                )
+
+        await asyncio.gather(*(one(n) for n in peers))
+
+    def _announcement(self, namespace: str, key: str) -> Announcement | None:
+        """The live announcement of ``key`` by a node not dead in this node's view (a dead
+        writer's pending version cannot be read: the store's is shown until it is back)."""
+        entry = self.announced.get(namespace, key)
+        if entry is None or self.selector.is_dead(entry.owner):
+            return None
+        return entry
 
     async def invalidate_peers(self, body: dict[str, Any]) -> list[dict[str, Any]]:
         """POST ``body`` to every other node's ``/v1/invalidate``; a dead peer is reported, not
@@ -199,11 +258,16 @@ class Worker:
         """A change of ``key`` journalled here and not yet in the store: it is what this node
         sees (a tombstone: the object is gone)."""
         pending = self.writeback.pending(namespace, key)
-        if pending is None:
+        if pending is not None:
+            if pending.delete:
+                raise ObjectNotFound(f"no such object: {key!r}", url=url)
+            return pending.info()
+        announced = self._announcement(namespace, key)
+        if announced is None:
             return None
-        if pending.delete:
+        if announced.info is None:  # deleted on its owner, not yet in the store
             raise ObjectNotFound(f"no such object: {key!r}", url=url)
-        return pending.info()
+        return announced.info
 
     async def stat(self, namespace: str, key: str, *, full: bool = False) -> ObjectInfo:
         """Current metadata: a pending write-back wins, then the cache, then the store.
@@ -256,17 +320,26 @@ class Worker:
                     self.meta.put_stat(namespace, info.key, info, generation, listed=True)
                 break
         assert page is not None
-        pending = self.writeback.pending_under(namespace, prefix)
-        if not pending:
+        # changes not yet uploaded, announced by other nodes or journalled here (those win),
+        # are part of what this node sees
+        changes: dict[str, ObjectInfo | None] = {
+            key: a.info
+            for key, a in self.announced.under(namespace, prefix).items()
+            if not self.selector.is_dead(a.owner)
+        }
+        for p in self.writeback.pending_under(namespace, prefix):
+            changes[p.key] = None if p.delete else p.info()
+        if not changes:
             return page
-        # changes not yet uploaded are part of what this node sees
-        extra = {p.key: p.info() for p in pending if not p.delete}
-        gone = {p.key for p in pending if p.delete}
+        extra = {key: info for key, info in changes.items() if info is not None}
+        gone = {key for key, info in changes.items() if info is None}
         objects = [o for o in page.objects if o.key not in extra and o.key not in gone]
         prefixes = list(page.prefixes)
         if gone:  # a prefix whose every object is deleted here is gone too
             alive = {o.key for o in page.objects} - gone
-            prefixes = [p for p in prefixes if not self._prefix_emptied(namespace, p, gone, alive)]
+            prefixes = [
+                p for p in prefixes if not await self._prefix_emptied(namespace, p, gone, alive)
+            ]
         for key, info in extra.items():
             rest = key[len(prefix) :]
             if delimiter and delimiter in rest:
@@ -277,14 +350,21 @@ class Worker:
                 objects.append(info)
         return ListPage(sorted(objects, key=lambda o: o.key), sorted(prefixes), None)
 
-    def _prefix_emptied(self, namespace: str, prefix: str, gone: set[str], alive: set[str]) -> bool:
-        """Whether the cached recursive listing shows only deleted keys under ``prefix``."""
-        if not any(k.startswith(prefix) for k in gone):
+    async def _prefix_emptied(
+        self, namespace: str, prefix: str, gone: set[str], alive: set[str]
+    ) -> bool:
+        """Whether only deleted keys are under ``prefix`` (an ``rmdir`` not yet in the store):
+        from the cached recursive listing, else one page of the store's (no more keys than
+        are deleted under it, plus one, are needed to tell)."""
+        deleted = sum(1 for k in gone if k.startswith(prefix))
+        if not deleted:
             return False
         page = self.meta.get_listing(namespace, prefix, "")
         if page is None:
-            return False  # unknown: keep it (a later listing corrects it)
-        return all(o.key in gone for o in page.objects) and not page.prefixes
+            page = await asyncio.to_thread(
+                functools.partial(self.store(namespace).list_page, prefix, limit=deleted + 1)
+            )
+        return all(o.key in gone for o in page.objects) and not page.prefixes and not page.token
 
     def full_listing_entry(self, namespace: str, info: ObjectInfo) -> tuple[ObjectInfo, bool]:
         """A listed object with its user metadata when a stat of the same version is cached."""
@@ -314,12 +394,36 @@ class Worker:
                     return data, "local"
                 except FileNotFoundError:
                     pass  # uploaded (and its staging file removed) since we looked
+            announced = self._announcement(namespace, info.key)
+            if pending is None and announced is not None and announced.version == info.version:
+                return await self._from_owner(namespace, info, index, announced.owner)
             # uploaded while a reader held it open: the same bytes now live in the store
             uploaded = self.writeback.uploaded_as(info.version)
             if uploaded is None:
                 raise StaleVersion(f"{info.key!r} was replaced since it was opened")
             info = ObjectInfo(info.key, info.size, 0.0, etag=uploaded.etag)
         return await self.fetcher.get(namespace, info, index, ask_peers=ask_peers)
+
+    async def _from_owner(
+        self, namespace: str, info: ObjectInfo, index: int, owner: str
+    ) -> tuple[bytes, str]:
+        """A block of a version another node announced: only that node has its bytes (it
+        reads its staging file, or the store once the upload landed)."""
+        node = self.selector.node(owner)
+        if node is None:
+            self.announced.landed(namespace, info.key, owner, info.version)
+            raise StaleVersion(f"{info.key!r}: its writer {owner!r} left the cluster")
+        bid = self.fetcher.block_id(namespace, info, index)
+        try:
+            data = await self.peers.cached_block(node, bid, info.size, cached_only=False)
+        except (TimeoutError, aiohttp.ClientConnectionError) as exc:  # its answers propagate
+            self.selector.record_failure(owner)
+            raise OSError(
+                errno.EIO, f"{info.key!r} is being uploaded by {owner!r}, unreachable: {exc}"
+            ) from None
+        assert data is not None
+        self.fetcher.count("peer", len(data))
+        return data, "peer"
 
     def readahead(self, namespace: str, info: ObjectInfo, last_index: int) -> None:
         """Load the blocks after ``last_index`` in the background on sequential access."""
@@ -657,6 +761,7 @@ async def session_commit(request: web.Request) -> web.Response:
     if durable is Durability.REMOTE:
         await _wait_remote(worker, record.namespace, record.key, body.get("timeout"))
         return web.json_response(info_to_json(await worker.stat(record.namespace, record.key)))
+    await worker.announce([record])
     return web.json_response(info_to_json(record.info()))
 
 
@@ -712,6 +817,7 @@ async def put_object(request: web.Request) -> web.Response:
     if durable is Durability.REMOTE:
         await _wait_remote(worker, namespace, key, _float(request, "timeout"))
         return web.json_response(info_to_json(await worker.stat(namespace, key)))
+    await worker.announce([record])
     return web.json_response(info_to_json(record.info()))
 
 
@@ -721,11 +827,13 @@ async def delete_object(request: web.Request) -> web.Response:
     worker, namespace, key = _key(request)
     worker.store(namespace)
     durable = _durability(request.query.get("durable", Durability.REMOTE))
-    await asyncio.to_thread(worker.writeback.delete, namespace, key)
+    tomb = await asyncio.to_thread(worker.writeback.delete, namespace, key)
     worker.meta.invalidate_key(namespace, key)
     await asyncio.to_thread(worker.blocks.drop_object, namespace, key)
     if durable is Durability.REMOTE:
         await _wait_remote(worker, namespace, key, _float(request, "timeout"))
+    else:
+        await worker.announce([tomb])
     return web.json_response({"deleted": key})
 
 
@@ -761,7 +869,15 @@ async def rename_object(request: web.Request) -> web.Response:
     if durable is Durability.REMOTE:
         await _wait_remote(worker, namespace, old, body.get("timeout"))
         await _wait_remote(worker, namespace, new, body.get("timeout"))
+    else:
+        await worker.announce(_current(worker, namespace, old, new))
     return web.json_response({"renamed": old, "to": new, "pending": moved})
+
+
+def _current(worker: Worker, namespace: str, *keys: str) -> list[PendingObject]:
+    """The pending records of ``keys`` journalled here (to announce)."""
+    records = (worker.writeback.pending(namespace, key) for key in keys)
+    return [r for r in records if r is not None]
 
 
 async def set_metadata(request: web.Request) -> web.Response:
@@ -779,6 +895,8 @@ async def set_metadata(request: web.Request) -> web.Response:
         worker.meta.invalidate_key(namespace, key)
         if _durability(body.get("durable")) is Durability.REMOTE:
             await _wait_remote(worker, namespace, key, body.get("timeout"))
+        else:
+            await worker.announce(_current(worker, namespace, key))
         return web.json_response(info_to_json(await worker.stat(namespace, key)))
     info = await asyncio.to_thread(store.replace_metadata, key, metadata)
     worker.meta.invalidate_key(namespace, key)
@@ -824,12 +942,34 @@ async def uploads_action(request: web.Request) -> web.Response:
     return web.json_response({action: done})
 
 
+async def announce(request: web.Request) -> web.Response:
+    """``{owner, entries: [{ns, key, version, info}]}``: changes journalled on ``owner`` (an
+    ``info`` of null: deleted there), seen here until they land (see ``pcache.announce``)."""
+    worker = request.app[WORKER]
+    body = await request.json()
+    owner = str(body["owner"])
+    noted = 0
+    for entry in body.get("entries", []):
+        namespace, key = entry["ns"], check_key(entry["key"])
+        worker.store(namespace)
+        info = None if entry.get("info") is None else info_from_json(entry["info"])
+        if worker.announced.note(namespace, key, owner, str(entry["version"]), info):
+            worker.meta.invalidate_key(namespace, key)
+            noted += 1
+    return web.json_response({"node_id": worker.config.node_id, "noted": noted})
+
+
 async def invalidate(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
     body = await request.json()
     namespace, path = body["ns"], body.get("path", "")
     worker.store(namespace)
     check_prefix(path)
+    landed = body.get("landed")
+    if landed:  # an upload reached the store: its announcement ends, a newer one stays
+        worker.announced.landed(namespace, path, str(landed["owner"]), str(landed["version"]))
+    else:
+        worker.announced.forget_prefix(namespace, path)
     entries = worker.meta.invalidate(namespace, path)
     blocks = 0
     if body.get("blocks", True):
@@ -929,6 +1069,7 @@ def create_app(config: WorkerConfig) -> web.Application:
     app.router.add_delete(f"/v1/object/{{ns}}/{key}", delete_object)
     app.router.add_put(f"/v1/object/{{ns}}/{key}", put_object)
     app.router.add_post("/v1/invalidate", invalidate)
+    app.router.add_post("/v1/announce", announce)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/metrics", metrics_endpoint)
     return app

@@ -142,8 +142,8 @@ class WriteBack:
         upload_delay: seconds a commit waits before its upload starts, so what quickly follows
             (a rename, a chmod, another commit) replaces it instead of uploading twice; a
             ``wait_durable`` (fsync) starts it at once.
-        on_uploaded: called with (namespace, key, info) once an upload is in the store, and
-            with (namespace, key, None) once a tombstone's delete is.
+        on_uploaded: called with (record, info) once a record's upload is in the store, and
+            with (record, None) once a tombstone's delete is.
     """
 
     def __init__(
@@ -155,13 +155,13 @@ class WriteBack:
         part_size: int = 16 << 20,
         concurrency: int = 4,
         upload_delay: float = 0.0,
-        on_uploaded: Callable[[str, str, ObjectInfo | None], None] | None = None,
+        on_uploaded: Callable[[PendingObject, ObjectInfo | None], None] | None = None,
     ) -> None:
         self._blocks = blockstore
         self._stores = stores
         self.part_size = part_size
         self.upload_delay = upload_delay
-        self._on_uploaded = on_uploaded or (lambda ns, key, info: None)
+        self._on_uploaded = on_uploaded or (lambda record, info: None)
         path = Path(state_dir) / "writeback"
         path.mkdir(parents=True, exist_ok=True)
         self._env = lmdb.open(str(path), map_size=4 << 30, subdir=True, metasync=True, sync=True)
@@ -860,7 +860,7 @@ class WriteBack:
             if not self._is_current_locked(ident, record):
                 return  # replaced while uploading: the newer record decides
         try:
-            self._on_uploaded(record.namespace, record.key, info)
+            self._on_uploaded(record, info)
         except Exception:  # never keep a finished record because a callback failed
             log.exception("on_uploaded for %s/%s failed", record.namespace, record.key)
         with self._cond:

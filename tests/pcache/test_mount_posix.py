@@ -391,6 +391,42 @@ def test_close_is_local_durable_fsync_waits_for_the_store(bed: Bed, outage: Faul
     assert bed.store.get("wb.bin") == data
 
 
+def test_close_to_open_across_nodes_before_the_upload(bed: Bed, outage: FaultProxy) -> None:
+    """A closes, B opens at once: B sees the new content while the store is down (the upload
+    cannot have landed); B's reads come from A's staging file."""
+    data = os.urandom(3 * MiB + 11)
+    name = "c2o-pending.bin"
+    with open(bed.a / name, "wb") as file:  # created while the store is up (its lookup asks)
+        file.write(data[:100])
+        outage.outage(True)
+        file.write(data[100:])
+    assert bed.records(0), "the upload cannot have landed"
+    assert os.stat(bed.b / name).st_size == len(data)
+    assert (bed.b / name).read_bytes() == data
+    os.unlink(bed.a / name)  # a tombstone, announced too
+    time.sleep(1.2)  # B's kernel trusts the entry it has for 1 s
+    assert not os.path.exists(bed.b / name)
+    outage.outage(False)
+    bed.settle()
+    assert not bed.store.exists(name)
+    assert not os.path.exists(bed.b / name)
+
+
+def test_listings_on_other_nodes_show_pending_files(bed: Bed) -> None:
+    (bed.a / "c2o-list").mkdir()
+    bed.settle()
+    assert os.listdir(bed.b / "c2o-list") == []
+    payload = os.urandom(200_000)
+    for i in range(3):
+        (bed.a / f"c2o-list/f{i}").write_bytes(payload)
+    # no settle: the uploads wait upload_delay at least, the announcements are already there
+    assert sorted(os.listdir(bed.b / "c2o-list")) == ["f0", "f1", "f2"]
+    assert (bed.b / "c2o-list/f2").read_bytes() == payload
+    bed.settle()
+    assert sorted(os.listdir(bed.b / "c2o-list")) == ["f0", "f1", "f2"]
+    assert bed.store.get("c2o-list/f1") == payload
+
+
 def test_rename_of_a_pending_file_uploads_only_the_new_name(bed: Bed) -> None:
     # uploads of the temporary name fail (and are retried) until the rename comes
     bed.proxy.refuse("ckpt.tmp", status=503, body=b"<Error><Code>SlowDown</Code></Error>")
