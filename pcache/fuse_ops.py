@@ -447,6 +447,21 @@ class PcacheOperations(pyfuse3.Operations):
             stat.S_IFDIR | self.defaults.dir_mode, self.defaults.uid, self.defaults.gid, ns, ns, ns
         )
 
+    async def _refresh_dir_attrs(self, path: str) -> None:
+        """A directory's attributes once the kernel's copy lapsed: its marker is asked again
+        (another node may have changed them)."""
+        cached = self._dir_attrs.get(path)
+        if not path or self.immutable or not self.markers:
+            return
+        if cached and cached[1] > time.monotonic():
+            return
+        marker = await self._stat_object(self._marker(path))
+        if marker is not None:
+            self._dir_attrs[path] = (
+                attrs_of(marker, self.defaults, directory=True),
+                time.monotonic() + self.timeout,
+            )
+
     def _dir_entry(self, inode: int, path: str) -> Any:
         cached = self._dir_attrs.get(path)
         attrs = cached[0] if cached and cached[1] > time.monotonic() else self._default_dir_attrs()
@@ -667,6 +682,7 @@ class PcacheOperations(pyfuse3.Operations):
         if node.kind == CONTROL:
             return self._control_attrs()
         if node.kind == DIR:
+            await self._refresh_dir_attrs(node.path)
             return self._dir_entry(inode, node.path)
         file = self._open.get(node.path)
         if file is not None:
