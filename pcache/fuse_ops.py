@@ -419,12 +419,22 @@ class PcacheOperations(pyfuse3.Operations):
         self._handles[fh] = handle
         return fh
 
-    def _entry_attrs(self, inode: int, attrs: Attrs, size: int, *, trusted: bool = True) -> Any:
+    def _entry_attrs(
+        self,
+        inode: int,
+        attrs: Attrs,
+        size: int,
+        *,
+        trusted: bool = True,
+        attrs_trusted: bool = True,
+    ) -> Any:
+        """``trusted``: the kernel may keep the name and the attributes for the timeout;
+        ``attrs_trusted=False``: the name only (its next ``stat`` asks again)."""
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = inode
         entry.generation = 0
         entry.entry_timeout = self.timeout if trusted else 0
-        entry.attr_timeout = self.timeout if trusted else 0
+        entry.attr_timeout = self.timeout if trusted and attrs_trusted else 0
         mode = attrs.mode
         if self.read_only:
             mode &= ~0o222
@@ -456,16 +466,21 @@ class PcacheOperations(pyfuse3.Operations):
         if cached and cached[1] > time.monotonic():
             return
         marker = await self._stat_object(self._marker(path))
-        if marker is not None:
-            self._dir_attrs[path] = (
-                attrs_of(marker, self.defaults, directory=True),
-                time.monotonic() + self.timeout,
-            )
+        attrs = (
+            self._default_dir_attrs()  # no marker: a prefix, with the defaults
+            if marker is None
+            else attrs_of(marker, self.defaults, directory=True)
+        )
+        self._dir_attrs[path] = (attrs, time.monotonic() + self.timeout)
 
     def _dir_entry(self, inode: int, path: str) -> Any:
+        """A directory's entry; attributes not (or no longer) known from its marker are not
+        cached by the kernel, so its next ``stat`` asks (``getattr`` reads the marker)."""
         cached = self._dir_attrs.get(path)
-        attrs = cached[0] if cached and cached[1] > time.monotonic() else self._default_dir_attrs()
-        return self._entry_attrs(inode, attrs, 0)
+        if cached and cached[1] > time.monotonic():
+            return self._entry_attrs(inode, cached[0], 0)
+        known = not path or self.immutable or not self.markers
+        return self._entry_attrs(inode, self._default_dir_attrs(), 0, attrs_trusted=known)
 
     def _control_attrs(self) -> Any:
         ns = int(self._started * 1e9)
@@ -614,11 +629,13 @@ class PcacheOperations(pyfuse3.Operations):
             )
             self._remember_dir(path)
             return DIR, marker
-        if known:
-            return DIR, None
-        listing = found["listing"]
-        if listing.objects or listing.prefixes:
-            self._remember_dir(path)
+        listing: Listing | None = None if known else found["listing"]
+        if listing is None or listing.objects or listing.prefixes:
+            if self.markers and not self.immutable:  # asked: no marker, the defaults hold
+                expiry = time.monotonic() + self.timeout
+                self._dir_attrs[path] = (self._default_dir_attrs(), expiry)
+            if not known:
+                self._remember_dir(path)
             return DIR, None
         return None
 
