@@ -637,6 +637,9 @@ def test_mount_helper_translates_mount_options() -> None:
         "--uid", "5", "--gid", "6", "--config", "/etc/p.toml", "-v",
     ]  # fmt: skip
     assert pcache_argv("d", "/m", ["-orw,timeout=3"]) == ["mount", "d", "/m", "--timeout", "3"]
+    assert pcache_argv("d", "/m", ["-o", "durability=remote,sync_timeout=9,negative_ttl=2"]) == [
+        "mount", "d", "/m", "--durability", "remote", "--sync-timeout", "9", "--negative-ttl", "2",
+    ]  # fmt: skip
     assert pcache_argv("d", "/m", ["-f", "-o", "ro"]) == []  # mount -f: pretend
     for bad, message in (
         (["-o", "rw,cache=huge"], "unknown mount option 'cache=huge'"),

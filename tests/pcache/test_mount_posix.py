@@ -258,6 +258,22 @@ def test_extended_attributes(bed: Bed) -> None:
     assert stat.S_IMODE(os.stat(other / "d").st_mode) == 0o700
 
 
+def test_negative_ttl_trades_seeing_new_objects_for_fewer_lookups(bed: Bed) -> None:
+    """By default a lookup of a missing name asks again, so an object another writer puts is
+    seen at once; --negative-ttl answers from the directory's listing for that long."""
+    trusting = bed.mount(0, bed.root / "neg", "--negative-ttl", "30")
+    (bed.a / "neg").mkdir()
+    (bed.a / "neg/old").write_bytes(b"o")
+    bed.settle()
+    assert os.listdir(trusting / "neg") == ["old"]
+    assert os.listdir(bed.a / "neg") == ["old"]
+    bed.store.put("neg/new", b"put by another writer")
+    assert (bed.a / "neg/new").read_bytes() == b"put by another writer"
+    assert not os.path.exists(trusting / "neg/new")  # the listing said no, trusted for 30 s
+    os.mkdir(trusting / "neg/made-here")  # names this mount adds are known at once
+    assert os.path.isdir(trusting / "neg/made-here")
+
+
 def test_sqlite_numpy_memmap_venv_rsync(bed: Bed, tmp_path: Path) -> None:
     import sqlite3
 
