@@ -3,8 +3,8 @@ machine applies the same random operations (create, write at offsets, append, tr
 unlink, mkdir, rmdir, symlink, chmod, fsync, descriptors kept open across steps, remount) to a
 write-back mount and to a local directory, and after every step the two trees must be equal:
 names, types, permission bits, contents, symlink targets, and every failure's errno. At the
-end of each run, a second mount on a second node must show the same tree (close-to-open across
-nodes, before the uploads have necessarily landed).
+end of each run, a second mount on a second node must come to show the same tree (at once when
+the writer's announcements reached it, else once the uploads land).
 
 The store is moto's S3 server (``dir/`` markers and user metadata as S3 keeps them).
 """
@@ -262,12 +262,23 @@ class MountMatchesLocalDirectory(RuleBasedStateMachine):
         assert snapshot(self.sides["mount"]) == snapshot(self.sides["local"])
 
     def teardown(self) -> None:
-        """Close-to-open on the other node: after the last close (uploads may still be pending,
-        announced), its mount shows the same tree, once its kernel's 1 s caches have lapsed."""
+        """The other node: after the last close (uploads may still be pending, announced), its
+        mount shows the same tree once its kernel's 1 s caches have lapsed. Polled: a peer too
+        slow to take an announcement (a loaded machine) sees the change when it is uploaded;
+        the strict close-to-open check is test_mount_posix's, with the store down."""
         self.close_all()
-        time.sleep(1.1)
+        local = snapshot(self.sides["local"])
         other = type(self).env.other.path / self.run
-        assert snapshot(other) == snapshot(self.sides["local"])
+        deadline = time.monotonic() + 30
+        while True:
+            time.sleep(1.1)
+            try:
+                seen = snapshot(other)
+            except OSError:  # changed while walked: look again
+                seen = None
+            if seen == local or time.monotonic() > deadline:
+                break
+        assert seen == local
 
 
 def test_mount_matches_a_local_directory(env: Env) -> None:
