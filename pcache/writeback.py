@@ -572,8 +572,10 @@ class WriteBack:
         ident = (namespace, key)
         with self._cond:
             record = self._records.get(ident)
-            if record is not None and not record.error and ident in self._retry_at:
-                del self._retry_at[ident]  # someone waits for it: no more delay
+            if record is not None and not record.permanent and ident in self._retry_at:
+                # someone waits for it: no more delay (upload_delay, or a transient failure's
+                # backoff: an fsync after an outage retries now, not when the backoff ends)
+                del self._retry_at[ident]
                 self._cond.notify_all()
             while True:
                 record = self._records.get(ident)
