@@ -54,7 +54,6 @@ from .fuse_files import (
 )
 from .mount_stats import CONTROL_NAME, MountStats
 from .posix import (
-    POSIX_KEYS,
     SYMLINK_MAX,
     XATTR_NAMESPACE,
     Attrs,
@@ -62,6 +61,7 @@ from .posix import (
     XattrError,
     attrs_of,
     check_xattr_name,
+    foreign_of,
     keep_foreign,
     metadata_bytes,
     new_attrs,
@@ -150,11 +150,6 @@ def fuse_errors(
 
 def fail(code: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(code)
-
-
-def _foreign(metadata: dict[str, str]) -> dict[str, str]:
-    """The user metadata that is not a POSIX attribute (extended attributes, other tools')."""
-    return {k: v for k, v in metadata.items() if k not in POSIX_KEYS}
 
 
 # -- inodes and handles ----------------------------------------------------------------------------
@@ -739,7 +734,7 @@ class PcacheOperations(pyfuse3.Operations):
             if info is None:
                 raise fail(errno.ENOENT)
             attrs = self._changed_attrs(attrs_of(info, self.defaults), attr, fields)
-            foreign = _foreign(info.metadata)
+            foreign = foreign_of(info.metadata)
             updated = await self._run(
                 functools.partial(self.client.set_metadata, durable=self.durability),
                 self._client_path(node.path),
@@ -799,7 +794,7 @@ class PcacheOperations(pyfuse3.Operations):
             self._dir_attrs[path] = (attrs, float("inf"))
             return
         marker = resolved[1] if resolved else None
-        foreign = {} if marker is None else _foreign(marker.metadata)
+        foreign = {} if marker is None else foreign_of(marker.metadata)
         await self._put_object(self._marker(path), b"", attrs, foreign)
         self._dir_attrs[path] = (attrs, time.monotonic() + self.timeout)
 
@@ -917,7 +912,7 @@ class PcacheOperations(pyfuse3.Operations):
         if file is not None:
             foreign, attrs = file.foreign, file.attrs
         elif kind == DIR:
-            foreign = {} if info is None else _foreign(info.metadata)
+            foreign = {} if info is None else foreign_of(info.metadata)
             attrs = (
                 self._default_dir_attrs()
                 if info is None
@@ -925,7 +920,7 @@ class PcacheOperations(pyfuse3.Operations):
             )
         else:
             assert info is not None
-            foreign, attrs = _foreign(info.metadata), attrs_of(info, self.defaults)
+            foreign, attrs = foreign_of(info.metadata), attrs_of(info, self.defaults)
         xattrs = parse_xattrs(foreign)
         if value is None:
             if xattrs.pop(name, None) is None:
@@ -1283,7 +1278,7 @@ class PcacheOperations(pyfuse3.Operations):
         else:
             assert current is not None
             attrs = attrs_of(current, self.defaults)
-            foreign = _foreign(current.metadata)
+            foreign = foreign_of(current.metadata)
             if truncate or current.size <= SMALL_FILE_MAX:
                 content = b""
                 if not truncate and current.size:

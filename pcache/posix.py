@@ -152,9 +152,14 @@ def attrs_of(info: ObjectInfo, defaults: Defaults, *, directory: bool = False) -
     )
 
 
+def foreign_of(metadata: dict[str, str]) -> dict[str, str]:
+    """The user metadata that is not a POSIX attribute (extended attributes, other tools')."""
+    return {k: v for k, v in metadata.items() if k not in POSIX_KEYS}
+
+
 def keep_foreign(metadata: dict[str, str], attrs: Attrs) -> dict[str, str]:
     """``attrs`` as metadata, keeping the object's other user metadata (not ours to drop)."""
-    kept = {k: v for k, v in metadata.items() if k not in POSIX_KEYS}
+    kept = foreign_of(metadata)
     kept.update(attrs.to_metadata())
     return kept
 

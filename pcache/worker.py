@@ -336,10 +336,7 @@ class Worker:
         objects = [o for o in page.objects if o.key not in extra and o.key not in gone]
         prefixes = list(page.prefixes)
         if gone:  # a prefix whose every object is deleted here is gone too
-            alive = {o.key for o in page.objects} - gone
-            prefixes = [
-                p for p in prefixes if not await self._prefix_emptied(namespace, p, gone, alive)
-            ]
+            prefixes = [p for p in prefixes if not await self._prefix_emptied(namespace, p, gone)]
         for key, info in extra.items():
             rest = key[len(prefix) :]
             if delimiter and delimiter in rest:
@@ -350,9 +347,7 @@ class Worker:
                 objects.append(info)
         return ListPage(sorted(objects, key=lambda o: o.key), sorted(prefixes), None)
 
-    async def _prefix_emptied(
-        self, namespace: str, prefix: str, gone: set[str], alive: set[str]
-    ) -> bool:
+    async def _prefix_emptied(self, namespace: str, prefix: str, gone: set[str]) -> bool:
         """Whether only deleted keys are under ``prefix`` (an ``rmdir`` not yet in the store):
         from the cached recursive listing, else one page of the store's (no more keys than
         are deleted under it, plus one, are needed to tell)."""
