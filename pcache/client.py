@@ -43,6 +43,7 @@ from .protocol import (
     METADATA_HEADER,
     SOURCE_HEADER,
     TOKEN_HEADER,
+    Progress,
     StaleVersion,
     block_key,
     error_from_response,
@@ -95,10 +96,20 @@ class WriteSession:
         suffix = f"/{action}" if action else ""
         return self.client.local_request(method, f"/v1/session/{self.id}{suffix}", **kwargs)
 
-    def reserve(self, size: int) -> int:
-        """Hold cache capacity for the staging file to grow to ``size``; returns what is held.
-        Raises ``InsufficientStorage`` (ENOSPC) when the cache cannot."""
-        return int(self._call("POST", "reserve", payload={"size": size})["reserved"])
+    def reserve(self, size: int, progress: Progress | None = None) -> int:
+        """Hold cache capacity for the staging file to grow to ``size`` (reporting the writer's
+        ``progress`` first); returns what is held. Raises ``InsufficientStorage`` (ENOSPC) when
+        the cache cannot."""
+        payload: dict[str, Any] = {"size": size}
+        if progress is not None:
+            payload["progress"] = progress.to_json()
+        return int(self._call("POST", "reserve", payload=payload)["reserved"])
+
+    def uploaded(self, beyond: int = 0, wait: float = 0.0) -> int:
+        """The prefix of the staging file already in the store's parts (what the writer may
+        drop from the disk); waits up to ``wait`` seconds for it to pass ``beyond``."""
+        payload = {"beyond": beyond, "wait": wait}
+        return int(self._call("POST", "uploaded", payload=payload, timeout=wait + 10)["uploaded"])
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.client.local_request("PUT", f"/v1/session/{self.id}?offset={offset}", body=bytes(data))
@@ -114,6 +125,7 @@ class WriteSession:
         durable: Durability = Durability.LOCAL,
         close: bool = True,
         timeout: float = STRICT_TIMEOUT_S,
+        progress: Progress | None = None,
     ) -> ObjectInfo:
         payload: dict[str, Any] = {
             "durable": Durability(durable).value,
@@ -123,6 +135,8 @@ class WriteSession:
         }
         if size is not None:
             payload["size"] = size
+        if progress is not None:
+            payload["progress"] = progress.to_json()
         return info_from_json(self._call("POST", "commit", payload=payload, timeout=timeout + 5))
 
     def abort(self) -> None:

@@ -11,7 +11,17 @@ which sends them in one request (the worker stages, fsyncs and journals them as 
 create, a write and a close cost one worker round trip. A file that grows past the limit moves
 into a staging file.
 
-Opening an existing object without ``O_TRUNC`` copies its content first (copy on open). ``flush`` (each ``close(2)``) commits: the staging file is fsynced and journalled
+Opening an existing object without ``O_TRUNC`` copies its content first (copy on open).
+
+Large files are uploaded while they are written (:mod:`pcache.eager`): every reservation and
+commit reports the file's *frontier* (the prefix written contiguously) and the ranges written
+over below the frontier last reported, so the worker never completes an upload with a part older
+than the commit. When the cache is full, the mount drops the parts already in the store from the
+staging file (``released``, a prefix: punched holes) instead of failing with ``ENOSPC``; those
+bytes are then only in the store's unfinished upload, so reading or writing them again through
+this descriptor fails with ``EIO`` until the file is closed and uploaded (other readers wait for
+the upload). The report is taken in the trio task, before the request: a write meanwhile counts
+as written over. ``flush`` (each ``close(2)``) commits: the staging file is fsynced and journalled
 (local-durable; ``--durability remote`` also waits for the store); ``fsync`` waits for the store.
 The last release closes the session; what was committed stays journalled until uploaded.
 
@@ -26,6 +36,8 @@ one file (:attr:`OpenFile.lock`).
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
 import time
@@ -34,17 +46,21 @@ from dataclasses import dataclass, field
 import trio
 
 from objstore.base import ObjectInfo
+from objstore.errors import InsufficientStorage
 
 from .client import STRICT_TIMEOUT_S, PcacheClient, WriteSession
 from .config import Durability
 from .files import PcacheReader
 from .posix import Attrs, keep_foreign
-from .protocol import WriteError
+from .protocol import Progress, WriteError
 
 log = logging.getLogger(__name__)
 
 COPY_CHUNK = 8 << 20
 SMALL_FILE_MAX = 1 << 20  # files up to this size are kept in memory until committed
+RELEASE_WAIT_S = 60.0  # a writer out of room waits this long for its parts to be uploaded
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 class StagingUnreachable(OSError):
@@ -70,6 +86,10 @@ class OpenFile:
         committed_changes: ``changes`` as of the last successful commit.
         unlinked: the path was removed or renamed over: nothing more is committed.
         failed: the errno of a write that failed (no room): the file is never committed.
+        frontier: ``[0, frontier)`` was written contiguously.
+        reported: the frontier the worker was last told.
+        overwritten: ranges below ``reported`` written over since (the next report's).
+        released: the prefix dropped from the staging file (only in the store's parts).
     """
 
     path: str
@@ -86,6 +106,10 @@ class OpenFile:
     committed_changes: int = 0
     unlinked: bool = False
     failed: int = 0
+    frontier: int = 0
+    reported: int = 0
+    overwritten: list[tuple[int, int]] = field(default_factory=list)
+    released: int = 0
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
@@ -110,7 +134,48 @@ class OpenFile:
             return end > SMALL_FILE_MAX
         return end > self.reserved
 
+    def _check_kept(self, offset: int) -> None:
+        if offset < self.released:
+            raise OSError(
+                errno.EIO,
+                f"{self.path}: bytes before {self.released} were uploaded and dropped from the "
+                "full cache; they can be read once the file is closed and uploaded",
+            )
+
+    def _wrote(self, start: int, end: int) -> None:
+        if start < self.reported:
+            self.overwritten.append((start, min(end, self.reported)))
+        if start <= self.frontier:
+            self.frontier = max(self.frontier, end)
+
+    def take_progress(self) -> Progress:
+        """The report for the next request; from now on the worker counts as told (a request
+        that fails gives it back: :meth:`restore_progress`)."""
+        progress = Progress(self.frontier, tuple(self.overwritten), self.released)
+        self.reported = self.frontier
+        self.overwritten = []
+        return progress
+
+    def restore_progress(self, progress: Progress) -> None:
+        self.overwritten[:0] = progress.dirty
+
+    def release(self, upto: int) -> bool:
+        """Drop ``[released, upto)`` (in the store's parts) from the staging file; False when
+        nothing could be dropped (a write over it is not reported yet, or no hole punching)."""
+        if upto <= self.released or self.fd < 0:
+            return False
+        if any(start < upto for start, _ in self.overwritten):
+            return False  # reported first; the worker then counts those parts as not uploaded
+        try:
+            punch_hole(self.fd, self.released, upto - self.released)
+        except OSError as exc:
+            log.warning("%s: cannot drop uploaded bytes from the cache: %s", self.path, exc)
+            return False
+        self.released = upto
+        return True
+
     def pwrite(self, offset: int, data: bytes) -> int:
+        self._check_kept(offset)
         if self.buffer is not None:
             if offset > len(self.buffer):
                 self.buffer.extend(bytes(offset - len(self.buffer)))
@@ -122,16 +187,20 @@ class OpenFile:
             while done < len(view):
                 done += os.pwrite(self.fd, view[done:], offset + done)
         self.size = max(self.size, offset + done)
+        self._wrote(offset, offset + done)
         self.touch()
         return done
 
     def pread(self, offset: int, size: int) -> bytes:
         size = max(0, min(size, self.size - offset))
+        if size:
+            self._check_kept(offset)
         if self.buffer is not None:
             return bytes(self.buffer[offset : offset + size])
         return os.pread(self.fd, size, offset)
 
     def truncate(self, size: int) -> None:
+        self._check_kept(size)
         if self.buffer is not None:
             if size < len(self.buffer):
                 del self.buffer[size:]
@@ -140,6 +209,9 @@ class OpenFile:
         else:
             os.ftruncate(self.fd, size)
         self.size = size
+        if size < self.reported:
+            self.overwritten.append((size, self.reported))
+        self.frontier = min(self.frontier, size)
         self.touch()
 
     def close_fd(self) -> None:
@@ -187,22 +259,47 @@ def copy_fd(source: int, target: int, size: int) -> None:
     os.ftruncate(target, size)
 
 
-def make_room(client: PcacheClient, file: OpenFile, end: int) -> None:
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the disk blocks of ``[offset, offset + length)`` (reads as zeros, size kept)."""
+    if _libc.fallocate(
+        fd,
+        _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+        ctypes.c_long(offset),
+        ctypes.c_long(length),
+    ):
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def make_room(client: PcacheClient, file: OpenFile, end: int, progress: Progress) -> int:
     """Before the file grows to ``end`` (worker thread): a small file past the limit moves into
-    a staging file; a staged one gets capacity for ``end`` (``InsufficientStorage`` if none)."""
+    a staging file; a staged one gets capacity for ``end``. Returns 0, or, when the cache is
+    full but the file's first bytes are in the store, the offset up to which the caller should
+    drop them (:meth:`OpenFile.release`) before asking again. ``InsufficientStorage`` if
+    neither."""
     if file.buffer is not None:
         session, fd = open_staging(client, file.client_path)
         try:
-            file.reserved = session.reserve(max(end, len(file.buffer)))
+            file.reserved = session.reserve(max(end, len(file.buffer)), progress)
             os.pwrite(fd, bytes(file.buffer), 0)
         except BaseException:
             os.close(fd)
             session.abort()
             raise
         file.session, file.fd, file.buffer = session, fd, None
-        return
+        return 0
     assert file.session is not None
-    file.reserved = file.session.reserve(end)
+    try:
+        file.reserved = file.session.reserve(end, progress)
+    except InsufficientStorage:
+        uploaded = file.session.uploaded(beyond=file.released, wait=RELEASE_WAIT_S)
+        if uploaded <= file.released:
+            raise
+        return uploaded
+    return 0
 
 
 def commit(
@@ -212,9 +309,11 @@ def commit(
     *,
     close: bool,
     timeout: float = STRICT_TIMEOUT_S,
+    progress: Progress | None = None,
 ) -> ObjectInfo | None:
-    """Commit the file's content and attributes (worker thread); returns what it became, or None
-    when its name was removed meanwhile. A session the worker lost is rebuilt from our copy."""
+    """Commit the file's content and attributes (worker thread) with the writer's ``progress``
+    (:meth:`OpenFile.take_progress`); returns what it became, or None when its name was removed
+    meanwhile. A session the worker lost is rebuilt from our copy."""
     if file.unlinked:
         return None
     changes = file.changes
@@ -236,10 +335,13 @@ def commit(
             durable=durability,
             close=close,
             timeout=timeout,
+            progress=progress,
         )
     except WriteError:
         if file.unlinked:
             return None
+        if file.released:
+            raise  # the session's upload held the dropped bytes: nothing to write again from
         info = _recommit(client, file, durability, close, timeout)
     file.committed_changes = changes
     return info
@@ -262,6 +364,7 @@ def _recommit(
     if old_fd >= 0:
         os.close(old_fd)
     file.reserved = 0
+    file.reported = 0  # the new session has been told nothing yet
     return session.commit(
         size=file.size, metadata=file.metadata(), durable=durability, close=close, timeout=timeout
     )

@@ -757,8 +757,7 @@ class PcacheOperations(pyfuse3.Operations):
 
     async def _apply_setattr(self, file: OpenFile, attr: Any, fields: Any) -> None:
         if fields.update_size:
-            if file.needs_room(attr.st_size):
-                await self._run(make_room, self.client, file, attr.st_size)
+            await self._make_room(file, attr.st_size)
             file.truncate(attr.st_size)
         file.attrs = self._changed_attrs(file.attrs, attr, fields)
         file.changes += 1
@@ -1292,6 +1291,7 @@ class PcacheOperations(pyfuse3.Operations):
                     attrs,
                     foreign,
                     buffer=bytearray(content),
+                    frontier=len(content),
                 )
             else:
                 file = await self._open_staged(path, client_path, current, attrs, foreign)
@@ -1321,7 +1321,7 @@ class PcacheOperations(pyfuse3.Operations):
             with trio.CancelScope(shield=True):
                 await self._run(session.abort)
             raise
-        return OpenFile(path, client_path, session, fd, size, attrs, foreign)
+        return OpenFile(path, client_path, session, fd, size, attrs, foreign, frontier=size)
 
     def _open_control(self, flags: int) -> Any:
         if flags & os.O_ACCMODE != os.O_RDONLY:
@@ -1419,16 +1419,28 @@ class PcacheOperations(pyfuse3.Operations):
         end = off + len(buf)
         if file.needs_room(end):
             async with file.lock:
-                if file.needs_room(end):
-                    try:
-                        await self._run(make_room, self.client, file, end)
-                    except Exception as exc:
-                        # a file that lost a write is never committed half: close says so
-                        file.failed = errno_for(exc, "write")
-                        raise
+                try:
+                    await self._make_room(file, end)
+                except Exception as exc:
+                    # a file that lost a write is never committed half: close says so
+                    file.failed = errno_for(exc, "write")
+                    raise
         written = file.pwrite(off, buf)
         self.stats.wrote(written)
         return written
+
+    async def _make_room(self, file: OpenFile, end: int) -> None:
+        """Capacity for ``file`` to grow to ``end``; when the cache is full, its parts already in
+        the store are dropped from the disk to make it (see pcache.fuse_files)."""
+        while file.needs_room(end):
+            progress = file.take_progress()
+            try:
+                release = await self._run(make_room, self.client, file, end, progress)
+            except BaseException:
+                file.restore_progress(progress)
+                raise
+            if release and not file.release(release) and not file.overwritten:
+                raise fail(errno.ENOSPC)
 
     async def _commit(self, file: OpenFile, durability: Durability | None = None) -> None:
         if file.failed:
@@ -1436,12 +1448,17 @@ class PcacheOperations(pyfuse3.Operations):
         async with file.lock:
             if not file.dirty or file.unlinked:
                 return
-            await self._run(
-                functools.partial(commit, close=False),
-                self.client,
-                file,
-                durability or self.durability,
-            )
+            progress = file.take_progress()
+            try:
+                await self._run(
+                    functools.partial(commit, close=False, progress=progress),
+                    self.client,
+                    file,
+                    durability or self.durability,
+                )
+            except BaseException:
+                file.restore_progress(progress)
+                raise
         await self._invalidate_cluster(file.path)
 
     @fuse_errors

@@ -21,13 +21,17 @@ Routes (``{ns}`` is a namespace from the worker's ``backends``, ``{key}`` an obj
     POST /v1/write/{ns}/{key}             open a write session -> {session}
     PUT  /v1/session/{id}?offset=N        body: bytes at offset
     POST /v1/session/{id}/shm             {offset, length, segment, segment_offset}
-    POST /v1/session/{id}/commit          {durable, size, metadata, close, timeout} -> stat
+    POST /v1/session/{id}/commit          {durable, size, metadata, close, timeout, progress}
+                                          -> stat
     DELETE /v1/session/{id}               abort
     POST /v1/flush/{ns}/{key}             wait until remote-durable
     PUT  /v1/object/{ns}/{key}?durable=   body: a small object, X-Pcache-Metadata: {json};
                                           staged + journalled (+ uploaded when remote) -> stat
     DELETE /v1/object/{ns}/{key}?durable= journal a delete (remote: wait for the store)
-    POST /v1/session/{id}/reserve         {size}: capacity for a direct writer -> {reserved}
+    POST /v1/session/{id}/reserve         {size, progress}: capacity for a direct writer
+                                          -> {reserved}
+    POST /v1/session/{id}/uploaded        {beyond, wait}: the prefix its early upload holds
+                                          (waits up to ``wait`` s to pass ``beyond``) -> {uploaded}
     POST /v1/session/{id}/truncate        {size}
     POST /v1/rename                       {ns, old, new, durable, noreplace}
     POST /v1/meta/{ns}/{key}              {metadata, durable}: replace user metadata
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from objstore.base import ObjectInfo
@@ -213,6 +218,45 @@ def is_pending(version: str) -> bool:
 def pending_session(version: str) -> str:
     """The staging session a pending version belongs to."""
     return version[len(PENDING_PREFIX) :].partition(".")[0]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A direct writer's report on its staging file (``progress`` in reserve and commit).
+
+    Attributes:
+        frontier: it has written ``[0, frontier)`` contiguously.
+        dirty: ranges ``[start, end)`` below its previous report's frontier written over since.
+        released: the prefix it dropped from the disk (the early upload holds those bytes).
+    """
+
+    frontier: int
+    dirty: tuple[tuple[int, int], ...] = ()
+    released: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "frontier": self.frontier,
+            "dirty": [list(r) for r in self.dirty],
+            "released": self.released,
+        }
+
+    @classmethod
+    def from_json(cls, value: Any) -> Progress | None:
+        """Parse a request's ``progress`` (None when absent); ``ValueError`` when malformed."""
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError("progress must be an object")
+        try:
+            frontier = int(value["frontier"])
+            released = int(value.get("released", 0))
+            dirty = tuple((int(a), int(b)) for a, b in value.get("dirty", ()))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed progress: {exc}") from None
+        if frontier < 0 or released < 0 or any(a < 0 or b < a for a, b in dirty):
+            raise ValueError("progress offsets must be ordered and non-negative")
+        return cls(frontier, dirty, released)
 
 
 def block_key(namespace: str, key: str, index: int) -> str:

@@ -15,7 +15,15 @@ Two kinds of writers fill it:
   write.
 
 ``sync`` fsyncs the file (the "local-durable" half of a commit; the journal entry is the other).
-Thread-safe: one lock per file orders writes, truncates and the reservation.
+
+While it is written, its whole parts go to the store early (:mod:`pcache.eager`): writes through
+here move the *frontier* (the end of the prefix written contiguously from 0) themselves; a direct
+writer reports it with every reservation and commit (:meth:`StagedFile.report`), together with
+the ranges below the frontier it last reported that it wrote over since. A direct writer may drop
+uploaded parts from the disk (``released``, a prefix); the reservation then covers only the rest.
+
+Thread-safe: one lock per file orders writes, truncates, reports and the reservation (taken
+before the eager upload's own lock).
 """
 
 from __future__ import annotations
@@ -28,11 +36,13 @@ import time
 from pathlib import Path
 
 from .blockstore import NoSpace, Reservation
-from .protocol import WriteError
+from .eager import EagerUpload
+from .protocol import Progress, WriteError
 
 log = logging.getLogger(__name__)
 
 RESERVE_AHEAD = 64 << 20  # a direct writer asks for this much room beyond what it has written
+RESERVE_AHEAD_MIN = 1 << 20  # ... or, when the cache is nearly full, as little as this
 
 
 class StagedFile:
@@ -44,6 +54,10 @@ class StagedFile:
         path: the staging file.
         attached: a writer still has it open; commits may follow.
         detached: its name was unlinked or renamed over while open: later commits are dropped.
+        frontier: the prefix ``[0, frontier)`` the writer has written contiguously.
+        released: the prefix whose bytes were dropped from the disk (they are in the eager
+            upload's parts).
+        eager: the multipart upload filled while the file is written, if any.
     """
 
     def __init__(
@@ -71,6 +85,9 @@ class StagedFile:
         self.attached = True
         self.detached = False
         self.released = False
+        self.frontier = 0
+        self.released_bytes = 0
+        self.eager: EagerUpload | None = None
         self._lock = threading.Lock()
         self.last_used = time.monotonic()
 
@@ -95,12 +112,18 @@ class StagedFile:
             fd = self._fd_or_fail()
             end = offset + len(data)
             self._ensure_room(end)
+            if offset < self.released_bytes:
+                raise WriteError(f"bytes at {offset} of {self.key!r} were already uploaded")
             view = memoryview(data)
             done = 0
             while done < len(view):
                 done += os.pwrite(fd, view[done:], offset + done)
             self.size = max(self.size, end)
             self.last_used = time.monotonic()
+            dirty = (offset, min(end, self.frontier))
+            if offset <= self.frontier:
+                self.frontier = max(self.frontier, end)
+            self._reported_locked(self.frontier, [dirty])
             return done
 
     def truncate(self, size: int) -> None:
@@ -109,27 +132,67 @@ class StagedFile:
             raise WriteError(f"negative size {size}")
         with self._lock:
             fd = self._fd_or_fail()
-            self._ensure_room(size)
+            if size < self.released_bytes:
+                raise WriteError(f"bytes at {size} of {self.key!r} were already uploaded")
+            self._ensure_room(size - self.released_bytes)
             os.ftruncate(fd, size)
             self.size = size
             self.last_used = time.monotonic()
+            self.frontier = min(self.frontier, size)
+            if self.eager is not None:
+                self.eager.truncated(size)
+
+    def _reported_locked(self, frontier: int, dirty: list[tuple[int, int]]) -> None:
+        if self.eager is not None:
+            for start, end in dirty:
+                self.eager.dirty(start, end)
+            self.eager.advance(frontier)
+
+    def report(self, progress: Progress) -> None:
+        """A direct writer's progress: it wrote ``[0, frontier)``, wrote over ``dirty`` ranges
+        since its last report, and dropped ``[0, released)`` from the disk."""
+        frontier, dirty, released = progress.frontier, progress.dirty, progress.released
+        with self._lock:
+            self._fd_or_fail()
+            self.last_used = time.monotonic()
+            if released > self.released_bytes:
+                uploaded = self.eager.uploaded_prefix() if self.eager is not None else 0
+                if released > uploaded:
+                    raise WriteError(
+                        f"cannot release {released} bytes of {self.key!r}: {uploaded} uploaded"
+                    )
+                self.released_bytes = released
+                if self.eager is not None:
+                    self.eager.released = released
+            for start, _ in dirty:
+                if start < self.released_bytes:
+                    raise WriteError(f"bytes at {start} of {self.key!r} were already uploaded")
+            self.frontier = frontier
+            self._reported_locked(frontier, list(dirty))
 
     def reserve(self, size: int) -> int:
         """For a direct writer about to grow the file to ``size``: hold capacity for it (plus
         :data:`RESERVE_AHEAD`, best effort) and return how much is held. Shrinks the hold when
-        the file got smaller. Raises ``NoSpace`` when even ``size`` cannot be held."""
+        the file got smaller. Raises ``NoSpace`` when even ``size`` cannot be held. Bytes
+        released from the disk do not count."""
         with self._lock:
             self._fd_or_fail()
             self.last_used = time.monotonic()
+            size -= self.released_bytes
             held = self._reservation.nbytes
             if size > held:
-                try:
-                    self._reservation.grow(size + RESERVE_AHEAD - held)
-                except NoSpace:
+                ahead = RESERVE_AHEAD
+                while ahead >= RESERVE_AHEAD_MIN:  # the cache nearly full: less ahead
+                    try:
+                        self._reservation.grow(size + ahead - held)
+                        break
+                    except NoSpace:
+                        ahead //= 4
+                else:
                     self._reservation.grow(size - held)  # NoSpace again: the caller's ENOSPC
             elif size + 2 * RESERVE_AHEAD < held:
                 self._reservation.shrink(held - size - RESERVE_AHEAD)
-            return self._reservation.nbytes
+            return self._reservation.nbytes + self.released_bytes
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes at ``offset`` (short at the end of the file)."""
@@ -150,12 +213,14 @@ class StagedFile:
             return self.size
 
     def account_disk_usage(self) -> None:
-        """Make the reservation cover the file as it is (a restart found it)."""
+        """Make the reservation cover the file as it is on the disk (a restart found it; the
+        released prefix is a hole)."""
         with self._lock:
-            size = os.fstat(self._fd_or_fail()).st_size
-            self.size = size
-            if size > self._reservation.nbytes:
-                self._reservation.grow(size - self._reservation.nbytes)
+            stat = os.fstat(self._fd_or_fail())
+            self.size = stat.st_size
+            used = min(stat.st_size, stat.st_blocks * 512)
+            if used > self._reservation.nbytes:
+                self._reservation.grow(used - self._reservation.nbytes)
 
     def release(self) -> None:
         """Close and delete the file and return its capacity (idempotent)."""

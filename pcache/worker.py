@@ -45,6 +45,7 @@ from .protocol import (
     SOURCE_HEADER,
     TOKEN_HEADER,
     VERSION_HEADER,
+    Progress,
     StaleVersion,
     Unauthorized,
     error_body,
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 
 FETCH_ATTEMPTS = 3  # metadata fetches overtaken by an upload or invalidation are retried
 ANNOUNCE_TIMEOUT_S = 2.0  # a peer slower than this to take an announcement is skipped
+STORE_WAIT_S = 60.0  # a read of bytes only in an unfinished upload waits this long for it
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz"})
 MAX_BODY = 64 << 20
@@ -384,11 +386,14 @@ class Worker:
             ):  # the same staging file (a later commit of it is what a reader sees now)
                 start = index * self.blocks.block_size
                 length = min(self.blocks.block_size, pending.size - start)
-                try:
-                    data = await asyncio.to_thread(self.writeback.read, pending, start, length)
-                    return data, "local"
-                except FileNotFoundError:
-                    pass  # uploaded (and its staging file removed) since we looked
+                if start < pending.released:  # dropped from the disk: in the store once done
+                    await _wait_remote(self, namespace, info.key, STORE_WAIT_S)
+                else:
+                    try:
+                        data = await asyncio.to_thread(self.writeback.read, pending, start, length)
+                        return data, "local"
+                    except FileNotFoundError:
+                        pass  # uploaded (and its staging file removed) since we looked
             announced = self._announcement(namespace, info.key)
             if pending is None and announced is not None and announced.version == info.version:
                 return await self._from_owner(namespace, info, index, announced.owner)
@@ -719,8 +724,25 @@ async def session_reserve(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
     session = worker.writeback.session(request.match_info["id"])
     body = await request.json()
+    progress = Progress.from_json(body.get("progress"))
+    if progress is not None:
+        await asyncio.to_thread(session.report, progress)
     held = await asyncio.to_thread(session.reserve, int(body["size"]))
     return web.json_response({"reserved": held})
+
+
+async def session_uploaded(request: web.Request) -> web.Response:
+    """How much of a direct writer's file its early upload holds (what it may drop from the
+    disk when the cache is full): waits up to ``wait`` seconds for it to pass ``beyond``."""
+    worker = request.app[WORKER]
+    session = worker.writeback.session(request.match_info["id"])
+    body = await request.json()
+    eager = session.eager
+    if eager is None:
+        return web.json_response({"uploaded": 0})
+    wait = min(float(body.get("wait", 0.0)), 60.0)
+    uploaded = await asyncio.to_thread(eager.wait_uploaded, int(body.get("beyond", 0)), wait)
+    return web.json_response({"uploaded": uploaded})
 
 
 async def session_truncate(request: web.Request) -> web.Response:
@@ -750,6 +772,7 @@ async def session_commit(request: web.Request) -> web.Response:
             size=None if size is None else int(size),
             metadata=metadata,
             close=bool(body.get("close", True)),
+            progress=Progress.from_json(body.get("progress")),
         )
     )
     worker.meta.invalidate_key(record.namespace, record.key)
@@ -1054,6 +1077,7 @@ def create_app(config: WorkerConfig) -> web.Application:
     app.router.add_post("/v1/session/{id}/shm", session_shm)
     app.router.add_post("/v1/session/{id}/commit", session_commit)
     app.router.add_post("/v1/session/{id}/reserve", session_reserve)
+    app.router.add_post("/v1/session/{id}/uploaded", session_uploaded)
     app.router.add_post("/v1/session/{id}/truncate", session_truncate)
     app.router.add_post("/v1/rename", rename_object)
     app.router.add_post(f"/v1/meta/{{ns}}/{key}", set_metadata)

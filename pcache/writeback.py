@@ -22,6 +22,15 @@ Records, one per key, the newest only (what the store must end with):
 A rename of a pending object re-keys its record in the journal (the old name gets a tombstone):
 no byte is uploaded under the old name, and it costs one journal transaction.
 
+Large files are uploaded while they are written (:mod:`pcache.eager`): each staging file gets
+an :class:`~pcache.eager.EagerUpload`, whose parts fill as the writer's frontier passes them; a
+commit journals its upload id and clean parts with the record, and the upload completes what is
+missing. A rename re-keys such a file too (its early parts are uploaded again under the new
+name), except when the writer released uploaded bytes from the disk: then the upload completes
+under the old name (``upload_key``) and is copied server-side to the new one, then deleted. After
+a restart a record's journalled parts are reused; an upload the store no longer has is started
+over, or, when released bytes went with it, is a permanent failure (reported, never silent).
+
 Failures: an error :func:`objstore.errors.is_permanent` calls permanent (a key the store refuses,
 access denied) is not retried: the record is kept with the error (journalled), waiters get
 :class:`UploadFailed` at once, and :meth:`retry` or :meth:`discard` decide. A transient one is
@@ -56,10 +65,11 @@ from typing import Any
 import lmdb
 
 from objstore.base import ObjectInfo, PartInfo, Store
-from objstore.errors import is_permanent
+from objstore.errors import UploadNotFound, is_permanent
 
 from .blockstore import BlockStore
-from .protocol import PENDING_PREFIX, UploadFailed, WriteError
+from .eager import EagerUpload, PartPool, Superseded
+from .protocol import PENDING_PREFIX, Progress, UploadFailed, WriteError
 from .staging import StagedFile
 
 log = logging.getLogger(__name__)
@@ -70,6 +80,7 @@ UPLOAD_RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 INLINE_MAX = 64 << 10  # objects up to this size are journalled with their bytes
 INLINE_BUDGET = 256 << 20  # at most this many such bytes pending at once (else staging files)
 _DATA_PREFIX = b"\x00data\x00"  # journal keys of inline bytes (record keys are 32-byte digests)
+_EAGER_PREFIX = b"\x00eager\x00"  # journal keys of eager uploads (aborted when orphaned)
 PART_THREADS = 4
 
 
@@ -86,7 +97,10 @@ class PendingObject:
         committed: wall-clock time of the commit (the object's mtime until uploaded).
         metadata: user metadata to store with it (POSIX attributes, pcache.posix).
         delete: a tombstone: the key is to be deleted.
-        upload_id: a multipart upload in progress (aborted on resume).
+        upload_id: the multipart upload holding parts of it (``parts``), if any.
+        parts: its parts known clean at commit, ``[number, etag, size]`` each.
+        released: the prefix of the staging file dropped from the disk (only in ``parts``).
+        upload_key: the key the upload is under when it is not ``key`` (renamed meanwhile).
         error: the last upload failure, if any.
         permanent: that failure will not go away by retrying.
         inline: the bytes live in the journal itself (a small object: one fsync, no file).
@@ -102,6 +116,9 @@ class PendingObject:
     metadata: dict[str, str] = field(default_factory=dict)
     delete: bool = False
     upload_id: str = ""
+    parts: list[list[Any]] = field(default_factory=list)
+    released: int = 0
+    upload_key: str = ""
     error: str = ""
     permanent: bool = False
     inline: bool = False
@@ -185,6 +202,8 @@ class WriteBack:
         self.failed_permanently = 0
         # version of a pending write -> the object it became (readers opened before the upload)
         self._uploaded_as: OrderedDict[str, ObjectInfo] = OrderedDict()
+        self._parts = PartPool(PART_THREADS)
+        self._maybe_borrowed = True  # a record may have an upload_key (see _next_locked)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -195,7 +214,7 @@ class WriteBack:
         stale_keys: list[bytes] = []
         with self._env.begin() as txn:
             for raw_key, raw in txn.cursor():
-                if raw_key.startswith(_DATA_PREFIX):
+                if raw_key.startswith((_DATA_PREFIX, _EAGER_PREFIX)):
                     continue
                 data = json.loads(raw)
                 data.setdefault("metadata", {})
@@ -227,6 +246,19 @@ class WriteBack:
             ]
             for raw_key in orphans:
                 txn.delete(raw_key)
+            needed = {r.upload_id for r in self._records.values() if r.upload_id}
+            eager = [(k, json.loads(v)) for k, v in txn.cursor() if k.startswith(_EAGER_PREFIX)]
+            for raw_key, entry in eager:
+                txn.delete(raw_key)
+                if entry["upload_id"] not in needed and entry["ns"] in self._stores:
+                    EagerUpload(
+                        self._stores[entry["ns"]],
+                        entry["key"],
+                        "",
+                        self.part_size,
+                        None,
+                        upload_id=entry["upload_id"],
+                    ).abort()  # an upload of a write that was never committed
             for record in self._records.values():
                 txn.put(self._journal_key(record), json.dumps(asdict(record)).encode())
         self._clean_orphan_staging({r.path for r in self._records.values()})
@@ -286,6 +318,7 @@ class WriteBack:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        self._parts.close()
         deadline = time.monotonic() + grace_s
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -302,9 +335,43 @@ class WriteBack:
         self._stores[namespace].check_key_length(key)
         reservation = self._blocks.reserve(0, pinned=True)
         staged = StagedFile(namespace, key, reservation)
+        staged.eager = self._eager_for(staged)
         with self._cond:
             self._staged[staged.id] = staged
         return staged
+
+    def _eager_for(self, staged: StagedFile) -> EagerUpload | None:
+        """The upload a staging file's parts go to while it is written, where the store can
+        set the object's metadata afterwards (it is fixed when the upload starts)."""
+        store = self._stores[staged.namespace]
+        if not store.features.replace_metadata:
+            return None
+        session = staged.id
+        return EagerUpload(
+            store,
+            staged.key,
+            str(staged.path),
+            self.part_size,
+            self._parts,
+            on_created=lambda upload_id: self._journal_eager(session, staged, upload_id),
+        )
+
+    def _journal_eager(self, session: str, staged: StagedFile, upload_id: str) -> None:
+        entry = {"ns": staged.namespace, "key": staged.key, "upload_id": upload_id}
+        with self._journal_lock:
+            if not self._journal_closed:
+                with self._env.begin(write=True) as txn:
+                    txn.put(_EAGER_PREFIX + session.encode(), json.dumps(entry).encode())
+
+    def _release_staged(self, staged: StagedFile) -> None:
+        """Delete a staging file nothing needs any more, and its unfinished upload."""
+        staged.release()
+        if staged.eager is not None:
+            staged.eager.abort()
+            with self._journal_lock:
+                if not self._journal_closed:
+                    with self._env.begin(write=True) as txn:
+                        txn.delete(_EAGER_PREFIX + staged.id.encode())
 
     def session(self, session_id: str) -> StagedFile:
         with self._cond:
@@ -336,7 +403,7 @@ class WriteBack:
             if not referenced:
                 self._staged.pop(staged.id, None)
         if not referenced:
-            staged.release()
+            self._release_staged(staged)
 
     def commit(
         self,
@@ -345,6 +412,7 @@ class WriteBack:
         size: int | None = None,
         metadata: Mapping[str, str] | None = None,
         close: bool = True,
+        progress: Progress | None = None,
     ) -> PendingObject:
         """Make the file's content local-durable and queue its upload.
 
@@ -352,13 +420,18 @@ class WriteBack:
             size: the size a direct writer sees (default: what went through ``write``).
             metadata: user metadata for the object (replaces the previous commit's).
             close: the writer is done; otherwise later commits may follow.
+            progress: a direct writer's last report (:meth:`StagedFile.report`).
 
         Raises:
             WriteError: the session is closed, or its name was unlinked meanwhile.
         """
         if staged.detached:
             raise WriteError(f"{staged.key!r} was removed while open: nothing to commit")
+        if progress is not None:
+            staged.report(progress)
         synced = staged.sync(size)
+        eager = staged.eager
+        upload_id, parts = eager.state() if eager is not None else ("", [])
         with self._cond:
             if not staged.attached or staged.released:
                 raise WriteError(f"write session {staged.id} is closed")
@@ -372,6 +445,10 @@ class WriteBack:
                 synced,
                 time.time(),
                 metadata=dict(metadata or {}),
+                upload_id=upload_id,
+                parts=[[p.part_number, p.etag, p.size] for p in parts],
+                released=staged.released_bytes,
+                upload_key=eager.key if eager is not None and eager.key != staged.key else "",
             )
         self._journal([record])
         with self._cond:
@@ -455,15 +532,21 @@ class WriteBack:
             if (record is None or record.delete) and not writers:
                 return False
             self._seq += 2
-            moved = (
-                None
-                if record is None or record.delete
-                else replace(
-                    record, key=new, seq=self._seq - 1, upload_id="", error="", permanent=False
+            moved = None
+            if record is not None and not record.delete:
+                moved = replace(
+                    record, key=new, seq=self._seq - 1, error="", permanent=False, upload_key=""
                 )
-            )
+                if record.released:  # its first bytes are only in the upload under the old key
+                    moved = replace(moved, upload_key=record.upload_key or old)
+                elif record.upload_id:
+                    moved = replace(moved, upload_id="", parts=[])
             tomb = PendingObject(self._seq, "", namespace, old, "", 0, time.time(), delete=True)
+            staged = [self._staged.get(record.session)] if record is not None else []
+            rekeyed = {s.id: s for s in [*writers, *staged] if s is not None}
         self._journal([r for r in (moved, tomb) if r is not None])
+        for file in rekeyed.values():
+            self._rekey_eager(file, new)
         with self._cond:
             self._detach_writers_locked(namespace, new)
             for writer in writers:
@@ -473,6 +556,18 @@ class WriteBack:
             self._replace_locked(tomb)
         return True
 
+    def _rekey_eager(self, staged: StagedFile, new: str) -> None:
+        """A renamed file's early parts were for its old name: start its upload again under the
+        new one, unless released bytes keep it under the old name (see the module docstring)."""
+        eager = staged.eager
+        if eager is None or not eager.is_open or staged.released_bytes:
+            return
+        eager.abort()
+        staged.key = new
+        staged.eager = self._eager_for(staged)
+        if staged.eager is not None:
+            staged.eager.advance(staged.frontier)
+
     def set_metadata(self, namespace: str, key: str, metadata: Mapping[str, str]) -> bool:
         """New user metadata for a pending upload of ``key`` (chmod before the upload);
         False when nothing is pending (the caller then changes the stored object)."""
@@ -481,7 +576,7 @@ class WriteBack:
             if record is None or record.delete:
                 return False
             self._seq += 1
-            updated = replace(record, seq=self._seq, metadata=dict(metadata), upload_id="")
+            updated = replace(record, seq=self._seq, metadata=dict(metadata))
         self._journal([updated])
         with self._cond:
             self._replace_locked(updated)
@@ -641,7 +736,7 @@ class WriteBack:
             if staged is None or staged.attached or self._referenced(session):
                 return
             self._staged.pop(session, None)
-        staged.release()
+        self._release_staged(staged)
 
     def _drop_inline_if_unreferenced(self, session: str) -> None:
         """Delete the journalled bytes of an inline object no record needs any more."""
@@ -661,6 +756,7 @@ class WriteBack:
         ident = (record.namespace, record.key)
         old = self._records.get(ident)
         self._records[ident] = record
+        self._maybe_borrowed = self._maybe_borrowed or bool(record.upload_key)
         self._attempts.pop(ident, None)
         if self.upload_delay > 0:
             self._retry_at[ident] = time.monotonic() + self.upload_delay
@@ -675,7 +771,7 @@ class WriteBack:
             staged = self._staged.get(old.session)
             if staged is not None and not staged.attached and not self._referenced(old.session):
                 self._staged.pop(old.session, None)
-                threading.Thread(target=staged.release, daemon=True).start()
+                threading.Thread(target=self._release_staged, args=(staged,), daemon=True).start()
         self._cond.notify_all()
 
     def _detach_writers_locked(self, namespace: str, key: str) -> None:
@@ -692,12 +788,17 @@ class WriteBack:
     def _next_locked(self) -> Ident | None:
         """A key that is due and not being uploaded, or None."""
         now = time.monotonic()
+        # a key that a renamed file's upload still completes under waits for it to be copied
+        borrowed: set[Ident] = set()
+        if self._maybe_borrowed:
+            borrowed = {(r.namespace, r.upload_key) for r in self._records.values() if r.upload_key}
+            self._maybe_borrowed = bool(borrowed)
         for _ in range(len(self._ready)):
             ident = self._ready.popleft()
             if ident not in self._records:
                 self._queued.discard(ident)
                 continue
-            if ident in self._active or self._retry_at.get(ident, 0.0) > now:
+            if ident in self._active or self._retry_at.get(ident, 0.0) > now or ident in borrowed:
                 self._ready.append(ident)
                 continue
             self._queued.discard(ident)
@@ -744,7 +845,7 @@ class WriteBack:
             info = None if record.delete else self._upload(store, ident, record)
             if record.delete:
                 store.delete(record.key)
-        except _Superseded:
+        except Superseded:
             return
         except Exception as exc:
             self._failed(ident, record, exc)
@@ -793,61 +894,75 @@ class WriteBack:
                 record.key, self._inline_data(record), metadata=record.metadata or None
             )
             return replace(info, metadata=dict(record.metadata))
-        with open(record.path, "rb") as file:
-            fd = file.fileno()
-            if record.size <= self.part_size or record.size < store.features.min_part_size:
-                info = store.put(
-                    record.key, os.pread(fd, record.size, 0), metadata=record.metadata or None
-                )
-                return (
-                    info
-                    if info.metadata == record.metadata
-                    else replace(info, metadata=dict(record.metadata))
-                )
-            if record.upload_id:  # from before a restart: start over, cleanly
-                try:
-                    store.abort_upload(record.key, record.upload_id)
-                except OSError as exc:
-                    log.info("could not abort stale upload %s: %s", record.upload_id, exc)
-            part_size = max(self.part_size, -(-record.size // store.features.max_parts))
-            upload_id = store.create_upload(record.key, metadata=record.metadata or None)
-            try:
-                self._journal_update(replace(record, upload_id=upload_id))
-                offsets = list(range(0, record.size, part_size))
-                parts = _map_daemon(
-                    lambda n: self._part(
-                        store, ident, record, upload_id, fd, n, offsets, part_size
-                    ),
-                    range(len(offsets)),
-                    PART_THREADS,
-                )
-                if not self._current(ident, record):
-                    raise _Superseded
-                info = store.complete_upload(record.key, upload_id, parts)
-                return replace(info, metadata=dict(record.metadata))
-            except BaseException:
-                try:
-                    store.abort_upload(record.key, upload_id)
-                except OSError as exc:
-                    log.info("could not abort upload %s: %s", upload_id, exc)
-                raise
+        single = record.size <= self.part_size or record.size < store.features.min_part_size
+        if single and not record.released:
+            with open(record.path, "rb") as file:
+                data = os.pread(file.fileno(), record.size, 0)
+            info = store.put(record.key, data, metadata=record.metadata or None)
+            return (
+                info
+                if info.metadata == record.metadata
+                else replace(info, metadata=dict(record.metadata))
+            )
+        eager = self._eager_of(store, record)
 
-    def _part(
-        self,
-        store: Store,
-        ident: Ident,
-        record: PendingObject,
-        upload_id: str,
-        fd: int,
-        index: int,
-        offsets: list[int],
-        part_size: int,
-    ) -> PartInfo:
-        if not self._current(ident, record):
-            raise _Superseded
-        start = offsets[index]
-        data = os.pread(fd, min(part_size, record.size - start), start)
-        return store.upload_part(record.key, upload_id, index + 1, data)
+        def finish(upload: EagerUpload) -> ObjectInfo:
+            return upload.finish(
+                record.size,
+                record.metadata,
+                lambda: self._current(ident, record),
+                threads=PART_THREADS,
+            )
+
+        try:
+            info = finish(eager)
+        except UploadNotFound as exc:
+            if record.released:  # permanent: the released bytes went with the upload
+                raise _lost(record, exc) from exc
+            log.info("upload of %s/%s lost by the store: starting it again", *ident)
+            info = finish(self._eager_of(store, record, fresh=True))
+        if record.upload_key and record.upload_key != record.key:
+            # renamed after bytes were released: completed under the old name, moved now
+            store.copy(record.upload_key, record.key)
+            if store.features.replace_metadata and record.metadata:
+                info = store.replace_metadata(record.key, dict(record.metadata))
+            else:
+                info = store.stat(record.key)
+            store.delete(record.upload_key)
+            info = replace(info, metadata=dict(record.metadata))
+        return info
+
+    def _eager_of(self, store: Store, record: PendingObject, *, fresh: bool = False) -> EagerUpload:
+        """The multipart upload to complete ``record`` with: its staging file's (filled while
+        it was written), the journalled one after a restart, or (``fresh``) a new one."""
+        with self._cond:
+            staged = self._staged.get(record.session)
+        key = record.upload_key or record.key
+        eager = staged.eager if staged is not None else None
+        if not fresh and eager is not None and eager.key == key and eager.is_open:
+            return eager
+        if not fresh and eager is None and record.upload_id:  # journalled before a restart
+            parts = [PartInfo(int(n), str(etag), int(size)) for n, etag, size in record.parts]
+            eager = EagerUpload(
+                store,
+                key,
+                record.path,
+                parts[0].size if parts else self.part_size,
+                None,
+                upload_id=record.upload_id,
+                parts=parts,
+                released=record.released,
+            )
+        elif record.released:
+            raise _lost(record, "its upload was completed or aborted meanwhile")
+        else:
+            if eager is not None:
+                eager.abort()
+            part_size = max(self.part_size, -(-record.size // store.features.max_parts))
+            eager = EagerUpload(store, key, record.path, part_size, None)
+        if staged is not None:
+            staged.eager = eager
+        return eager
 
     def _finish(self, record: PendingObject, info: ObjectInfo | None) -> None:
         """Drop a record whose change is in the store.
@@ -887,43 +1002,8 @@ class WriteBack:
             self._cond.notify_all()
 
 
-class _Superseded(Exception):
-    """The record being uploaded was replaced (a newer commit, a rename, an unlink)."""
-
-
-def _map_daemon(func: Callable[[int], PartInfo], items: range, threads: int) -> list[PartInfo]:
-    """``[func(i) for i in items]`` on up to ``threads`` daemon threads (never joined at
-    interpreter exit, so a stopping worker does not wait on the store); first error raised."""
-    results: dict[int, PartInfo] = {}
-    errors: list[BaseException] = []
-    todo = deque(items)
-    lock = threading.Lock()
-    done = threading.Event()
-    running = [0]
-
-    def work() -> None:
-        while True:
-            with lock:
-                if errors or not todo:
-                    running[0] -= 1
-                    if running[0] == 0:
-                        done.set()
-                    return
-                item = todo.popleft()
-            try:
-                result = func(item)
-            except BaseException as exc:
-                with lock:
-                    errors.append(exc)
-                continue
-            with lock:
-                results[item] = result
-
-    count = max(1, min(threads, len(items)))
-    running[0] = count
-    for _ in range(count):
-        threading.Thread(target=work, name="pcache-part", daemon=True).start()
-    done.wait()
-    if errors:
-        raise errors[0]
-    return [results[i] for i in items]
+def _lost(record: PendingObject, cause: object) -> UploadNotFound:
+    return UploadNotFound(
+        f"the first {record.released} bytes of {record.key!r} were dropped from the cache once "
+        f"uploaded, and the store no longer has that upload ({cause})"
+    )

@@ -574,14 +574,18 @@ def test_requests_time_out_when_the_worker_hangs(cluster2, store: Store, tmp_pat
         mount.stop()
 
 
-def test_a_write_larger_than_the_cache_is_enospc_and_nothing_lands(mounts, store: Store) -> None:
+def test_a_random_write_larger_than_the_cache_is_enospc_and_nothing_lands(
+    mounts, store: Store
+) -> None:
+    """A sequential writer goes past the cache by dropping uploaded parts (test_mount_posix);
+    one that writes from the end has no part the store could take yet: ENOSPC."""
     a, _ = mounts
     os.mkdir(a / "full")
     fd = os.open(a / "full/huge.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     chunk = os.urandom(MiB)
     with pytest.raises(OSError) as excinfo:
-        for _ in range(200):  # 200 MiB through a 64 MiB cache of dirty (unevictable) data
-            os.write(fd, chunk)
+        for index in reversed(range(200)):  # 200 MiB through a 64 MiB cache, from the end
+            os.pwrite(fd, chunk, index * MiB)
     assert excinfo.value.errno == errno.ENOSPC
     with pytest.raises(OSError):
         os.close(fd)  # the failed file is not committed, and close says so

@@ -503,6 +503,51 @@ def test_worker_restart_while_a_file_is_open(bed: Bed) -> None:
     assert bed.store.get("open-across.bin") == b"before after"
 
 
+def test_a_file_larger_than_the_cache(moto_s3: Any, tmp_path: Path) -> None:
+    """Its first parts are uploaded while it is written and dropped from the cache: 64 MiB go
+    through a 24 MiB cache. While it is open, the dropped bytes read as EIO (they are only in
+    the store's unfinished upload); after close another reader waits for the upload."""
+    bucket = unique_bucket("huge")
+    moto_s3.create_bucket(bucket)
+    cluster = PcacheCluster(
+        tmp_path / "cluster",
+        {"s3": moto_s3.profile()},
+        {"data": f"s3://s3@{bucket}/"},
+        capacity=24 * MiB,
+        extra={"upload_part_size": "5MiB"},
+    )
+    cluster.start()
+    mount = PcacheMount(cluster.nodes[0].address, cluster.token, tmp_path / "mnt")
+    try:
+        data = os.urandom(64 * MiB)
+        fd = os.open(mount.path / "huge.bin", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for offset in range(0, len(data), MiB):
+                os.write(fd, data[offset : offset + MiB])
+            with pytest.raises(OSError) as excinfo:
+                os.pread(fd, 4096, 0)
+            assert excinfo.value.errno == errno.EIO
+            assert os.pread(fd, 4096, len(data) - 4096) == data[-4096:]  # the tail is here
+        finally:
+            os.close(fd)
+        staging = [p for p in (tmp_path / "cluster").rglob("staging") if p.is_dir()]
+        assert sum(disk_usage(d) for d in staging) <= 24 * MiB
+        assert (mount.path / "huge.bin").read_bytes() == data  # waits for the upload
+        store = open_store(
+            f"s3://s3@{bucket}/",
+            Config.from_mapping({"profiles": {"s3": moto_s3.profile()}}, env={}),
+        )
+        assert store.get("huge.bin") == data
+        assert store.stat("huge.bin").metadata.get("mode") == str(stat.S_IFREG | 0o644)
+    finally:
+        mount.stop()
+        cluster.stop()
+
+
+def disk_usage(path: Path) -> int:
+    return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
+
+
 # -- refusals ------------------------------------------------------------------------------------
 
 
