@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -442,7 +443,10 @@ class WriteBench:
                 mounts: dict[str, Any] = {}
                 try:
                     mounts["pcache"] = PcacheMount(
-                        node.address, cluster.token, self.work / "wmnt-pcache"
+                        node.address,
+                        cluster.token,
+                        self.work / "wmnt-pcache",
+                        *shlex.split(args.pcache_write_options),
                     )
                     mounts["rclone"] = RcloneMount(
                         s3, "writes", self.work / "wmnt-rclone", self.work / "wrclone-cache"
@@ -578,6 +582,12 @@ def main() -> int:
     parser.add_argument(
         "--random-writes", type=int, default=4000, help="4 KiB pwrites into 256 MiB (4000)"
     )
+    parser.add_argument(
+        "--pcache-write-options",
+        default="",
+        help="extra options of the writable pcache mount, e.g. '--negative-ttl 300' (rclone's "
+        "dir cache answers missing names for 5 minutes by default; pcache asks the store)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mount-bench-", dir="/var/tmp") as tmp:
@@ -613,7 +623,8 @@ def main() -> int:
     print(
         f"\n{args.size / MiB:.0f} MiB file, {args.files:,} small objects, best of {args.repeat}, "
         f"{os.cpu_count()} CPUs, page cache dropped where stated: {bench.dropped}; "
-        "rclone mount --vfs-cache-mode full --vfs-write-back 0s; pcache mount --immutable"
+        "rclone mount --vfs-cache-mode full --vfs-write-back 0s; pcache mount --immutable; "
+        f"writable pcache mount options: {args.pcache_write_options or '(defaults)'}"
     )
     print(
         f"{'measurement':<42} | {'local':>9} | {'pcache':>9} | {'rclone':>9} | {'s3fs':>9} | "

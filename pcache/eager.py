@@ -23,6 +23,10 @@ Invariants:
   store's parts: they are never reused locally, and an upload that holds released bytes is never
   aborted to start over (a store that lost it is a permanent, reported failure).
 * Completing the upload consumes it; a later commit of the same session starts a new one.
+* A part written over after it was sent is sent again only at commit (not in the background),
+  under the same number: S3, OSS and MinIO replace it; a store that keeps the first one (rclone
+  serve s3) refuses, and the upload starts over from the staging file
+  (:class:`CannotReplacePart`), or fails for good when released bytes went with it.
 
 The object's metadata is fixed when an upload is created; when the committed metadata differs
 (the mtime always moves on while the file is written), the completed object's metadata is
@@ -43,11 +47,18 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 
 from objstore.base import ObjectInfo, PartInfo, Store
-from objstore.errors import UploadNotFound
+from objstore.errors import UploadNotFound, is_permanent
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EAGER_AFTER_PARTS", "EagerUpload", "PartPool", "Superseded", "map_daemon"]
+__all__ = [
+    "EAGER_AFTER_PARTS",
+    "CannotReplacePart",
+    "EagerUpload",
+    "PartPool",
+    "Superseded",
+    "map_daemon",
+]
 
 EAGER_AFTER_PARTS = 2  # the upload starts once this many whole parts are written
 PARTS_IN_FLIGHT = 2  # per file while it is written, so one writer leaves uploaders to others
@@ -55,6 +66,10 @@ PARTS_IN_FLIGHT = 2  # per file while it is written, so one writer leaves upload
 
 class Superseded(Exception):
     """The record being uploaded was replaced meanwhile (a newer commit, a rename, an unlink)."""
+
+
+class CannotReplacePart(UploadNotFound):
+    """The store refused a part sent again with new bytes: the upload must start over."""
 
 
 class PartPool:
@@ -128,6 +143,7 @@ class EagerUpload:
         self._clean: dict[int, PartInfo] = {p.part_number: p for p in parts}
         self._generation: dict[int, int] = {}
         self._flight: set[int] = set()
+        self._sent: set[int] = {p.part_number for p in parts}  # numbers the store has seen
         self._frontier = 0
         self._creating = False
         self._closed = False  # completed or aborted: nothing more goes to this upload
@@ -252,8 +268,8 @@ class EagerUpload:
         for number in range(1, last_whole + 1):
             if len(self._flight) >= PARTS_IN_FLIGHT:
                 return
-            if number in self._clean or number in self._flight:
-                continue
+            if number in self._clean or number in self._flight or number in self._sent:
+                continue  # a part sent and written over since goes again at commit
             self._flight.add(number)
             generation = self._generation.get(number, 0)
             self._pool.submit(functools.partial(self._background_part, number, generation))
@@ -286,7 +302,17 @@ class EagerUpload:
             data = os.pread(file.fileno(), length, start)
         if len(data) != length:
             raise OSError(f"staging file of {self.key!r} is shorter than part {number}")
-        return self.store.upload_part(self.key, self.upload_id, number, data)
+        with self._cond:
+            again = number in self._sent
+            self._sent.add(number)
+        try:
+            return self.store.upload_part(self.key, self.upload_id, number, data)
+        except Exception as exc:
+            if again and is_permanent(exc) and not isinstance(exc, UploadNotFound):
+                raise CannotReplacePart(
+                    f"the store refused part {number} of {self.key!r} sent again: {exc}"
+                ) from exc
+            raise
 
     # -- commit --------------------------------------------------------------------------------
 

@@ -77,6 +77,7 @@ CONTROL_INODE = pyfuse3.ROOT_INODE + 1  # the hidden statistics file at the moun
 NAME_MAX = 255
 MAX_KEY_BYTES = 1024  # S3's limit (OSS: 1,023 — the worker checks the store's own)
 INLINE_READ_MAX = 64 << 10  # reads up to this size may be served in the event loop itself
+RECENT_MISSING_S = 1.0  # a rename trusts the kernel's lookup of its new name this long
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -357,6 +358,7 @@ class PcacheOperations(pyfuse3.Operations):
         self._open: dict[str, OpenFile] = {}  # path -> the file its writers share
         self._reads_in_flight = 0  # reads handed to worker threads
         self._local_dirs: set[str] = set()  # emptied here: exist until rmdir
+        self._missing_at: dict[str, float] = {}  # names a lookup just found missing
         self._known_dirs: dict[str, float] = {}  # path -> expiry (seen with content)
         self._dir_attrs: dict[str, tuple[Attrs, float]] = {}  # marker attributes, with expiry
         # directory -> the names it holds, as listed or made here, and until when that is trusted:
@@ -533,6 +535,7 @@ class PcacheOperations(pyfuse3.Operations):
             del self._names[oldest]
 
     def _note_added(self, path: str) -> None:
+        self._missing_at.pop(path, None)
         parent, _, name = path.rpartition("/")
         names = self._known_names(parent)
         if names is not None:
@@ -634,9 +637,18 @@ class PcacheOperations(pyfuse3.Operations):
             return DIR, None
         return None
 
+    def _missing_moments_ago(self, path: str) -> bool:
+        """Whether the kernel's lookup of ``path`` just found nothing (the lookup before a
+        rename onto a new name: the rename need not ask the store again)."""
+        at = self._missing_at.pop(path, None)
+        return at is not None and time.monotonic() - at < RECENT_MISSING_S
+
     async def _entry(self, path: str) -> Any:
         resolved = await self._resolve(path)
         if resolved is None:
+            if len(self._missing_at) > 4096:
+                self._missing_at.clear()
+            self._missing_at[path] = time.monotonic()
             raise fail(errno.ENOENT)
         kind, info = resolved
         inode = self.inodes.inode(path, kind)
@@ -1149,7 +1161,9 @@ class PcacheOperations(pyfuse3.Operations):
             return
         if source[0] == DIR and (new + "/").startswith(old + "/"):
             raise fail(errno.EINVAL)  # into itself
-        target = await self._resolve(new)
+        target = None
+        if flags & pyfuse3.RENAME_NOREPLACE or not self._missing_moments_ago(new):
+            target = await self._resolve(new)
         if target is not None:
             if flags & pyfuse3.RENAME_NOREPLACE:
                 raise fail(errno.EEXIST)
@@ -1321,7 +1335,9 @@ class PcacheOperations(pyfuse3.Operations):
             with trio.CancelScope(shield=True):
                 await self._run(session.abort)
             raise
-        return OpenFile(path, client_path, session, fd, size, attrs, foreign, frontier=size)
+        # frontier 0: the copied bytes are not uploaded early (written over, they would be sent
+        # twice); the whole file goes at commit, as the writer leaves it
+        return OpenFile(path, client_path, session, fd, size, attrs, foreign)
 
     def _open_control(self, flags: int) -> Any:
         if flags & os.O_ACCMODE != os.O_RDONLY:

@@ -82,6 +82,7 @@ INLINE_BUDGET = 256 << 20  # at most this many such bytes pending at once (else 
 _DATA_PREFIX = b"\x00data\x00"  # journal keys of inline bytes (record keys are 32-byte digests)
 _EAGER_PREFIX = b"\x00eager\x00"  # journal keys of eager uploads (aborted when orphaned)
 PART_THREADS = 4
+GC_BATCH_S = 0.05  # finished records leave the journal in batches this far apart
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,10 @@ class WriteBack:
         # version of a pending write -> the object it became (readers opened before the upload)
         self._uploaded_as: OrderedDict[str, ObjectInfo] = OrderedDict()
         self._parts = PartPool(PART_THREADS)
+        self._gc_cond = threading.Condition()  # the journal's batched removals (_forget_later)
+        self._gc_records: list[PendingObject] = []
+        self._gc_sessions: list[str] = []
+        self._gc_stop = False
         self._maybe_borrowed = True  # a record may have an upload_key (see _next_locked)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -272,6 +277,7 @@ class WriteBack:
             )
             thread.start()
             self._threads.append(thread)
+        threading.Thread(target=self._gc_loop, name="pcache-journal-gc", daemon=True).start()
         if resumed:
             log.info("resuming %d pending write-back record(s)", resumed)
         return resumed
@@ -322,6 +328,10 @@ class WriteBack:
         deadline = time.monotonic() + grace_s
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        with self._gc_cond:
+            self._gc_stop = True
+            self._gc_cond.notify_all()
+        self._gc_flush()
         with self._journal_lock:
             self._journal_closed = True
             self._env.close()
@@ -603,7 +613,7 @@ class WriteBack:
         if record is not None:
             self._forget(record)
             if record.inline:
-                self._drop_inline_if_unreferenced(record.session)
+                self._forget_later(None, record.session)
             self._release_if_unreferenced(record.session)
             with self._cond:
                 self._cond.notify_all()
@@ -738,19 +748,52 @@ class WriteBack:
             self._staged.pop(session, None)
         self._release_staged(staged)
 
-    def _drop_inline_if_unreferenced(self, session: str) -> None:
-        """Delete the journalled bytes of an inline object no record needs any more."""
+    def _forget_later(self, record: PendingObject | None, session: str = "") -> None:
+        """Queue ``record``'s removal from the journal (and an inline ``session``'s bytes, once
+        no record needs them). Done in batches by one thread: a finished upload needs no fsync
+        of its own, and a crash before the batch only uploads it again (the same bytes)."""
+        with self._gc_cond:
+            if record is not None:
+                self._gc_records.append(record)
+                if record.inline:
+                    self._gc_sessions.append(record.session)
+            if session:
+                self._gc_sessions.append(session)
+            self._gc_cond.notify()
+
+    def _gc_loop(self) -> None:
+        while True:
+            with self._gc_cond:
+                while not (self._gc_records or self._gc_sessions or self._gc_stop):
+                    self._gc_cond.wait()
+                if self._gc_stop:
+                    return
+            time.sleep(GC_BATCH_S)  # uploads finishing meanwhile join the batch
+            self._gc_flush()
+
+    def _gc_flush(self) -> None:
+        with self._gc_cond:
+            records, sessions = self._gc_records, self._gc_sessions
+            self._gc_records, self._gc_sessions = [], []
+        if not records and not sessions:
+            return
         with self._cond:
-            if self._referenced(session):
-                return
+            dead = [s for s in set(sessions) if not self._referenced(s)]
+        freed = 0
         with self._journal_lock:
             if self._journal_closed:
                 return
             with self._env.begin(write=True) as txn:
-                data = txn.pop(_DATA_PREFIX + session.encode())
-        if data is not None:
+                for record in records:
+                    raw = txn.get(self._journal_key(record))
+                    if raw is not None and json.loads(raw)["seq"] == record.seq:
+                        txn.delete(self._journal_key(record))
+                for session in dead:
+                    data = txn.pop(_DATA_PREFIX + session.encode())
+                    freed += len(data) if data is not None else 0
+        if freed:
             with self._cond:
-                self._inline_bytes -= len(data)
+                self._inline_bytes -= freed
 
     def _replace_locked(self, record: PendingObject) -> None:
         ident = (record.namespace, record.key)
@@ -764,9 +807,7 @@ class WriteBack:
             self._retry_at.pop(ident, None)
         self._queue_locked(ident)
         if old is not None and old.inline and old.session != record.session:
-            threading.Thread(
-                target=self._drop_inline_if_unreferenced, args=(old.session,), daemon=True
-            ).start()
+            self._forget_later(None, old.session)
         if old is not None and old.session and old.session != record.session:
             staged = self._staged.get(old.session)
             if staged is not None and not staged.attached and not self._referenced(old.session):
@@ -992,9 +1033,7 @@ class WriteBack:
                 self._uploaded_as[record.version] = info
                 while len(self._uploaded_as) > 10_000:
                     self._uploaded_as.popitem(last=False)
-        self._forget(record)
-        if record.inline:
-            self._drop_inline_if_unreferenced(record.session)
+        self._forget_later(record)
         self._release_if_unreferenced(record.session)
         if info is not None:
             log.info("uploaded %s/%s (%d bytes)", record.namespace, record.key, record.size)
