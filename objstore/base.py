@@ -59,6 +59,7 @@ class Features:
         conditional_get: ``get_range(..., if_match=etag)`` is enforced by the service.
         max_key_bytes: the longest key (UTF-8 bytes, the root's prefix included) it stores.
         replace_metadata: :meth:`Store.replace_metadata` works (in place, content untouched).
+        part_copy: :meth:`Store.upload_part_copy` runs inside the service (UploadPartCopy).
         max_metadata_bytes: the most user metadata one object carries, counted as the UTF-8
             bytes of its keys (without the provider's prefix) and values (S3: 2 KB, OSS: 8 KB).
     """
@@ -73,6 +74,7 @@ class Features:
     conditional_get: bool = True
     max_key_bytes: int = 1024
     replace_metadata: bool = True
+    part_copy: bool = True
     max_metadata_bytes: int = 2048
 
 
@@ -252,6 +254,28 @@ class Store(ABC):
         Raises:
             UploadNotFound: the upload id is unknown.
         """
+
+    def upload_part_copy(
+        self,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        src_key: str,
+        start: int,
+        length: int,
+        *,
+        if_match: str,
+    ) -> PartInfo:
+        """Make part ``part_number`` of an upload from ``length`` bytes of ``src_key`` at
+        ``start``, inside the service (S3/OSS UploadPartCopy); ``if_match``: the source's ETag.
+
+        Raises:
+            PreconditionFailed: the source is not that version any more.
+            NotSupported: the backend cannot (``features.part_copy``).
+        """
+        raise NotSupported(
+            f"{type(self).__name__} cannot copy parts server-side", url=self.url.child(key)
+        )
 
     @abstractmethod
     def list_parts(self, key: str, upload_id: str) -> list[PartInfo]:

@@ -81,6 +81,7 @@ class FsspecStore(TreeListing, Store):
         min_part_size=1,
         conditional_get=False,
         replace_metadata=False,
+        part_copy=False,
     )
 
     def __init__(self, url: StoreURL, profile: Profile, retry_policy: RetryPolicy | None = None):

@@ -355,6 +355,24 @@ class LocalStore(TreeListing, Store):
             st = self._atomic_write(path, write, None)
         return PartInfo(part_number, _etag(st), st.st_size)
 
+    def upload_part_copy(
+        self,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        src_key: str,
+        start: int,
+        length: int,
+        *,
+        if_match: str,
+    ) -> PartInfo:
+        data = self.get_range(src_key, start, length, if_match=if_match)
+        if len(data) != length:
+            raise PreconditionFailed(
+                f"{src_key!r} has no bytes {start}..{start + length}", url=self.url.child(src_key)
+            )
+        return self.upload_part(key, upload_id, part_number, data)
+
     def complete_upload(self, key: str, upload_id: str, parts: list[PartInfo]) -> ObjectInfo:
         directory = self._upload_dir(upload_id, key)
         path = self._path(key)

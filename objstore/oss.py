@@ -412,6 +412,30 @@ class OSSStore(Store):
             )
         return self.stat(dst_key)
 
+    @retrying
+    def upload_part_copy(
+        self,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        src_key: str,
+        start: int,
+        length: int,
+        *,
+        if_match: str,
+    ) -> PartInfo:
+        with self._errors("upload_part_copy", src_key):
+            resp = self.bucket.upload_part_copy(
+                self.bucket.bucket_name,
+                self._key(src_key),
+                (start, start + length - 1),
+                self._key(key),
+                upload_id,
+                part_number,
+                headers={"x-oss-copy-source-if-match": f'"{if_match}"'},
+            )
+        return PartInfo(part_number, str(resp.etag).strip('"'), length)
+
     def _copy_multipart(self, src_key: str, dst_key: str, info: ObjectInfo) -> ObjectInfo:
         upload_id = self.create_upload(dst_key, metadata=info.metadata)
         parts = []

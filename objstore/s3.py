@@ -444,6 +444,33 @@ class S3Store(Store):
         return PartInfo(part_number, str(resp["ETag"]).strip('"'), size, ChecksumValue(_ALGO, crc))
 
     @retrying
+    def upload_part_copy(
+        self,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        src_key: str,
+        start: int,
+        length: int,
+        *,
+        if_match: str,
+    ) -> PartInfo:
+        with self._errors("upload_part_copy", src_key):
+            resp = self.client.upload_part_copy(
+                Bucket=self.bucket,
+                Key=self._key(key),
+                UploadId=upload_id,
+                PartNumber=part_number,
+                CopySource={"Bucket": self.bucket, "Key": self._key(src_key)},
+                CopySourceRange=f"bytes={start}-{start + length - 1}",
+                CopySourceIfMatch=f'"{if_match}"',
+            )
+        result = resp["CopyPartResult"]
+        crc = result.get("ChecksumCRC64NVME")
+        value = ChecksumValue(_ALGO, checksum.decode_header(_ALGO, crc)) if crc else None
+        return PartInfo(part_number, str(result["ETag"]).strip('"'), length, value)
+
+    @retrying
     def complete_upload(self, key: str, upload_id: str, parts: list[PartInfo]) -> ObjectInfo:
         spec = []
         for p in parts:

@@ -93,6 +93,7 @@ def s3_case(server, proxy) -> BackendCase:
         server_gaps={
             "if_match": "rclone serve s3 ignores If-Match on GET (runs on s3-moto)",
             "replace_part": "rclone serve s3 cannot replace an uploaded part (runs on s3-moto)",
+            "part_copy": "rclone serve s3 answers UploadPartCopy without an ETag (runs on s3-moto)",
         },
     )
 
@@ -114,6 +115,7 @@ def s3_moto_case(server) -> BackendCase:
             "credentials": "moto does not check signatures (wrong credentials run on s3/rclone)",
             "transient": "503 injection runs on s3/rclone through the fault proxy",
             "aborted_upload": "moto answers 500, not NoSuchUpload, for an aborted upload id",
+            "part_copy_if_match": "moto ignores CopySourceIfMatch on UploadPartCopy",
         },
     )
 

@@ -349,6 +349,38 @@ def test_multipart_reupload_part_replaces_it(case: BackendCase, store: Store) ->
     assert store.get("re") == b"b" * size + b"tail"
 
 
+def test_upload_part_copy(case: BackendCase, store: Store) -> None:
+    if not store.features.part_copy:
+        with pytest.raises(NotSupported):
+            store.upload_part_copy("x", "id", 1, "y", 0, 1, if_match="e")
+        return
+    require(case, "part_copy")
+    size = store.features.min_part_size
+    source = os.urandom(2 * size + 100)
+    info = store.put("pc/source", source)
+    upload_id = store.create_upload("pc/target")
+    copied = store.upload_part_copy(
+        "pc/target", upload_id, 1, "pc/source", size, size, if_match=info.etag
+    )
+    assert copied.size == size
+    tail = store.upload_part("pc/target", upload_id, 2, b"new tail")
+    store.complete_upload("pc/target", upload_id, [copied, tail])
+    assert store.get("pc/target") == source[size : 2 * size] + b"new tail"
+
+
+def test_upload_part_copy_of_a_replaced_source_fails(case: BackendCase, store: Store) -> None:
+    if not store.features.part_copy:
+        pytest.skip(f"{case.name} has no server-side part copy")
+    require(case, "part_copy")
+    require(case, "part_copy_if_match")
+    size = store.features.min_part_size
+    store.put("pc/source", os.urandom(size))
+    upload_id = store.create_upload("pc/stale")
+    with pytest.raises(PreconditionFailed):
+        store.upload_part_copy("pc/stale", upload_id, 1, "pc/source", 0, size, if_match="0" * 32)
+    store.abort_upload("pc/stale", upload_id)
+
+
 # -- copy and delete ---------------------------------------------------------------------------
 
 

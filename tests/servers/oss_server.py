@@ -479,13 +479,14 @@ class OSSServer:
         return _Object(call.body, md5.hex().upper(), crc, content_type, meta, time.time())
 
     @staticmethod
-    def _stored(obj: _Object, *, copy: bool = False) -> web.Response:
-        """The reply to a request that stored ``obj``: its ETag and CRC (what oss2 checks)."""
+    def _stored(obj: _Object, *, copy: str = "") -> web.Response:
+        """The reply to a request that stored ``obj``: its ETag and CRC (what oss2 checks);
+        ``copy``: the result element of a copy (``CopyObjectResult``, ``CopyPartResult``)."""
         headers = {"ETag": f'"{obj.etag}"', "x-oss-hash-crc64ecma": str(obj.crc)}
         if not copy:
             return web.Response(headers=headers)
         result = _node(
-            "CopyObjectResult",
+            copy,
             ("ETag", f'"{obj.etag}"'),
             ("LastModified", _iso8601(obj.last_modified)),
         )
@@ -502,19 +503,27 @@ class OSSServer:
         call.bucket.objects[call.key] = obj
         return self._stored(obj)
 
-    def _copy_object(self, call: _Call) -> web.Response:
+    def _copy_source(self, call: _Call) -> _Object:
+        """The object ``x-oss-copy-source`` names, its ``-if-match`` condition checked."""
         source = call.header("x-oss-copy-source").partition("?")[0]  # drop any ?versionId=
         src_bucket_name, _, src_key = (unquote(s) for s in source.lstrip("/").partition("/"))
         with self._lock:
             src_bucket = self._buckets.get(src_bucket_name)
         if src_bucket is None:
             raise OSSError("NoSuchBucket", BucketName=src_bucket_name)
-        obj = replace(self._find(src_bucket, src_key), last_modified=time.time())
+        obj = self._find(src_bucket, src_key)
+        if_match = call.header("x-oss-copy-source-if-match")
+        if if_match and if_match.strip('"').upper() != obj.etag:
+            raise OSSError("PreconditionFailed")
+        return obj
+
+    def _copy_object(self, call: _Call) -> web.Response:
+        obj = replace(self._copy_source(call), last_modified=time.time())
         if call.header("x-oss-metadata-directive", "COPY").upper() == "REPLACE":
             obj.content_type = call.header("Content-Type", "application/octet-stream")
             obj.meta = _user_meta(call.request)
         call.bucket.objects[call.key] = obj
-        return self._stored(obj, copy=True)
+        return self._stored(obj, copy="CopyObjectResult")
 
     async def _get_object(self, call: _Call) -> web.Response:
         obj = self._find(call.bucket, call.key)
@@ -676,10 +685,16 @@ class OSSServer:
         return _xml_response(result)
 
     async def _upload_part(self, call: _Call) -> web.Response:
-        if "x-oss-copy-source" in call.request.headers:
-            raise OSSError("NotImplemented", "UploadPartCopy is not supported.")
         upload = self._upload(call)
         number = _bounded_int(call, "partNumber", 0, high=10000)
+        if "x-oss-copy-source" in call.request.headers:  # UploadPartCopy
+            source = self._copy_source(call)
+            span = _parse_range(call.header("x-oss-copy-source-range"), len(source.data), True)
+            data = source.data if span is None else source.data[span[0] : span[1] + 1]
+            md5, crc = await asyncio.get_running_loop().run_in_executor(None, _digest, data)
+            part = _Object(data, md5.hex().upper(), crc, source.content_type, {}, time.time())
+            upload.parts[number] = part
+            return self._stored(part, copy="CopyPartResult")
         part = upload.parts[number] = await self._new_object(call)
         return self._stored(part)
 
