@@ -42,6 +42,7 @@ from .config import Profile
 from .errors import (
     EndpointUnreachable,
     InvalidCredentials,
+    NotSupported,
     ObjectNotFound,
     StorageError,
 )
@@ -465,7 +466,11 @@ class S3Store(Store):
                 CopySourceRange=f"bytes={start}-{start + length - 1}",
                 CopySourceIfMatch=f'"{if_match}"',
             )
-        result = resp["CopyPartResult"]
+        result = resp.get("CopyPartResult") or {}
+        if "ETag" not in result:  # rclone serve s3: a 200 without a result
+            raise NotSupported(
+                "the server answered UploadPartCopy without an ETag", url=self.url.child(key)
+            )
         crc = result.get("ChecksumCRC64NVME")
         value = ChecksumValue(_ALGO, checksum.decode_header(_ALGO, crc)) if crc else None
         return PartInfo(part_number, str(result["ETag"]).strip('"'), length, value)

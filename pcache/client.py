@@ -43,6 +43,7 @@ from .protocol import (
     METADATA_HEADER,
     SOURCE_HEADER,
     TOKEN_HEADER,
+    CopySource,
     Progress,
     StaleVersion,
     block_key,
@@ -126,6 +127,7 @@ class WriteSession:
         close: bool = True,
         timeout: float = STRICT_TIMEOUT_S,
         progress: Progress | None = None,
+        source: CopySource | None = None,
     ) -> ObjectInfo:
         payload: dict[str, Any] = {
             "durable": Durability(durable).value,
@@ -137,6 +139,8 @@ class WriteSession:
             payload["size"] = size
         if progress is not None:
             payload["progress"] = progress.to_json()
+        if source is not None:
+            payload["source"] = source.to_json()
         return info_from_json(self._call("POST", "commit", payload=payload, timeout=timeout + 5))
 
     def abort(self) -> None:

@@ -294,12 +294,17 @@ class EagerUpload:
             self._cond.notify_all()
             self._schedule_locked()
 
-    def _upload_part(self, number: int, length: int) -> PartInfo:
+    def _upload_part(
+        self, number: int, length: int, read: Callable[[int, int], bytes] | None = None
+    ) -> PartInfo:
         start = (number - 1) * self.part_size
         if start < self.released:
             raise UploadNotFound(f"part {number} of {self.key!r} was released from the cache")
-        with open(self.path, "rb") as file:
-            data = os.pread(file.fileno(), length, start)
+        if read is not None:
+            data = read(start, length)
+        else:
+            with open(self.path, "rb") as file:
+                data = os.pread(file.fileno(), length, start)
         if len(data) != length:
             raise OSError(f"staging file of {self.key!r} is shorter than part {number}")
         with self._cond:
@@ -323,6 +328,8 @@ class EagerUpload:
         current: Callable[[], bool],
         *,
         threads: int,
+        read: Callable[[int, int], bytes] | None = None,
+        copy: Callable[[str, int, int, int], PartInfo | None] | None = None,
     ) -> ObjectInfo:
         """Upload what is missing of the first ``size`` bytes and complete the upload.
 
@@ -330,6 +337,9 @@ class EagerUpload:
             current: whether the record being uploaded is still the newest (checked before each
                 part and before completing; :class:`Superseded` when not: the upload is kept).
             threads: parts uploaded in parallel.
+            read: reads the object's bytes (default: the staging file).
+            copy: makes a part inside the store, ``(upload_id, number, start, length)``, or
+                returns None when it cannot (then it is read and uploaded).
 
         Raises:
             UploadNotFound: the store lost the upload and released bytes went with it.
@@ -341,7 +351,7 @@ class EagerUpload:
             self.error = None
             self._finishing = True
         try:
-            return self._finish(size, metadata, current, threads)
+            return self._finish(size, metadata, current, threads, read, copy)
         finally:
             with self._cond:
                 self._finishing = False
@@ -352,6 +362,8 @@ class EagerUpload:
         metadata: Mapping[str, str],
         current: Callable[[], bool],
         threads: int,
+        read: Callable[[int, int], bytes] | None,
+        copy: Callable[[str, int, int, int], PartInfo | None] | None,
     ) -> ObjectInfo:
         count = max(1, -(-size // self.part_size))
         if count > self.store.features.max_parts:
@@ -373,9 +385,16 @@ class EagerUpload:
                 return clean
             if not current():
                 raise Superseded
-            uploaded = self._upload_part(number, length)
-            with self._cond:
-                if self._generation.get(number, 0) == generation and length == self.part_size:
+            start = (number - 1) * self.part_size
+            uploaded = copy(self.upload_id, number, start, length) if copy is not None else None
+            if uploaded is None:
+                uploaded = self._upload_part(number, length, read)
+            with self._cond:  # reusable later only below the frontier (writes there are reported)
+                if (
+                    self._generation.get(number, 0) == generation
+                    and length == self.part_size
+                    and number * self.part_size <= self._frontier
+                ):
                     self._clean[number] = uploaded
             return uploaded
 

@@ -11,7 +11,14 @@ which sends them in one request (the worker stages, fsyncs and journals them as 
 create, a write and a close cost one worker round trip. A file that grows past the limit moves
 into a staging file.
 
-Opening an existing object without ``O_TRUNC`` copies its content first (copy on open).
+Opening an existing object without ``O_TRUNC`` copies it lazily, block by block (the worker's
+block size): the staging file starts as holes, a block is copied in when first read or partly
+written (a block written whole is not copied at all), and the blocks never touched go to the
+worker with the commit as a :class:`~pcache.protocol.CopySource`: the upload makes the parts
+that lie wholly in them inside the store (UploadPartCopy) and reads the rest from the store, so
+appending to a large object neither copies nor sends what did not change. A pending object (not
+in the store yet) is still copied whole when opened. Copies and the writes over holes happen
+under the file's lock, so a copy never lands over newer bytes.
 
 Large files are uploaded while they are written (:mod:`pcache.eager`): every reservation and
 commit reports the file's *frontier* (the prefix written contiguously) and the ranges written
@@ -52,7 +59,7 @@ from .client import STRICT_TIMEOUT_S, PcacheClient, WriteSession
 from .config import Durability
 from .files import PcacheReader
 from .posix import Attrs, keep_foreign
-from .protocol import Progress, WriteError
+from .protocol import CopySource, Progress, WriteError, split_path
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +97,10 @@ class OpenFile:
         reported: the frontier the worker was last told.
         overwritten: ranges below ``reported`` written over since (the next report's).
         released: the prefix dropped from the staging file (only in the store's parts).
+        source: the object version the holes are copied from (opened without O_TRUNC).
+        source_path: its ``NS/KEY`` (the name it was opened by).
+        source_size: the holes hold its bytes below this offset (a truncate lowers it).
+        absent: block indexes not copied yet (``block_size`` bytes each).
     """
 
     path: str
@@ -110,6 +121,11 @@ class OpenFile:
     reported: int = 0
     overwritten: list[tuple[int, int]] = field(default_factory=list)
     released: int = 0
+    source: ObjectInfo | None = None
+    source_path: str = ""
+    source_size: int = 0
+    absent: set[int] = field(default_factory=set)
+    block_size: int = 1 << 20
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
@@ -145,8 +161,50 @@ class OpenFile:
     def _wrote(self, start: int, end: int) -> None:
         if start < self.reported:
             self.overwritten.append((start, min(end, self.reported)))
-        if start <= self.frontier:
+        if start <= self.frontier and not self.absent:  # never early parts over holes
             self.frontier = max(self.frontier, end)
+
+    # -- copy on write ---------------------------------------------------------------------
+
+    def missing(self, offset: int, length: int) -> list[int]:
+        """Blocks not copied yet that ``[offset, offset + length)`` touches."""
+        end = min(offset + length, self.source_size)
+        if not self.absent or offset >= end:
+            return []
+        first, last = offset // self.block_size, (end - 1) // self.block_size
+        if last - first > len(self.absent):
+            return sorted(i for i in self.absent if first <= i <= last)
+        return [i for i in range(first, last + 1) if i in self.absent]
+
+    def partly_written(self, offset: int, length: int) -> list[int]:
+        """Blocks not copied yet that a write of ``[offset, offset + length)`` covers only in
+        part: they are copied before it."""
+        bs, end = self.block_size, offset + length
+        return [
+            i
+            for i in self.missing(offset, length)
+            if offset > i * bs or end < min((i + 1) * bs, self.source_size)
+        ]
+
+    def copied(self, indexes: list[int]) -> None:
+        self.absent.difference_update(indexes)
+
+    def copy_source(self) -> CopySource | None:
+        """What the commit tells the worker about the holes left."""
+        if not self.absent or self.source is None:
+            return None
+        ranges: list[tuple[int, int]] = []
+        for i in sorted(self.absent):
+            start, end = i * self.block_size, min((i + 1) * self.block_size, self.source_size)
+            if start >= end:
+                continue
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], end)
+            else:
+                ranges.append((start, end))
+        if not ranges:
+            return None
+        return CopySource(split_path(self.source_path)[1], self.source.etag, tuple(ranges))
 
     def take_progress(self) -> Progress:
         """The report for the next request; from now on the worker counts as told (a request
@@ -187,6 +245,8 @@ class OpenFile:
             while done < len(view):
                 done += os.pwrite(self.fd, view[done:], offset + done)
         self.size = max(self.size, offset + done)
+        if self.absent:  # the partly covered blocks were copied before (the caller's lock)
+            self.copied(self.missing(offset, done))
         self._wrote(offset, offset + done)
         self.touch()
         return done
@@ -209,6 +269,9 @@ class OpenFile:
         else:
             os.ftruncate(self.fd, size)
         self.size = size
+        if size < self.source_size:  # what was cut off is not the source's any more
+            self.source_size = size
+            self.absent = {i for i in self.absent if i * self.block_size < size}
         if size < self.reported:
             self.overwritten.append((size, self.reported))
         self.frontier = min(self.frontier, size)
@@ -236,6 +299,23 @@ def open_staging(client: PcacheClient, client_path: str) -> tuple[WriteSession, 
             "mount must run on the worker's node, with access to its cache directories",
         ) from None
     return session, fd
+
+
+def copy_blocks(client: PcacheClient, file: OpenFile, indexes: list[int], fd: int = -1) -> None:
+    """Copy blocks of the file's source into its staging file (worker thread, under the file's
+    lock; the caller marks them copied). Raises ``StaleVersion`` when the source changed."""
+    assert file.source is not None
+    target = file.fd if fd < 0 else fd
+    for index in indexes:
+        start = index * file.block_size
+        length = min(file.block_size, file.source_size - start)
+        if length <= 0:
+            continue
+        buffer = bytearray(length)
+        got = client.readinto(file.source_path, start, memoryview(buffer), file.source)
+        if got != length:
+            raise OSError(errno.EIO, f"{file.source_path}: short read of block {index}")
+        os.pwrite(target, buffer, start)
 
 
 def fill_from(client: PcacheClient, client_path: str, fd: int, info: ObjectInfo) -> int:
@@ -336,6 +416,7 @@ def commit(
             close=close,
             timeout=timeout,
             progress=progress,
+            source=file.copy_source(),
         )
     except WriteError:
         if file.unlinked:
@@ -356,6 +437,7 @@ def _recommit(
     try:
         session.reserve(file.size)
         copy_fd(file.fd, fd, file.size)
+        copy_blocks(client, file, sorted(file.absent), fd)  # the holes: the new one has none
     except BaseException:
         os.close(fd)
         session.abort()
@@ -365,6 +447,7 @@ def _recommit(
         os.close(old_fd)
     file.reserved = 0
     file.reported = 0  # the new session has been told nothing yet
+    file.absent = set()
     return session.commit(
         size=file.size, metadata=file.metadata(), durable=durability, close=close, timeout=timeout
     )

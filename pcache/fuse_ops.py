@@ -47,6 +47,7 @@ from .fuse_files import (
     SMALL_FILE_MAX,
     OpenFile,
     commit,
+    copy_blocks,
     end_session,
     fill_from,
     make_room,
@@ -68,7 +69,7 @@ from .posix import (
     parse_xattrs,
     with_xattrs,
 )
-from .protocol import UploadFailed
+from .protocol import UploadFailed, is_pending
 
 log = logging.getLogger(__name__)
 
@@ -770,7 +771,7 @@ class PcacheOperations(pyfuse3.Operations):
     async def _apply_setattr(self, file: OpenFile, attr: Any, fields: Any) -> None:
         if fields.update_size:
             await self._make_room(file, attr.st_size)
-            file.truncate(attr.st_size)
+            await self._truncate(file, attr.st_size)
         file.attrs = self._changed_attrs(file.attrs, attr, fields)
         file.changes += 1
 
@@ -1266,7 +1267,7 @@ class PcacheOperations(pyfuse3.Operations):
                     inode, node.path, truncate=bool(flags & os.O_TRUNC), create=None
                 )
             elif flags & os.O_TRUNC:
-                file.truncate(0)
+                await self._truncate(file, 0)
         assert file is not None
         file.handles += 1
         info.fh = self._alloc_fh(
@@ -1325,19 +1326,31 @@ class PcacheOperations(pyfuse3.Operations):
         attrs: Attrs,
         foreign: dict[str, str],
     ) -> OpenFile:
-        """A large existing object opened for writing: a staging file holding its content."""
+        """A large existing object opened for writing: a staging file that copies it block by
+        block as needed (one still pending here is copied at once)."""
         session, fd = await self._run(open_staging, self.client, client_path)
+        lazy = not is_pending(current.version)
         try:
             await self._run(session.reserve, current.size)
-            size = await self._run(fill_from, self.client, client_path, fd, current)
+            if lazy:
+                os.ftruncate(fd, current.size)  # holes, copied in when needed
+                size = current.size
+            else:
+                size = await self._run(fill_from, self.client, client_path, fd, current)
         except BaseException:
             os.close(fd)
             with trio.CancelScope(shield=True):
                 await self._run(session.abort)
             raise
-        # frontier 0: the copied bytes are not uploaded early (written over, they would be sent
-        # twice); the whole file goes at commit, as the writer leaves it
-        return OpenFile(path, client_path, session, fd, size, attrs, foreign)
+        # frontier 0: what the object held is not uploaded early (written over, it would be
+        # sent twice); the commit sends the rest as the writer leaves it
+        file = OpenFile(path, client_path, session, fd, size, attrs, foreign)
+        if lazy:
+            block = self.client.block_size
+            file.source, file.source_path, file.source_size = current, client_path, size
+            file.block_size = block
+            file.absent = set(range(-(-size // block)))
+        return file
 
     def _open_control(self, flags: int) -> Any:
         if flags & os.O_ACCMODE != os.O_RDONLY:
@@ -1374,7 +1387,7 @@ class PcacheOperations(pyfuse3.Operations):
             file = await self._open_file(inode, path, truncate=True, create=attrs)
             self._note_added(path)
         elif flags & os.O_TRUNC:
-            file.truncate(0)
+            await self._truncate(file, 0)
         file.handles += 1
         info = pyfuse3.FileInfo()
         info.fh = self._alloc_fh(_FileHandle(inode, file, True, append=bool(flags & os.O_APPEND)))
@@ -1395,10 +1408,12 @@ class PcacheOperations(pyfuse3.Operations):
         if isinstance(handle, _ControlHandle):
             return handle.content[off : off + size]
         if isinstance(handle, _FileHandle):
+            await self._copy_in(handle.file, off, size)
             data = handle.file.pread(off, size)  # a local file: no thread hop
         elif isinstance(handle, _ReadHandle):
             file = self._open.get(handle.path)
             if file is not None:  # opened before a writer came: it sees the writer's bytes
+                await self._copy_in(file, off, size)
                 data = file.pread(off, size)
             else:
                 data = await self._read_object(handle, off, size)
@@ -1441,9 +1456,45 @@ class PcacheOperations(pyfuse3.Operations):
                     # a file that lost a write is never committed half: close says so
                     file.failed = errno_for(exc, "write")
                     raise
-        written = file.pwrite(off, buf)
+        if file.missing(off, len(buf)):  # over blocks not copied yet: under the lock
+            async with file.lock:
+                await self._copy_in(file, off, len(buf), locked=True, partly_only=True)
+                written = file.pwrite(off, buf)
+        else:
+            written = file.pwrite(off, buf)
         self.stats.wrote(written)
         return written
+
+    async def _truncate(self, file: OpenFile, size: int) -> None:
+        if file.absent:  # no copy in flight may land past the new end
+            async with file.lock:
+                file.truncate(size)
+        else:
+            file.truncate(size)
+
+    async def _copy_in(
+        self,
+        file: OpenFile,
+        offset: int,
+        length: int,
+        *,
+        locked: bool = False,
+        partly_only: bool = False,
+    ) -> None:
+        """Copy the source's blocks that ``[offset, offset + length)`` needs into the staging
+        file (all it touches, or for a write only those it covers in part)."""
+        if not file.missing(offset, length):
+            return
+        if not locked:
+            async with file.lock:
+                await self._copy_in(file, offset, length, locked=True, partly_only=partly_only)
+            return
+        wanted = (
+            file.partly_written(offset, length) if partly_only else file.missing(offset, length)
+        )
+        if wanted:
+            await self._run(copy_blocks, self.client, file, wanted)
+            file.copied(wanted)
 
     async def _make_room(self, file: OpenFile, end: int) -> None:
         """Capacity for ``file`` to grow to ``end``; when the cache is full, its parts already in

@@ -155,6 +155,11 @@ class _Collector:
             "Bytes uploaded by write-back",
             value=w.writeback.uploaded_bytes,
         )
+        yield CounterMetricFamily(
+            "pcache_upload_copied_bytes",
+            "Bytes of uploads made inside the store from unchanged ranges (UploadPartCopy)",
+            value=w.writeback.copied_bytes,
+        )
         yield GaugeMetricFamily(
             "pcache_upload_failing_objects",
             "Write-back records whose last upload failed (retrying or refused)",

@@ -21,8 +21,8 @@ Routes (``{ns}`` is a namespace from the worker's ``backends``, ``{key}`` an obj
     POST /v1/write/{ns}/{key}             open a write session -> {session}
     PUT  /v1/session/{id}?offset=N        body: bytes at offset
     POST /v1/session/{id}/shm             {offset, length, segment, segment_offset}
-    POST /v1/session/{id}/commit          {durable, size, metadata, close, timeout, progress}
-                                          -> stat
+    POST /v1/session/{id}/commit          {durable, size, metadata, close, timeout, progress,
+                                          source} -> stat
     DELETE /v1/session/{id}               abort
     POST /v1/flush/{ns}/{key}             wait until remote-durable
     PUT  /v1/object/{ns}/{key}?durable=   body: a small object, X-Pcache-Metadata: {json};
@@ -257,6 +257,40 @@ class Progress:
         if frontier < 0 or released < 0 or any(a < 0 or b < a for a, b in dirty):
             raise ValueError("progress offsets must be ordered and non-negative")
         return cls(frontier, dirty, released)
+
+
+@dataclass(frozen=True)
+class CopySource:
+    """Where a staging file's holes come from (``source`` in commit): a file opened for writing
+    without ``O_TRUNC`` copies the object it was opened from block by block, when first read or
+    partly written; the ``ranges`` still untouched are that object's bytes, reused at upload
+    (UploadPartCopy where the store can, else read from it).
+
+    Attributes:
+        key: the object (in the same namespace) at the version ``etag``.
+        ranges: ``[start, end)`` spans of the staging file that are its bytes, not yet copied.
+    """
+
+    key: str
+    etag: str
+    ranges: tuple[tuple[int, int], ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "etag": self.etag, "ranges": [list(r) for r in self.ranges]}
+
+    @classmethod
+    def from_json(cls, value: Any) -> CopySource | None:
+        """Parse a request's ``source`` (None when absent); ``ValueError`` when malformed."""
+        if value is None:
+            return None
+        try:
+            key, etag = str(value["key"]), str(value["etag"])
+            ranges = tuple((int(a), int(b)) for a, b in value["ranges"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed source: {exc}") from None
+        if not key or not etag or any(a < 0 or b <= a for a, b in ranges):
+            raise ValueError("a source needs a key, an etag and ordered ranges")
+        return cls(key, etag, ranges)
 
 
 def block_key(namespace: str, key: str, index: int) -> str:

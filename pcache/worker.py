@@ -45,6 +45,7 @@ from .protocol import (
     SOURCE_HEADER,
     TOKEN_HEADER,
     VERSION_HEADER,
+    CopySource,
     Progress,
     StaleVersion,
     Unauthorized,
@@ -773,6 +774,7 @@ async def session_commit(request: web.Request) -> web.Response:
             metadata=metadata,
             close=bool(body.get("close", True)),
             progress=Progress.from_json(body.get("progress")),
+            source=CopySource.from_json(body.get("source")),
         )
     )
     worker.meta.invalidate_key(record.namespace, record.key)

@@ -65,11 +65,11 @@ from typing import Any
 import lmdb
 
 from objstore.base import ObjectInfo, PartInfo, Store
-from objstore.errors import UploadNotFound, is_permanent
+from objstore.errors import NotSupported, PreconditionFailed, UploadNotFound, is_permanent
 
 from .blockstore import BlockStore
 from .eager import EagerUpload, PartPool, Superseded
-from .protocol import PENDING_PREFIX, Progress, UploadFailed, WriteError
+from .protocol import PENDING_PREFIX, CopySource, Progress, UploadFailed, WriteError
 from .staging import StagedFile
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,8 @@ class PendingObject:
         parts: its parts known clean at commit, ``[number, etag, size]`` each.
         released: the prefix of the staging file dropped from the disk (only in ``parts``).
         upload_key: the key the upload is under when it is not ``key`` (renamed meanwhile).
+        source_key, source_etag, absent: the staging file's ``absent`` spans are still the
+            bytes of that object version (opened without O_TRUNC, copied lazily: CopySource).
         error: the last upload failure, if any.
         permanent: that failure will not go away by retrying.
         inline: the bytes live in the journal itself (a small object: one fsync, no file).
@@ -120,6 +122,9 @@ class PendingObject:
     parts: list[list[Any]] = field(default_factory=list)
     released: int = 0
     upload_key: str = ""
+    source_key: str = ""
+    source_etag: str = ""
+    absent: list[list[int]] = field(default_factory=list)
     error: str = ""
     permanent: bool = False
     inline: bool = False
@@ -200,6 +205,7 @@ class WriteBack:
         self._threads: list[threading.Thread] = []
         self.uploaded = 0
         self.uploaded_bytes = 0
+        self.copied_bytes = 0  # parts made inside the store from unchanged ranges
         self.failed_permanently = 0
         # version of a pending write -> the object it became (readers opened before the upload)
         self._uploaded_as: OrderedDict[str, ObjectInfo] = OrderedDict()
@@ -423,6 +429,7 @@ class WriteBack:
         metadata: Mapping[str, str] | None = None,
         close: bool = True,
         progress: Progress | None = None,
+        source: CopySource | None = None,
     ) -> PendingObject:
         """Make the file's content local-durable and queue its upload.
 
@@ -431,6 +438,7 @@ class WriteBack:
             metadata: user metadata for the object (replaces the previous commit's).
             close: the writer is done; otherwise later commits may follow.
             progress: a direct writer's last report (:meth:`StagedFile.report`).
+            source: the object whose bytes the file's holes still are.
 
         Raises:
             WriteError: the session is closed, or its name was unlinked meanwhile.
@@ -459,6 +467,9 @@ class WriteBack:
                 parts=[[p.part_number, p.etag, p.size] for p in parts],
                 released=staged.released_bytes,
                 upload_key=eager.key if eager is not None and eager.key != staged.key else "",
+                source_key=source.key if source is not None else "",
+                source_etag=source.etag if source is not None else "",
+                absent=[list(r) for r in source.ranges] if source is not None else [],
             )
         self._journal([record])
         with self._cond:
@@ -642,8 +653,59 @@ class WriteBack:
     def read(self, record: PendingObject, offset: int, length: int) -> bytes:
         if record.inline:
             return self._inline_data(record)[offset : offset + length]
-        with open(record.path, "rb") as file:
-            return os.pread(file.fileno(), length, offset)
+        return self._reader(record)(offset, min(length, max(0, record.size - offset)))
+
+    def _reader(self, record: PendingObject) -> Callable[[int, int], bytes]:
+        """Reads of the object ``record`` makes: its staging file, with the spans still in its
+        copy source read from the store (PreconditionFailed when that version is gone)."""
+        store = self._stores[record.namespace]
+
+        def read(offset: int, length: int) -> bytes:
+            with open(record.path, "rb") as file:
+                data = bytearray(os.pread(file.fileno(), length, offset))
+            data.extend(bytes(length - len(data)))  # a hole at the end reads as zeros
+            for start, end in record.absent:
+                lo, hi = max(start, offset), min(end, offset + length)
+                if lo < hi:
+                    got = store.get_range(
+                        record.source_key, lo, hi - lo, if_match=record.source_etag
+                    )
+                    if len(got) != hi - lo:
+                        raise PreconditionFailed(f"{record.source_key!r} is shorter than it was")
+                    data[lo - offset : hi - offset] = got
+            return bytes(data)
+
+        return read
+
+    def _copier(
+        self, record: PendingObject
+    ) -> Callable[[str, int, int, int], PartInfo | None] | None:
+        """Parts wholly in the copy source, made inside the store (UploadPartCopy)."""
+        store = self._stores[record.namespace]
+        if not record.absent or not store.features.part_copy:
+            return None
+        key = record.upload_key or record.key
+
+        def copy(upload_id: str, number: int, start: int, length: int) -> PartInfo | None:
+            if not any(a <= start and start + length <= b for a, b in record.absent):
+                return None
+            try:
+                part = store.upload_part_copy(
+                    key,
+                    upload_id,
+                    number,
+                    record.source_key,
+                    start,
+                    length,
+                    if_match=record.source_etag,
+                )
+            except NotSupported:  # this server cannot after all: the bytes go through us
+                return None
+            with self._cond:
+                self.copied_bytes += length
+            return part
+
+        return copy
 
     def uploaded_as(self, version: str) -> ObjectInfo | None:
         """What a pending write (by its ``wb-`` version) became once uploaded, if known."""
@@ -663,6 +725,7 @@ class WriteBack:
                 "open_sessions": sum(s.attached for s in self._staged.values()),
                 "failed": sum(1 for r in records if r.error),
                 "failed_permanently": sum(1 for r in records if r.permanent),
+                "copied_bytes": self.copied_bytes,
                 "failures": {f"{r.namespace}/{r.key}": r.error for r in records if r.error},
             }
 
@@ -799,7 +862,7 @@ class WriteBack:
         ident = (record.namespace, record.key)
         old = self._records.get(ident)
         self._records[ident] = record
-        self._maybe_borrowed = self._maybe_borrowed or bool(record.upload_key)
+        self._maybe_borrowed = self._maybe_borrowed or bool(record.upload_key or record.source_key)
         self._attempts.pop(ident, None)
         if self.upload_delay > 0:
             self._retry_at[ident] = time.monotonic() + self.upload_delay
@@ -832,7 +895,12 @@ class WriteBack:
         # a key that a renamed file's upload still completes under waits for it to be copied
         borrowed: set[Ident] = set()
         if self._maybe_borrowed:
-            borrowed = {(r.namespace, r.upload_key) for r in self._records.values() if r.upload_key}
+            borrowed = {
+                (r.namespace, k)
+                for r in self._records.values()
+                for k in (r.upload_key, r.source_key)
+                if k and k != r.key
+            }
             self._maybe_borrowed = bool(borrowed)
         for _ in range(len(self._ready)):
             ident = self._ready.popleft()
@@ -930,6 +998,32 @@ class WriteBack:
             )
 
     def _upload(self, store: Store, ident: Ident, record: PendingObject) -> ObjectInfo:
+        try:
+            return self._upload_record(store, ident, record)
+        except PreconditionFailed as exc:
+            if not record.source_key:
+                raise
+            landed = self._landed(store, record)
+            if landed is not None:  # completed before a crash; the source is what it replaced
+                return landed
+            raise PreconditionFailed(
+                f"{record.key!r} was opened from {record.source_key!r}, which changed in the store "
+                f"before the upload: its unchanged bytes are gone ({exc})"
+            ) from exc
+
+    @staticmethod
+    def _landed(store: Store, record: PendingObject) -> ObjectInfo | None:
+        """The stored object, when it is this record's (same size and POSIX metadata: times
+        in nanoseconds make that a fingerprint)."""
+        try:
+            info = store.stat(record.key)
+        except FileNotFoundError:
+            return None
+        if record.metadata and info.size == record.size and info.metadata == record.metadata:
+            return info
+        return None
+
+    def _upload_record(self, store: Store, ident: Ident, record: PendingObject) -> ObjectInfo:
         if record.inline:
             info = store.put(
                 record.key, self._inline_data(record), metadata=record.metadata or None
@@ -937,8 +1031,7 @@ class WriteBack:
             return replace(info, metadata=dict(record.metadata))
         single = record.size <= self.part_size or record.size < store.features.min_part_size
         if single and not record.released:
-            with open(record.path, "rb") as file:
-                data = os.pread(file.fileno(), record.size, 0)
+            data = self._reader(record)(0, record.size)
             info = store.put(record.key, data, metadata=record.metadata or None)
             return (
                 info
@@ -953,6 +1046,8 @@ class WriteBack:
                 record.metadata,
                 lambda: self._current(ident, record),
                 threads=PART_THREADS,
+                read=self._reader(record) if record.absent else None,
+                copy=self._copier(record),
             )
 
         try:

@@ -18,7 +18,7 @@ from objstore.errors import NotSupported
 from pcache.blockstore import BlockStore, CacheDir, NoSpace
 from pcache.eager import EagerUpload
 from pcache.fuse_files import punch_hole
-from pcache.protocol import Progress, UploadFailed, WriteError
+from pcache.protocol import CopySource, Progress, UploadFailed, WriteError
 from pcache.staging import StagedFile
 from pcache.writeback import WriteBack
 
@@ -388,3 +388,43 @@ def test_a_late_part_does_not_count_as_clean_after_a_write_over_it(tmp_path: Pat
     assert pool_tasks == []  # part 1, sent and written over, goes again at commit only
     info = eager.finish(2 * PART, {}, lambda: True, threads=1)
     assert info.size == 2 * PART and store.inner.get("k") == path.read_bytes()
+
+
+def commit_patched_copy(wb: WriteBack, store: CountingStore, key: str) -> tuple[bytes, Any]:
+    """A file opened from an object and patched in part 2 only: its staging file holds the
+    patch, the rest are holes the commit names as still the source's."""
+    source = os.urandom(3 * PART + 1234)
+    info = store.inner.put(key, source)
+    staged = wb.open("data", key)
+    staged.truncate(len(source))  # holes
+    patch_at = PART + 100
+    staged.write(PART, source[PART:patch_at] + b"PATCH" + source[patch_at + 5 : 2 * PART])
+    expected = source[:patch_at] + b"PATCH" + source[patch_at + 5 :]
+    ranges = ((0, PART), (2 * PART, len(source)))
+    record = wb.commit(staged, source=CopySource(key, info.etag, ranges))
+    return expected, record
+
+
+def test_unchanged_ranges_are_copied_inside_the_store(tmp_path: Path) -> None:
+    blocks, wb, store, backing = make(tmp_path)
+    expected, record = commit_patched_copy(wb, store, "cow.bin")
+    assert wb.read(record, 0, 10) == expected[:10]  # a reader meanwhile: from the source
+    wb.start()
+    assert wb.wait_durable("data", "cow.bin", timeout=30)
+    assert (backing / "cow.bin").read_bytes() == expected
+    assert wb.copied_bytes == len(expected) - PART  # every part but the patched one
+    assert [n for _, n in store.parts] == [2]
+    wb.close()
+    blocks.close()
+
+
+def test_a_source_replaced_before_the_upload_is_a_permanent_failure(tmp_path: Path) -> None:
+    blocks, wb, store, backing = make(tmp_path)
+    commit_patched_copy(wb, store, "replaced.bin")
+    store.inner.put("replaced.bin", b"another writer's version")
+    wb.start()
+    with pytest.raises(UploadFailed, match="changed in the store before the upload"):
+        wb.wait_durable("data", "replaced.bin", timeout=30)
+    assert (backing / "replaced.bin").read_bytes() == b"another writer's version"
+    wb.close()
+    blocks.close()

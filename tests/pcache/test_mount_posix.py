@@ -503,6 +503,34 @@ def test_worker_restart_while_a_file_is_open(bed: Bed) -> None:
     assert bed.store.get("open-across.bin") == b"before after"
 
 
+def test_opening_a_large_object_copies_only_what_it_touches(bed: Bed) -> None:
+    """Opened without O_TRUNC, a 40 MiB object is not copied at open: a patch, an append and a
+    read of an untouched block copy in only those blocks; at upload the part still wholly the
+    old object's is made inside the store (UploadPartCopy), the others from both."""
+    data = bytearray(os.urandom(40 * MiB + 5))
+    bed.store.put("cow/big.bin", bytes(data))
+    before = bed.worker(0, "/v1/status")["writeback"]["copied_bytes"]
+    staging = [p for p in (bed.root / "cluster").rglob("staging") if p.is_dir()]
+    with open(bed.a / "cow/big.bin", "r+b") as file:
+        file.seek(20 * MiB + 3)
+        file.write(b"patched")
+        data[20 * MiB + 3 : 20 * MiB + 10] = b"patched"
+        file.seek(0, os.SEEK_END)
+        file.write(b"tail")
+        data += b"tail"
+        file.flush()
+        assert sum(disk_usage(d) for d in staging) < 8 * MiB  # two blocks, not 40 MiB
+        file.seek(33 * MiB)
+        assert file.read(100) == bytes(data[33 * MiB : 33 * MiB + 100])  # copied in to read
+        file.truncate(len(data) - 2)
+        del data[-2:]
+    assert (bed.a / "cow/big.bin").read_bytes() == bytes(data)  # still pending: composed
+    bed.settle()
+    assert bed.store.get("cow/big.bin") == bytes(data)
+    copied = bed.worker(0, "/v1/status")["writeback"]["copied_bytes"] - before
+    assert copied >= 16 * MiB  # part 1, [0, 16 MiB), never touched
+
+
 def test_a_file_larger_than_the_cache(moto_s3: Any, tmp_path: Path) -> None:
     """Its first parts are uploaded while it is written and dropped from the cache: 64 MiB go
     through a 24 MiB cache. While it is open, the dropped bytes read as EIO (they are only in
