@@ -79,6 +79,7 @@ NAME_MAX = 255
 MAX_KEY_BYTES = 1024  # S3's limit (OSS: 1,023 — the worker checks the store's own)
 INLINE_READ_MAX = 64 << 10  # reads up to this size may be served in the event loop itself
 RECENT_MISSING_S = 1.0  # a rename trusts the kernel's lookup of its new name this long
+CREATING_S = 2.0  # after a lookup found a name missing, new names in its directory are expected
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -360,6 +361,7 @@ class PcacheOperations(pyfuse3.Operations):
         self._reads_in_flight = 0  # reads handed to worker threads
         self._local_dirs: set[str] = set()  # emptied here: exist until rmdir
         self._missing_at: dict[str, float] = {}  # names a lookup just found missing
+        self._missed_in: dict[str, float] = {}  # directories where a lookup last found nothing
         self._known_dirs: dict[str, float] = {}  # path -> expiry (seen with content)
         self._dir_attrs: dict[str, tuple[Attrs, float]] = {}  # marker attributes, with expiry
         # directory -> the names it holds, as listed or made here, and until when that is trusted:
@@ -600,19 +602,25 @@ class PcacheOperations(pyfuse3.Operations):
             and await self._absent(path)
         ):
             return None
-        if path not in self._local_dirs and not self._dir_known_locally(path):
-            info = await self._stat_file(path)
-            if info is not None:
-                return (LINK if attrs_of(info, self.defaults).is_symlink else FILE), info
-        # not a file: its marker and its listing, asked side by side (one round trip, not two)
         found: dict[str, Any] = {}
         known = self._dir_known_locally(path)
 
         async def ask(what: str, call: Callable[[], Awaitable[Any]]) -> None:
             found[what] = await call()
 
+        may_be_file = path not in self._local_dirs and not known
+        # names created one after another in a directory (tar, cp -r) are new: the file, its
+        # marker and its listing are asked at once (one round trip, not two)
+        all_at_once = may_be_file and self._creating_in(path.rpartition("/")[0])
+        if may_be_file and not all_at_once:
+            info = await self._stat_file(path)
+            if info is not None:
+                return (LINK if attrs_of(info, self.defaults).is_symlink else FILE), info
+        # not a file: its marker and its listing, asked side by side (one round trip, not two)
         try:
             async with trio.open_nursery() as nursery:
+                if all_at_once:
+                    nursery.start_soon(ask, "file", lambda: self._stat_file(path))
                 if self.markers and not self.immutable:
                     marker_path = self._marker(path)
                     nursery.start_soon(ask, "marker", lambda: self._stat_object(marker_path))
@@ -620,6 +628,9 @@ class PcacheOperations(pyfuse3.Operations):
                     nursery.start_soon(ask, "listing", lambda: self._listing(path))
         except BaseExceptionGroup as group:  # the first failure, as the caller maps it
             raise group.exceptions[0] from None
+        info = found.get("file")
+        if info is not None:
+            return (LINK if attrs_of(info, self.defaults).is_symlink else FILE), info
         marker = found.get("marker")
         if marker is not None:
             self._dir_attrs[path] = (
@@ -638,6 +649,10 @@ class PcacheOperations(pyfuse3.Operations):
             return DIR, None
         return None
 
+    def _creating_in(self, directory: str) -> bool:
+        """Whether a lookup in ``directory`` just found a name missing (new names follow)."""
+        return time.monotonic() - self._missed_in.get(directory, -CREATING_S) < CREATING_S
+
     def _missing_moments_ago(self, path: str) -> bool:
         """Whether the kernel's lookup of ``path`` just found nothing (the lookup before a
         rename onto a new name: the rename need not ask the store again)."""
@@ -649,7 +664,8 @@ class PcacheOperations(pyfuse3.Operations):
         if resolved is None:
             if len(self._missing_at) > 4096:
                 self._missing_at.clear()
-            self._missing_at[path] = time.monotonic()
+                self._missed_in.clear()
+            self._missing_at[path] = self._missed_in[path.rpartition("/")[0]] = time.monotonic()
             raise fail(errno.ENOENT)
         kind, info = resolved
         inode = self.inodes.inode(path, kind)
