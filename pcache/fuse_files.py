@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 COPY_CHUNK = 8 << 20
 SMALL_FILE_MAX = 1 << 20  # files up to this size are kept in memory until committed
+REPORT_EVERY = 8 << 20  # the worker hears of a sequential writer's progress this often
 RELEASE_WAIT_S = 60.0  # a writer out of room waits this long for its parts to be uploaded
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -145,10 +146,11 @@ class OpenFile:
     # -- data (inline: the staging file is on a local disk) --------------------------------
 
     def needs_room(self, end: int) -> bool:
-        """Whether growing to ``end`` needs the worker first (capacity, or a staging file)."""
+        """Whether growing to ``end`` needs the worker first (capacity, a staging file, or
+        news of the writer's progress, so that its early upload keeps up)."""
         if self.buffer is not None:
             return end > SMALL_FILE_MAX
-        return end > self.reserved
+        return end > self.reserved or self.frontier - self.reported >= REPORT_EVERY
 
     def _check_kept(self, offset: int) -> None:
         if offset < self.released:

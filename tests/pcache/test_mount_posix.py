@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import shutil
 import signal
 import stat
@@ -529,6 +530,68 @@ def test_opening_a_large_object_copies_only_what_it_touches(bed: Bed) -> None:
     assert bed.store.get("cow/big.bin") == bytes(data)
     copied = bed.worker(0, "/v1/status")["writeback"]["copied_bytes"] - before
     assert copied >= 16 * MiB  # part 1, [0, 16 MiB), never touched
+
+
+def test_parts_leave_while_writing_and_a_patch_over_one_is_kept(bed: Bed) -> None:
+    """A 64 MiB file: its first parts are in the store's unfinished upload before close; a
+    write over part 1 after that (a format patching its header) still reaches the object."""
+    data = bytearray(os.urandom(64 * MiB))
+    fd = os.open(bed.a / "early.bin", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for offset in range(0, len(data), MiB):
+            os.write(fd, data[offset : offset + MiB])
+        deadline = time.monotonic() + 60
+        while True:  # the parts behind the writer reach the store before any commit
+            uploads = bed.store.list_uploads("early.bin")
+            if uploads and len(bed.store.list_parts("early.bin", uploads[0].upload_id)) >= 2:
+                break
+            assert time.monotonic() < deadline, "no part was uploaded while writing"
+            time.sleep(0.1)
+        os.pwrite(fd, b"HEADER", 100)
+        data[100:106] = b"HEADER"
+    finally:
+        os.close(fd)
+    bed.settle()
+    assert bed.store.get("early.bin") == bytes(data)
+    assert bed.store.list_uploads("early.bin") == []
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_operations_on_a_lazily_copied_object(bed: Bed, seed: int) -> None:
+    """Writes, reads and truncates at random offsets (block edges, holes, past the end) on an
+    object opened without O_TRUNC, checked against a local model at every read and after."""
+    rng = random.Random(seed)
+    key = f"cow/random-{seed}.bin"
+    model = bytearray(rng.randbytes(9 * MiB + 12345))
+    bed.store.put(key, bytes(model))
+    fd = os.open(bed.a / key, os.O_RDWR)
+    try:
+        for _ in range(150):
+            op = rng.random()
+            size = len(model)
+            offset = rng.choice([0, MiB - 3, MiB, 4 * MiB + 1, size - 10, size, size + 99])
+            offset = max(0, offset + rng.randrange(-2000, 2000)) if rng.random() < 0.5 else offset
+            if op < 0.45:
+                data = rng.randbytes(rng.choice([1, 100, 4096, MiB, MiB + 7, 2 * MiB]))
+                os.pwrite(fd, data, offset)
+                if offset > len(model):
+                    model.extend(bytes(offset - len(model)))
+                model[offset : offset + len(data)] = data
+            elif op < 0.85:
+                length = rng.choice([1, 4096, MiB, 3 * MiB])
+                assert os.pread(fd, length, offset) == bytes(model[offset : offset + length])
+            else:
+                cut = rng.randrange(0, len(model) + MiB)
+                os.ftruncate(fd, cut)
+                if cut < len(model):
+                    del model[cut:]
+                else:
+                    model.extend(bytes(cut - len(model)))
+    finally:
+        os.close(fd)
+    assert (bed.a / key).read_bytes() == bytes(model)
+    bed.settle()
+    assert bed.store.get(key) == bytes(model)
 
 
 def test_a_file_larger_than_the_cache(moto_s3: Any, tmp_path: Path) -> None:
