@@ -1362,7 +1362,7 @@ class PcacheOperations(pyfuse3.Operations):
         # sent twice); the commit sends the rest as the writer leaves it
         file = OpenFile(path, client_path, session, fd, size, attrs, foreign)
         if lazy:
-            block = self.client.block_size
+            block = self.block_size
             file.source, file.source_path, file.source_size = current, client_path, size
             file.block_size = block
             file.absent = set(range(-(-size // block)))

@@ -536,6 +536,22 @@ def test_umount_of_a_busy_mount_is_a_clear_error(cluster2, store: Store, tmp_pat
         mount.stop()
 
 
+def test_a_patch_of_a_large_object_where_the_store_cannot_copy_parts(mounts, store: Store) -> None:
+    """rclone serve s3 has no UploadPartCopy: the unchanged ranges are read from the store."""
+    a, _ = mounts
+    data = bytearray(os.urandom(40 * MiB + 1))
+    store.put("cow/patched.bin", bytes(data))
+    with open(a / "cow/patched.bin", "r+b") as file:
+        file.seek(7)
+        file.write(b"patch")
+        data[7:12] = b"patch"
+    assert (a / "cow/patched.bin").read_bytes() == bytes(data)
+    deadline = time.monotonic() + 60
+    while store.get("cow/patched.bin") != bytes(data):
+        assert time.monotonic() < deadline, "the patched object never landed"
+        time.sleep(0.2)
+
+
 def test_a_peer_killed_mid_read(mounts, cluster2, store: Store) -> None:
     a, _ = mounts  # mount A reads through node 0; node 1 serves half the blocks
     cluster, _ = cluster2
@@ -572,22 +588,6 @@ def test_requests_time_out_when_the_worker_hangs(cluster2, store: Store, tmp_pat
         assert os.stat(mount.path / "hang/x.bin").st_size == len(data)
     finally:
         mount.stop()
-
-
-def test_a_patch_of_a_large_object_where_the_store_cannot_copy_parts(mounts, store: Store) -> None:
-    """rclone serve s3 has no UploadPartCopy: the unchanged ranges are read from the store."""
-    a, _ = mounts
-    data = bytearray(os.urandom(40 * MiB + 1))
-    store.put("cow/patched.bin", bytes(data))
-    with open(a / "cow/patched.bin", "r+b") as file:
-        file.seek(7)
-        file.write(b"patch")
-        data[7:12] = b"patch"
-    assert (a / "cow/patched.bin").read_bytes() == bytes(data)
-    deadline = time.monotonic() + 60
-    while store.get("cow/patched.bin") != bytes(data):
-        assert time.monotonic() < deadline, "the patched object never landed"
-        time.sleep(0.2)
 
 
 def test_a_random_write_larger_than_the_cache_is_enospc_and_nothing_lands(
