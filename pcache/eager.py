@@ -386,7 +386,11 @@ class EagerUpload:
             if not current():
                 raise Superseded
             start = (number - 1) * self.part_size
-            uploaded = copy(self.upload_id, number, start, length) if copy is not None else None
+            uploaded = None
+            if copy is not None:
+                with self._cond:  # a copy the server half did (no ETag) may have used the number
+                    self._sent.add(number)
+                uploaded = copy(self.upload_id, number, start, length)
             if uploaded is None:
                 uploaded = self._upload_part(number, length, read)
             with self._cond:  # reusable later only below the frontier (writes there are reported)

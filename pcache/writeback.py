@@ -206,6 +206,7 @@ class WriteBack:
         self.uploaded = 0
         self.uploaded_bytes = 0
         self.copied_bytes = 0  # parts made inside the store from unchanged ranges
+        self._no_part_copy: set[str] = set()  # namespaces whose server refused UploadPartCopy
         self.failed_permanently = 0
         # version of a pending write -> the object it became (readers opened before the upload)
         self._uploaded_as: OrderedDict[str, ObjectInfo] = OrderedDict()
@@ -684,6 +685,8 @@ class WriteBack:
         store = self._stores[record.namespace]
         if not record.absent or not store.features.part_copy:
             return None
+        if record.namespace in self._no_part_copy:
+            return None
         key = record.upload_key or record.key
 
         def copy(upload_id: str, number: int, start: int, length: int) -> PartInfo | None:
@@ -699,7 +702,10 @@ class WriteBack:
                     length,
                     if_match=record.source_etag,
                 )
-            except NotSupported:  # this server cannot after all: the bytes go through us
+            except NotSupported as exc:  # this server cannot after all: bytes go through us
+                if record.namespace not in self._no_part_copy:
+                    log.info("%s: no server-side part copy (%s)", record.namespace, exc)
+                    self._no_part_copy.add(record.namespace)
                 return None
             with self._cond:
                 self.copied_bytes += length

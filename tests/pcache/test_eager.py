@@ -428,3 +428,24 @@ def test_a_source_replaced_before_the_upload_is_a_permanent_failure(tmp_path: Pa
     assert (backing / "replaced.bin").read_bytes() == b"another writer's version"
     wb.close()
     blocks.close()
+
+
+def test_a_server_that_half_does_part_copies_gets_the_bytes_sent(tmp_path: Path) -> None:
+    """rclone serve s3 stores the copied part but answers without an ETag, and then refuses
+    that part number again: the upload starts over without copies (and never copies again)."""
+    blocks, wb, store, backing = make(tmp_path)
+    store.keep_first = True
+
+    def half_copy(key: str, upload_id: str, number: int, src: str, start: int, length: int,
+                  *, if_match: str) -> Any:  # fmt: skip
+        store.sent.add((upload_id, number))
+        raise NotSupported("the server answered UploadPartCopy without an ETag")
+
+    store.upload_part_copy = half_copy  # type: ignore[method-assign]
+    expected, _ = commit_patched_copy(wb, store, "half.bin")
+    wb.start()
+    assert wb.wait_durable("data", "half.bin", timeout=30)
+    assert (backing / "half.bin").read_bytes() == expected
+    assert wb.copied_bytes == 0
+    wb.close()
+    blocks.close()
