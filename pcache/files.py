@@ -47,20 +47,38 @@ class PcacheReader(SeekableReader):
         self._last_end = 0  # where the last read ended: a read starting there is sequential
 
     def readinto(self, buf: Any) -> int:
+        return self.readinto_at(self._pos, buf)
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` (short at the end), whatever the position; the position
+        ends after them. Callers serialise it with :meth:`read`, not with :meth:`read_cached`."""
+        buf = bytearray(max(0, min(size, self.size - offset)))
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            n = self.readinto_at(offset + done, view[done:])
+            if n <= 0:
+                break
+            done += n
+        return bytes(buf[:done])
+
+    def readinto_at(self, pos: int, buf: Any) -> int:
+        """Read into ``buf`` from ``pos``; the position ends after what was read. ``pos`` is
+        a parameter, not read back from the position: read_cached (unlocked, other threads)
+        moves that hint meanwhile."""
         view = memoryview(buf).cast("B")
-        want = max(0, min(len(view), self.size - self._pos))
+        want = max(0, min(len(view), self.size - pos))
         if want == 0:
             return 0
         exact_ok = self._client.shared_memory or self._client.local_cache() is not None
         if want >= self._client.config.shm_threshold and exact_ok:
-            n = self._client.readinto(self.path, self._pos, view[:want], self.info)
-            self._pos += n
+            n = self._client.readinto(self.path, pos, view[:want], self.info)
+            self._pos = pos + n
             self._last_end = self._pos
             return n
         done = 0
-        sequential = self._pos == self._last_end or not exact_ok
+        sequential = pos == self._last_end or not exact_ok
         while done < want:
-            index = (self._pos + done) // self._bs
+            index = (pos + done) // self._bs
             if self._current is not None and self._current[0] == index:
                 block = self._current[1]
             elif sequential:
@@ -69,17 +87,17 @@ class PcacheReader(SeekableReader):
             else:  # a random read: only its bytes, and the next read decides again
                 self._last_index = index
                 n = self._client.readinto(
-                    self.path, self._pos + done, view[done:want], self.info, exact=True
+                    self.path, pos + done, view[done:want], self.info, exact=True
                 )
                 done += n
                 break
-            start = self._pos + done - index * self._bs
+            start = pos + done - index * self._bs
             n = min(want - done, len(block) - start)
             if n <= 0:
                 break
             view[done : done + n] = block[start : start + n]
             done += n
-        self._pos += done
+        self._pos = pos + done
         self._last_end = self._pos
         return done
 

@@ -248,8 +248,7 @@ class _ReadHandle:
         if data is not None:
             return data
         with self.lock:  # the reader keeps a position; the kernel may send reads concurrently
-            self.reader.seek(offset)
-            return self.reader.read(size) or b""
+            return self.reader.read_at(offset, size)
 
     def pread_cached(self, offset: int, size: int) -> bytes | None:
         """:meth:`pread` when the bytes are on this node's disks (or in hand); None otherwise,

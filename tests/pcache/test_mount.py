@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import shutil
 import signal
 import stat
@@ -534,6 +535,36 @@ def test_umount_of_a_busy_mount_is_a_clear_error(cluster2, store: Store, tmp_pat
         assert mount.process.wait(timeout=15) == 0
     finally:
         mount.stop()
+
+
+def test_concurrent_reads_of_one_descriptor_get_their_own_bytes(mounts, store: Store) -> None:
+    """The kernel sends reads of one descriptor concurrently: cached ones are served without
+    the reader's lock while others hold it; each must get the bytes at its own offset."""
+    a, _ = mounts
+    data = os.urandom(24 * MiB + 5)
+    store.put("race/x.bin", data)
+    fd = os.open(a / "race/x.bin", os.O_RDONLY)
+    errors: list[str] = []
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(120):
+            offset = rng.randrange(0, len(data))
+            size = rng.choice([4096, 65536, MiB, 3 * MiB])
+            if os.pread(fd, size, offset) != data[offset : offset + size]:
+                errors.append(f"wrong bytes at {offset}+{size}")
+            if rng.random() < 0.2:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # reach the mount again
+
+    try:
+        threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        os.close(fd)
+    assert errors == []
 
 
 def test_a_patch_of_a_large_object_where_the_store_cannot_copy_parts(mounts, store: Store) -> None:
