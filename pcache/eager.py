@@ -196,10 +196,7 @@ class EagerUpload:
     def uploaded_prefix(self) -> int:
         """Bytes from offset 0 that clean parts hold (what the writer may release)."""
         with self._cond:
-            number = 1
-            while number in self._clean:
-                number += 1
-            return (number - 1) * self.part_size
+            return self._prefix_locked()
 
     def wait_uploaded(self, beyond: int, timeout: float) -> int:
         """Wait up to ``timeout`` for the uploaded prefix to pass ``beyond`` (a writer that

@@ -663,7 +663,10 @@ class WriteBack:
 
         def read(offset: int, length: int) -> bytes:
             with open(record.path, "rb") as file:
-                data = bytearray(os.pread(file.fileno(), length, offset))
+                local = os.pread(file.fileno(), length, offset)
+            if not any(a < offset + length and offset < b for a, b in record.absent):
+                return local  # the common case: no copy of the bytes
+            data = bytearray(local)
             data.extend(bytes(length - len(data)))  # a hole at the end reads as zeros
             for start, end in record.absent:
                 lo, hi = max(start, offset), min(end, offset + length)
