@@ -404,13 +404,14 @@ class OSSStore(Store):
         assert isinstance(src, OSSStore)
         if src.stat(src_key).size > _COPY_LIMIT:
             return None  # cross-bucket multipart copy: let the caller stream it
-        with self._errors("copy", dst_key):
-            _drain(
-                self.bucket.copy_object(
-                    src.bucket.bucket_name, src._key(src_key), self._key(dst_key)
-                )
-            )
+        self._copy_object(src.bucket.bucket_name, src._key(src_key), dst_key)
         return self.stat(dst_key)
+
+    @retrying
+    def _copy_object(self, bucket: str, key: str, dst_key: str) -> None:
+        """One CopyObject into ``dst_key`` (idempotent: the same source lands again)."""
+        with self._errors("copy", dst_key):
+            _drain(self.bucket.copy_object(bucket, key, self._key(dst_key)))
 
     @retrying
     def upload_part_copy(

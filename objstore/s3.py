@@ -552,10 +552,14 @@ class S3Store(Store):
         info = src.stat(src_key)
         if info.size > self.features.max_part_size:
             return None  # cross-bucket multipart copy: let the caller stream it
-        source: Any = {"Bucket": src.bucket, "Key": src._key(src_key)}
+        self._copy_object({"Bucket": src.bucket, "Key": src._key(src_key)}, dst_key)
+        return self.stat(dst_key)
+
+    @retrying
+    def _copy_object(self, source: Any, dst_key: str) -> None:
+        """One CopyObject into ``dst_key`` (idempotent: the same source lands again)."""
         with self._errors("copy", dst_key):
             self.client.copy_object(Bucket=self.bucket, Key=self._key(dst_key), CopySource=source)
-        return self.stat(dst_key)
 
     def _same_account(self, other: S3Store) -> bool:
         mine, theirs = self.profile, other.profile

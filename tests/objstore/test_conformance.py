@@ -8,6 +8,7 @@ import hashlib
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -431,6 +432,19 @@ def test_retry_on_injected_503(case: BackendCase, store: Store) -> None:
     case.inject_transient(2)
     store.put("k2", b"value2")
     assert store.get("k2") == b"value2"
+    # the service-side copy, too: the faults land on the copy request, after the source's HEAD
+    stat, calls = store.stat, []
+
+    def stat_then_fault(key: str) -> Any:
+        info = stat(key)
+        if not calls:
+            case.inject_transient(2)
+        calls.append(key)
+        return info
+
+    store.stat = stat_then_fault  # type: ignore[method-assign]
+    assert store.copy_from(store, "k2", "k3") is not None
+    assert store.get("k3") == b"value2"
 
 
 def test_retries_exhausted_raise_transient(case: BackendCase, store: Store) -> None:
