@@ -45,6 +45,7 @@ from .protocol import (
     TOKEN_HEADER,
     CopySource,
     Progress,
+    Resolved,
     StaleVersion,
     block_key,
     error_from_response,
@@ -341,6 +342,21 @@ class PcacheClient:
         return info_from_json(
             self._metadata(f"/v1/stat/{quote(namespace)}/{quote(key)}", fields=fields)
         )
+
+    def resolve(
+        self, path: str, *, file: bool = True, marker: bool = True, full: bool = False
+    ) -> Resolved:
+        """What ``path`` names, in one request (see :class:`~pcache.protocol.Resolved`): the
+        object (``file``), the directory marker (``marker``) and whether anything is under
+        ``path/``; ``full``: the object with its user metadata."""
+        namespace, key = split_path(path)
+        check_key(key)
+        fields = {"file": int(file), "marker": int(marker), "full": int(full)}
+        answer = self._metadata(
+            f"/v1/resolve/{quote(namespace)}/{quote(key)}",
+            fields={k: str(v) for k, v in fields.items()},
+        )
+        return Resolved.from_json(answer)
 
     def ls(self, path: str, *, recursive: bool = False) -> tuple[list[ObjectInfo], list[str]]:
         """Objects and sub-prefixes directly under ``path`` (a directory view)."""

@@ -22,7 +22,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -574,10 +574,15 @@ class PcacheOperations(pyfuse3.Operations):
         return await self._run(self.client.list_dir, self._dir_client_path(path))
 
     async def _has_content(self, path: str) -> bool:
-        """Whether a directory holds anything but its own marker."""
-        listing = await self._listing(path)
-        base = self._key(path) + "/" if path else self.prefix
-        return bool(listing.prefixes) or any(o.key != base for o in listing.objects)
+        """Whether a directory holds anything but its own marker (a probe, not a listing)."""
+        if not path:
+            listing = await self._listing(path)
+            return bool(listing.prefixes or listing.objects)
+        resolved = await self._run(
+            functools.partial(self.client.resolve, file=False, marker=False),
+            self._client_path(path),
+        )
+        return resolved.children
 
     async def _stat_object(self, client_path: str) -> ObjectInfo | None:
         try:
@@ -601,36 +606,37 @@ class PcacheOperations(pyfuse3.Operations):
             and await self._absent(path)
         ):
             return None
-        found: dict[str, Any] = {}
         known = self._dir_known_locally(path)
-
-        async def ask(what: str, call: Callable[[], Awaitable[Any]]) -> None:
-            found[what] = await call()
-
-        may_be_file = path not in self._local_dirs and not known
-        # names created one after another in a directory (tar, cp -r) are new: the file, its
-        # marker and its listing are asked at once (one round trip, not two)
-        all_at_once = may_be_file and self._creating_in(path.rpartition("/")[0])
-        if may_be_file and not all_at_once:
+        want_marker = self.markers and not self.immutable
+        if known:  # a directory: only its marker's attributes are asked
+            marker = await self._stat_object(self._marker(path)) if want_marker else None
+            return self._found_dir(path, marker, asked=want_marker)
+        # names created one after another in a directory (tar, cp -r) are new: the file is
+        # asked with the rest (one round trip, not two); otherwise it is, most often, a file
+        all_at_once = self._creating_in(path.rpartition("/")[0])
+        if not all_at_once:
             info = await self._stat_file(path)
             if info is not None:
                 return (LINK if attrs_of(info, self.defaults).is_symlink else FILE), info
-        # not a file: its marker and its listing, asked side by side (one round trip, not two)
-        try:
-            async with trio.open_nursery() as nursery:
-                if all_at_once:
-                    nursery.start_soon(ask, "file", lambda: self._stat_file(path))
-                if self.markers and not self.immutable:
-                    marker_path = self._marker(path)
-                    nursery.start_soon(ask, "marker", lambda: self._stat_object(marker_path))
-                if not known:
-                    nursery.start_soon(ask, "listing", lambda: self._listing(path))
-        except BaseExceptionGroup as group:  # the first failure, as the caller maps it
-            raise group.exceptions[0] from None
-        info = found.get("file")
-        if info is not None:
-            return (LINK if attrs_of(info, self.defaults).is_symlink else FILE), info
-        marker = found.get("marker")
+        resolved = await self._run(
+            functools.partial(
+                self.client.resolve, file=all_at_once, marker=want_marker, full=not self.immutable
+            ),
+            self._client_path(path),
+        )
+        if resolved.file is not None:
+            kind = LINK if attrs_of(resolved.file, self.defaults).is_symlink else FILE
+            return kind, resolved.file
+        if not resolved.directory:
+            return None
+        self._remember_dir(path)
+        return self._found_dir(path, resolved.marker, asked=want_marker)
+
+    def _found_dir(
+        self, path: str, marker: ObjectInfo | None, *, asked: bool
+    ) -> tuple[str, ObjectInfo | None]:
+        """``path`` is a directory: its attributes come from its marker, else (when markers
+        were asked and it has none) the defaults."""
         if marker is not None:
             self._dir_attrs[path] = (
                 attrs_of(marker, self.defaults, directory=True),
@@ -638,15 +644,9 @@ class PcacheOperations(pyfuse3.Operations):
             )
             self._remember_dir(path)
             return DIR, marker
-        listing: Listing | None = None if known else found["listing"]
-        if listing is None or listing.objects or listing.prefixes:
-            if self.markers and not self.immutable:  # asked: no marker, the defaults hold
-                expiry = time.monotonic() + self.timeout
-                self._dir_attrs[path] = (self._default_dir_attrs(), expiry)
-            if not known:
-                self._remember_dir(path)
-            return DIR, None
-        return None
+        if asked:
+            self._dir_attrs[path] = (self._default_dir_attrs(), time.monotonic() + self.timeout)
+        return DIR, None
 
     def _creating_in(self, directory: str) -> bool:
         """Whether a lookup in ``directory`` just found a name missing (new names follow)."""
@@ -1582,8 +1582,9 @@ class PcacheOperations(pyfuse3.Operations):
             if file.handles <= 0:
                 if self._open.get(file.path) is file:
                     del self._open[file.path]
-                with trio.CancelScope(shield=True):
-                    await self._run(end_session, file)
+                if file.session is not None:  # a small file has no session to end
+                    with trio.CancelScope(shield=True):
+                        await self._run(end_session, file)
 
     # -- shutdown --------------------------------------------------------------------------
 

@@ -293,6 +293,53 @@ class CopySource:
         return cls(key, etag, ranges)
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """What a path names, in one answer (``GET /v1/resolve``): the lookup of a name a mount
+    has not seen costs one request to the worker and, in the store, a HEAD beside a LIST of at
+    most two keys (never the whole directory).
+
+    Attributes:
+        file: the object ``KEY`` (a file or a symlink); None when there is none or it was not
+            asked for.
+        marker: the directory marker ``KEY/`` with its user metadata; None when there is none
+            or it was not asked for.
+        has_marker: whether the marker ``KEY/`` exists.
+        children: whether anything but the marker is under ``KEY/``, as this node sees it.
+    """
+
+    file: ObjectInfo | None
+    marker: ObjectInfo | None
+    has_marker: bool
+    children: bool
+
+    @property
+    def directory(self) -> bool:
+        return self.has_marker or self.children
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": None if self.file is None else info_to_json(self.file),
+            "marker": None if self.marker is None else info_to_json(self.marker),
+            "has_marker": self.has_marker,
+            "children": self.children,
+        }
+
+    @classmethod
+    def from_json(cls, value: Any) -> Resolved:
+        """Parse an answer; ``ValueError`` when malformed."""
+        try:
+            file, marker = value["file"], value["marker"]
+            return cls(
+                None if file is None else info_from_json(file),
+                None if marker is None else info_from_json(marker),
+                bool(value["has_marker"]),
+                bool(value["children"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed resolve answer: {exc}") from None
+
+
 def block_key(namespace: str, key: str, index: int) -> str:
     """The name worker selection hashes for one block (stable across versions)."""
     return f"{namespace}/{key}#{index}"

@@ -47,6 +47,7 @@ from .protocol import (
     VERSION_HEADER,
     CopySource,
     Progress,
+    Resolved,
     StaleVersion,
     Unauthorized,
     error_body,
@@ -323,8 +324,13 @@ class Worker:
                     self.meta.put_stat(namespace, info.key, info, generation, listed=True)
                 break
         assert page is not None
-        # changes not yet uploaded, announced by other nodes or journalled here (those win),
-        # are part of what this node sees
+        return await self._overlay(namespace, prefix, delimiter, page)
+
+    async def _overlay(
+        self, namespace: str, prefix: str, delimiter: str, page: ListPage
+    ) -> ListPage:
+        """``page`` of the store's listing of ``prefix`` with the changes not yet uploaded,
+        announced by other nodes or journalled here (those win): what this node sees."""
         changes: dict[str, ObjectInfo | None] = {
             key: a.info
             for key, a in self.announced.under(namespace, prefix).items()
@@ -349,6 +355,61 @@ class Worker:
             else:
                 objects.append(info)
         return ListPage(sorted(objects, key=lambda o: o.key), sorted(prefixes), None)
+
+    async def probe(self, namespace: str, prefix: str) -> ListPage:
+        """The start of ``prefix``'s listing (delimiter ``/``), enough to tell whether its
+        marker is there and whether anything else is: the cached listing when there is one,
+        else one store page of at most two keys (cached when it is the whole listing). Only
+        when changes journalled here hide every key of a longer page is it listed whole."""
+        store = self.store(namespace)
+        check_prefix(prefix)
+        page = self.meta.get_listing(namespace, prefix, "/")
+        if page is None:
+            generation = self.meta.generation
+            page = await asyncio.to_thread(
+                functools.partial(store.list_page, prefix, delimiter="/", limit=2)
+            )
+            if page.token is None:
+                self.meta.put_listing(namespace, prefix, page, "/", generation)
+        seen = await self._overlay(namespace, prefix, "/", page)
+        hidden = not seen.prefixes and all(o.key == prefix for o in seen.objects)
+        if page.token is not None and hidden:  # what the page held is gone here: is there more?
+            return await self.listing(namespace, prefix, "/")
+        return seen
+
+    async def resolve(
+        self,
+        namespace: str,
+        key: str,
+        *,
+        file: bool = True,
+        marker: bool = True,
+        full: bool = False,
+    ) -> Resolved:
+        """What ``key`` names (see :class:`Resolved`): the object (``file``; with its user
+        metadata when ``full``) and the probe of ``key/`` side by side, then the marker's
+        user metadata when ``marker`` is asked and it exists."""
+        check_key(key)
+        prefix = key + "/"
+
+        async def the_file() -> ObjectInfo | None:
+            if not file:
+                return None
+            try:
+                return await self.stat(namespace, key, full=full)
+            except ObjectNotFound:
+                return None
+
+        found, page = await asyncio.gather(the_file(), self.probe(namespace, prefix))
+        has_marker = any(o.key == prefix for o in page.objects)
+        children = bool(page.prefixes) or any(o.key != prefix for o in page.objects)
+        marker_info = None
+        if marker and has_marker:
+            try:
+                marker_info = await self.stat(namespace, prefix, full=True)
+            except ObjectNotFound:  # removed meanwhile
+                has_marker = False
+        return Resolved(found, marker_info, has_marker, children)
 
     async def _prefix_emptied(self, namespace: str, prefix: str, gone: set[str]) -> bool:
         """Whether only deleted keys are under ``prefix`` (an ``rmdir`` not yet in the store):
@@ -557,6 +618,19 @@ async def stat(request: web.Request) -> web.Response:
     full = request.query.get("full") == "1"
     info = await worker.stat(namespace, key, full=full)
     return web.json_response(info_to_json(info, full=full or bool(info.metadata)))
+
+
+async def resolve(request: web.Request) -> web.Response:
+    worker, namespace, key = _key(request)
+    query = request.query
+    answer = await worker.resolve(
+        namespace,
+        key,
+        file=query.get("file", "1") == "1",
+        marker=query.get("marker", "1") == "1",
+        full=query.get("full") == "1",
+    )
+    return web.json_response(answer.to_json())
 
 
 async def listing(request: web.Request) -> web.Response:
@@ -1069,6 +1143,7 @@ def create_app(config: WorkerConfig) -> web.Application:
     app.router.add_get("/v1/info", info)
     app.router.add_get(f"/v1/stat/{{ns}}/{key}", stat)
     app.router.add_get("/v1/list/{ns}", listing)
+    app.router.add_get(f"/v1/resolve/{{ns}}/{key}", resolve)
     app.router.add_get(f"/v1/block/{{ns}}/{key}", block)
     app.router.add_post("/v1/prefetch", prefetch)
     app.router.add_post("/v1/shm/read", shm_read)

@@ -568,3 +568,38 @@ def test_peers_found_through_dns(make_cluster, payload, tmp_path: Path) -> None:
         time.sleep(0.2)
     assert members(clients[0]) == {"node1": expected["node1"]}
     assert clients[0].read("data/dns/obj.bin") == data
+
+
+def test_resolve_probes_a_directory_without_listing_it(make_cluster, rclone_s3) -> None:
+    """A lookup's one request: the object beside a LIST of at most two keys under ``KEY/``,
+    whatever the directory holds; changes journalled here count."""
+    proxy = FaultProxy(rclone_s3.endpoint).start()
+    try:
+        cluster, store = make_cluster(1, profile=rclone_s3.profile(endpoint=proxy.endpoint))
+        for i in range(5):
+            store.put(f"tree/dir/f{i}", b"x")
+        store.put("tree/dir/sub/g", b"g")
+        store.put("tree/file", b"file")
+        client = make_cluster.client(cluster)
+        proxy.request_log.clear()
+        found = client.resolve("data/tree/file")
+        assert found.file is not None and found.file.size == 4 and not found.directory
+        directory = client.resolve("data/tree/dir")
+        assert directory.file is None and directory.children and not directory.has_marker
+        assert client.resolve("data/tree/dir", file=False).file is None
+        missing = client.resolve("data/tree/nope")
+        assert (missing.file, missing.directory, missing.marker) == (None, False, None)
+        lists = [r for r in proxy.request_log if "list-type=2" in r]
+        assert lists and all("max-keys=2" in r for r in lists), lists
+        # tree/file/, tree/dir/ twice (a page of a longer listing is not cached), tree/nope/
+        assert len(lists) == 4
+        # journalled here and refused by the store: still what this node sees
+        proxy.refuse("tree/pending/")
+        client.put("data/tree/pending/p", b"p")
+        assert client.resolve("data/tree/pending").children
+        client.delete("data/tree/dir/sub/g", durable="local")
+        for i in range(5):
+            client.delete(f"data/tree/dir/f{i}", durable="local")
+        assert not client.resolve("data/tree/dir").directory  # every key deleted here
+    finally:
+        proxy.stop()

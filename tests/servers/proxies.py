@@ -389,6 +389,7 @@ class FaultProxy(_ThreadedServer):
         super().__init__(host, port)
         self.upstream_url = upstream_url.rstrip("/")
         self.requests_seen = 0
+        self.request_log: deque[str] = deque(maxlen=10_000)  # "METHOD /path?query", in order
         self.faults_served = 0
         # Pending faults in injection order; guarded because inject() is called
         # from the test thread while the loop thread pops.
@@ -469,6 +470,7 @@ class FaultProxy(_ThreadedServer):
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.requests_seen += 1
+        self.request_log.append(f"{request.method} {request.path_qs}")
         if request.headers.get("Expect", "").lower() == "100-continue":
             # boto3 sends "Expect: 100-continue" on PUTs and waits up to 1 s for the interim
             # response; the low-level web.Server has no expect handler, so answer it here.
