@@ -344,14 +344,23 @@ class PcacheClient:
         )
 
     def resolve(
-        self, path: str, *, file: bool = True, marker: bool = True, full: bool = False
+        self,
+        path: str,
+        *,
+        file: bool = True,
+        marker: bool = True,
+        full: bool = False,
     ) -> Resolved:
         """What ``path`` names, in one request (see :class:`~pcache.protocol.Resolved`): the
         object (``file``), the directory marker (``marker``) and whether anything is under
         ``path/``; ``full``: the object with its user metadata."""
         namespace, key = split_path(path)
         check_key(key)
-        fields = {"file": int(file), "marker": int(marker), "full": int(full)}
+        fields = {
+            "file": int(file),
+            "marker": int(marker),
+            "full": int(full),
+        }
         answer = self._metadata(
             f"/v1/resolve/{quote(namespace)}/{quote(key)}",
             fields={k: str(v) for k, v in fields.items()},

@@ -620,7 +620,10 @@ class PcacheOperations(pyfuse3.Operations):
                 return (LINK if attrs_of(info, self.defaults).is_symlink else FILE), info
         resolved = await self._run(
             functools.partial(
-                self.client.resolve, file=all_at_once, marker=want_marker, full=not self.immutable
+                self.client.resolve,
+                file=all_at_once,
+                marker=want_marker,
+                full=not self.immutable,
             ),
             self._client_path(path),
         )

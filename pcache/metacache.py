@@ -57,13 +57,17 @@ class _TTLMap(Generic[T]):
         self._max = max_entries
 
     def get(self, key: tuple[str, str], now: float) -> T | None:
+        entry = self.entry(key, now)
+        return None if entry is None else entry.value
+
+    def entry(self, key: tuple[str, str], now: float) -> _Entry[T] | None:
         entry = self._data.get(key)
         if entry is None:
             return None
         if entry.expires < now:
             del self._data[key]
             return None
-        return entry.value
+        return entry
 
     def put(self, key: tuple[str, str], value: T, expires: float) -> None:
         self._data[key] = _Entry(value, expires)
@@ -82,6 +86,31 @@ class _TTLMap(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+PATCH_MAX = 10_000  # listings up to this many entries are patched by landed(), larger dropped
+
+
+def _patched(
+    page: ListPage, prefix: str, delimiter: str, key: str, info: ObjectInfo | None
+) -> ListPage | None:
+    """``page`` (the listing of ``prefix``) with ``key`` now ``info`` (None: deleted); None
+    when it cannot be told without listing again. A new page: readers may hold the old one."""
+    if page.token is not None or len(page.objects) + len(page.prefixes) > PATCH_MAX:
+        return None
+    rest = key[len(prefix) :]
+    if delimiter and delimiter in rest:
+        sub = prefix + rest.split(delimiter, 1)[0] + delimiter
+        if info is None:  # the last key under it? only a listing can tell
+            return None if sub in page.prefixes else page
+        if sub in page.prefixes:
+            return page
+        return ListPage(list(page.objects), sorted([*page.prefixes, sub]), None)
+    objects = [o for o in page.objects if o.key != key]
+    if info is not None:
+        objects.append(info)
+        objects.sort(key=lambda o: o.key)
+    return ListPage(objects, list(page.prefixes), None)
 
 
 class MetadataCache:
@@ -194,6 +223,41 @@ class MetadataCache:
                     (namespace, f"{prefix}\x00{delimiter}"), page, self._expiry(self.ttl)
                 )
             return True
+
+    def forget_stat(self, namespace: str, key: str) -> None:
+        """Forget one object's stat; listings stay (a change journalled on this node is laid
+        over them when they are read, and patched in by :meth:`landed` when it is uploaded)."""
+        with self._lock:
+            self.generation += 1
+            self._stats.pop((namespace, key))
+
+    def landed(self, namespace: str, key: str, info: ObjectInfo | None) -> None:
+        """A change of ``key`` reached the store (``info``; None: deleted): its stat is what
+        it became, and the cached listings of its parents are patched to match (dropped when
+        larger than :data:`PATCH_MAX` entries, or when a deletion may have emptied a
+        sub-directory they show)."""
+        parts = key.split("/")
+        parents = [""] + ["/".join(parts[:i]) + "/" for i in range(1, len(parts))]
+        with self._lock:
+            self.generation += 1
+            now = self._clock()
+            value: ObjectInfo | Missing = MISSING if info is None else info
+            ttl = self.negative_ttl if info is None else self.ttl
+            if ttl > 0 or self.immutable:
+                self._stats.put((namespace, key), value, self._expiry(ttl))
+            else:
+                self._stats.pop((namespace, key))
+            for prefix in parents:
+                for delimiter in ("/", ""):
+                    cache_key = (namespace, f"{prefix}\x00{delimiter}")
+                    entry = self._listings.entry(cache_key, now)
+                    if entry is None:
+                        continue
+                    patched = _patched(entry.value, prefix, delimiter, key, info)
+                    if patched is None:
+                        self._listings.pop(cache_key)
+                    else:
+                        entry.value = patched
 
     def invalidate_key(self, namespace: str, key: str) -> None:
         """Forget one object's stat and the listings of its parent directories (what a write of

@@ -162,8 +162,7 @@ class Worker:
         node knows, and the other nodes forget what they knew of the key (its announcement
         ends: the invalidation names the version that landed)."""
         namespace, key = record.namespace, record.key
-        self.meta.invalidate_key(namespace, key)
-        self.meta.put_stat(namespace, key, MISSING if info is None else info)
+        self.meta.landed(namespace, key, info)
         self.blocks.drop_object(namespace, key, keep_version=None if info is None else info.version)
         if self.loop is not None and len(self.members()) > 1:
             body = {
@@ -851,7 +850,7 @@ async def session_commit(request: web.Request) -> web.Response:
             source=CopySource.from_json(body.get("source")),
         )
     )
-    worker.meta.invalidate_key(record.namespace, record.key)
+    worker.meta.forget_stat(record.namespace, record.key)
     if durable is Durability.REMOTE:
         await _wait_remote(worker, record.namespace, record.key, body.get("timeout"))
         return web.json_response(info_to_json(await worker.stat(record.namespace, record.key)))
@@ -907,7 +906,7 @@ async def put_object(request: web.Request) -> web.Response:
             raise
 
     record = await asyncio.to_thread(stage)
-    worker.meta.invalidate_key(namespace, key)
+    worker.meta.forget_stat(namespace, key)
     if durable is Durability.REMOTE:
         await _wait_remote(worker, namespace, key, _float(request, "timeout"))
         return web.json_response(info_to_json(await worker.stat(namespace, key)))
@@ -922,7 +921,7 @@ async def delete_object(request: web.Request) -> web.Response:
     worker.store(namespace)
     durable = _durability(request.query.get("durable", Durability.REMOTE))
     tomb = await asyncio.to_thread(worker.writeback.delete, namespace, key)
-    worker.meta.invalidate_key(namespace, key)
+    worker.meta.forget_stat(namespace, key)
     await asyncio.to_thread(worker.blocks.drop_object, namespace, key)
     if durable is Durability.REMOTE:
         await _wait_remote(worker, namespace, key, _float(request, "timeout"))
@@ -986,7 +985,7 @@ async def set_metadata(request: web.Request) -> web.Response:
     ):
         raise ValueError("metadata must be an object of strings")
     if await asyncio.to_thread(worker.writeback.set_metadata, namespace, key, metadata):
-        worker.meta.invalidate_key(namespace, key)
+        worker.meta.forget_stat(namespace, key)
         if _durability(body.get("durable")) is Durability.REMOTE:
             await _wait_remote(worker, namespace, key, body.get("timeout"))
         else:

@@ -98,3 +98,40 @@ def test_invalidating_one_key_drops_it_and_its_parents_listings_only() -> None:
     assert cache.get_listing("ns", "") is None and cache.get_listing("ns", "d/") is None
     assert cache.get_listing("ns", "d/sub/") is not None
     assert cache.get_listing("ns", "other/") is not None
+
+
+def _keys(page: ListPage | None) -> tuple[list[str], list[str]]:
+    assert page is not None
+    return [o.key for o in page.objects], page.prefixes
+
+
+def test_landed_changes_patch_the_parent_listings() -> None:
+    clock = Clock()
+    cache = MetadataCache(ttl=30, negative_ttl=5, clock=clock)
+    cache.put_listing("ns", "d/", ListPage([ObjectInfo("d/b", 1, 0.0)], [], None))
+    cache.put_listing("ns", "", ListPage([], ["d/"], None))
+    cache.put_listing("ns", "d/", ListPage([ObjectInfo("d/b", 1, 0.0)], [], None), "")
+    held = cache.get_listing("ns", "d/")
+    cache.landed("ns", "d/a", ObjectInfo("d/a", 2, 0.0, "e"))
+    cache.landed("ns", "d/s/x", ObjectInfo("d/s/x", 3, 0.0, "e"))
+    assert _keys(cache.get_listing("ns", "d/")) == (["d/a", "d/b"], ["d/s/"])
+    assert _keys(cache.get_listing("ns", "d/", "")) == (["d/a", "d/b", "d/s/x"], [])
+    assert _keys(cache.get_listing("ns", "")) == ([], ["d/"])
+    assert _keys(held) == (["d/b"], [])  # a reader's page is never changed under it
+    assert cache.get_stat("ns", "d/a") == ObjectInfo("d/a", 2, 0.0, "e")
+    cache.landed("ns", "d/b", None)
+    assert _keys(cache.get_listing("ns", "d/")) == (["d/a"], ["d/s/"])
+    assert cache.get_stat("ns", "d/b") is MISSING
+    cache.landed("ns", "d/s/x", None)  # was it the last key under d/s/? only a listing knows
+    assert cache.get_listing("ns", "d/") is None
+    assert _keys(cache.get_listing("ns", "d/", "")) == (["d/a"], [])
+
+
+def test_a_forgotten_stat_keeps_the_listings() -> None:
+    cache = MetadataCache(ttl=30, negative_ttl=5, clock=Clock())
+    cache.put_listing("ns", "d/", ListPage([], [], None))
+    cache.put_stat("ns", "d/a", MISSING)
+    before = cache.generation
+    cache.forget_stat("ns", "d/a")
+    assert cache.get_stat("ns", "d/a") is None and cache.get_listing("ns", "d/") is not None
+    assert cache.generation > before  # a fetch under way when it changed is not cached
