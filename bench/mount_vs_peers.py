@@ -36,6 +36,12 @@ durability) next to ``rclone mount --vfs-cache-mode full --vfs-write-back 0s`` a
 s3fs only takes part where no directory is created (``rclone serve s3`` turns ``dir/`` markers
 into files, and s3fs makes them on mkdir).
 
+``floor`` is ``bench/fuse_floor.py``: pyfuse3 passing every request straight to a local
+directory, its close fsyncing (local-durable, as pcache's). It is no peer but a second
+physical limit: what a file system written on pyfuse3 reaches here at all, so "vs floor"
+is the part of the distance to the local disk that pcache's own work costs. It has no
+store, so no "in S3" figure.
+
     .venv/bin/python bench/mount_vs_peers.py [--phase read,write] [--size 1GiB] [--files 10000]
         [--repeat 2] [--json]
 """
@@ -74,8 +80,36 @@ from tests.servers.rclone_s3 import RcloneS3Server, rclone_binary  # noqa: E402
 MiB = 1 << 20
 CHUNK = MiB
 CONTENDERS = ("local", "pcache", "rclone")
-WRITE_CONTENDERS = ("local", "pcache", "rclone", "s3fs")
+WRITE_CONTENDERS = ("local", "floor", "pcache", "rclone", "s3fs")
 RANDOM_FILE = 256 * MiB
+
+
+class FloorMount:
+    """``bench/fuse_floor.py BACKING MOUNTPOINT``: pyfuse3 passing through to a local
+    directory, nothing else (what any pyfuse3 file system can reach here)."""
+
+    def __init__(self, backing: Path, mountpoint: Path) -> None:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        self.path = mountpoint
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "fuse_floor.py"), str(backing), str(mountpoint)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mountpoint):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the FUSE floor did not come up: {self.process.stderr}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        force_unmount(self.path)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 class RcloneMount:
@@ -426,8 +460,10 @@ class WriteBench:
         offsets = [rng.randrange(0, RANDOM_FILE // 4096) * 4096 for _ in range(args.random_writes)]
         tarball, entries = source_tarball(self.work)
         local = self.work / "local-writes"
-        local.mkdir()
-        (local / "random.bin").write_bytes(b"".join([pattern[: RANDOM_FILE // 4]] * 4))
+        floor = self.work / "floor-writes"
+        for directory in (local, floor):
+            directory.mkdir()
+            (directory / "random.bin").write_bytes(b"".join([pattern[: RANDOM_FILE // 4]] * 4))
         cluster = PcacheCluster(
             self.work / "write-cluster",
             {"s3": self.profile},
@@ -451,6 +487,8 @@ class WriteBench:
                     mounts["rclone"] = RcloneMount(
                         s3, "writes", self.work / "wmnt-rclone", self.work / "wrclone-cache"
                     )
+                    if "floor" in self.selected():
+                        mounts["floor"] = FloorMount(floor, self.work / "wmnt-floor")
                     if "s3fs" in self.selected() and shutil.which("s3fs"):
                         mounts["s3fs"] = S3fsMount(s3, "writes", self.work / "wmnt-s3fs", self.work)
                     roots = {"local": local, **{n: m.path for n, m in mounts.items()}}
@@ -482,18 +520,21 @@ class WriteBench:
         write_stream(root / key, size, pattern, fsync=name == "local")
         returned = time.perf_counter() - started
         record("write, close returns (MiB/s)", name, size / returned / MiB)
-        if name != "local":
-            wait_in_store(store, key, size, name)
-        in_store = time.perf_counter() - started
-        (root / key).unlink()
-        key = f"dur-{name}-{attempt}.bin"
-        started = time.perf_counter()
-        write_stream(root / key, size, pattern, fsync=True)
-        if name not in ("local", "pcache"):  # pcache's fsync returns once it is in S3
-            wait_in_store(store, key, size, name)
-        durable = time.perf_counter() - started
-        record("write, in S3 (MiB/s)", name, size / min(durable, in_store) / MiB)
-        (root / key).unlink()
+        if name == "floor":  # no store behind it: no "in S3"
+            (root / key).unlink()
+        else:
+            if name != "local":
+                wait_in_store(store, key, size, name)
+            in_store = time.perf_counter() - started
+            (root / key).unlink()
+            key = f"dur-{name}-{attempt}.bin"
+            started = time.perf_counter()
+            write_stream(root / key, size, pattern, fsync=True)
+            if name not in ("local", "pcache"):  # pcache's fsync returns once it is in S3
+                wait_in_store(store, key, size, name)
+            durable = time.perf_counter() - started
+            record("write, in S3 (MiB/s)", name, size / min(durable, in_store) / MiB)
+            (root / key).unlink()
 
         started = time.perf_counter()
         random_overwrites(root / "random.bin", offsets)
@@ -574,7 +615,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2, help="runs, best kept (2)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
-        "--only", default=",".join(WRITE_CONTENDERS), help="local,pcache,rclone,s3fs"
+        "--only", default=",".join(WRITE_CONTENDERS), help="local,floor,pcache,rclone,s3fs"
     )
     parser.add_argument(
         "--phase", default="read,write", help="read (issue 5), write (issue 17), or both"
@@ -595,7 +636,9 @@ def main() -> int:
         try:
             bench.run()
         finally:
-            for name in ("mnt-pcache", "mnt-rclone", "wmnt-pcache", "wmnt-rclone", "wmnt-s3fs"):
+            for name in (
+                "mnt-pcache", "mnt-rclone", "wmnt-pcache", "wmnt-rclone", "wmnt-s3fs", "wmnt-floor"
+            ):  # fmt: skip
                 force_unmount(Path(tmp) / name)
     rows = []
     for measurement, row in bench.results.items():
@@ -627,11 +670,13 @@ def main() -> int:
         f"writable pcache mount options: {args.pcache_write_options or '(defaults)'}"
     )
     print(
-        f"{'measurement':<42} | {'local':>9} | {'pcache':>9} | {'rclone':>9} | {'s3fs':>9} | "
-        f"{'vs rclone':>9} | {'vs s3fs':>8} | {'vs local':>8} | target"
+        f"{'measurement':<42} | {'local':>9} | {'floor':>9} | {'pcache':>9} | {'rclone':>9} | "
+        f"{'s3fs':>9} | {'vs rclone':>9} | {'vs s3fs':>8} | {'vs local':>8} | {'vs floor':>8} "
+        "| target"
     )
     print(
-        f"{'-' * 42} | {'-' * 9} | {'-' * 9} | {'-' * 9} | {'-' * 9} | {'-' * 9} | {'-' * 8} | {'-' * 8} | ------"
+        f"{'-' * 42} | {'-' * 9} | {'-' * 9} | {'-' * 9} | {'-' * 9} | {'-' * 9} | {'-' * 9} | "
+        f"{'-' * 8} | {'-' * 8} | {'-' * 8} | ------"
     )
 
     def cell(value: float | None) -> str:
@@ -639,14 +684,24 @@ def main() -> int:
             return "-"
         return f"{value:.3f}" if value < 10 else f"{value:,.0f}"
 
+    def times(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
     for measurement, row, vs_rclone, vs_local, verdict in rows:
-        vs_s3fs = ratio(measurement, row, "s3fs")
+        vs_s3fs, vs_floor = ratio(measurement, row, "s3fs"), ratio(measurement, row, "floor")
         print(
-            f"{measurement:<42} | {cell(row.get('local')):>9} | {cell(row.get('pcache')):>9} | "
-            f"{cell(row.get('rclone')):>9} | {cell(row.get('s3fs')):>9} | "
-            f"{'-' if vs_rclone is None else f'{vs_rclone:.2f}x':>9} | "
-            f"{'-' if vs_s3fs is None else f'{vs_s3fs:.2f}x':>8} | "
-            f"{'-' if vs_local is None else f'{vs_local:.2f}x':>8} | {verdict}"
+            f"{measurement:<42} | {cell(row.get('local')):>9} | {cell(row.get('floor')):>9} | "
+            f"{cell(row.get('pcache')):>9} | {cell(row.get('rclone')):>9} | "
+            f"{cell(row.get('s3fs')):>9} | {times(vs_rclone):>9} | {times(vs_s3fs):>8} | "
+            f"{times(vs_local):>8} | {times(vs_floor):>8} | {verdict}"
+        )
+    floor_row = bench.results.get("write, close returns (MiB/s)", {})
+    if floor_row.get("floor") and floor_row.get("local"):
+        print(
+            f"\nthe FUSE floor (pyfuse3 passing through to the local disk, bench/fuse_floor.py) "
+            f"closes a {args.size / MiB:.0f} MiB write at "
+            f"{floor_row['floor'] / floor_row['local']:.2f}x the local disk: what any pyfuse3 file "
+            "system can reach on this machine"
         )
     return 0
 
