@@ -360,7 +360,9 @@ class PcacheOperations(pyfuse3.Operations):
         self._reads_in_flight = 0  # reads handed to worker threads
         self._local_dirs: set[str] = set()  # emptied here: exist until rmdir
         self._missing_at: dict[str, float] = {}  # names a lookup just found missing
-        self._missed_in: dict[str, float] = {}  # directories where a lookup last found nothing
+        self._missed_in: dict[
+            str, float
+        ] = {}  # directories where a lookup last found nothing, or made here
         self._known_dirs: dict[str, float] = {}  # path -> expiry (seen with content)
         self._dir_attrs: dict[str, tuple[Attrs, float]] = {}  # marker attributes, with expiry
         # directory -> the names it holds, as listed or made here, and until when that is trusted:
@@ -1067,6 +1069,7 @@ class PcacheOperations(pyfuse3.Operations):
             self._dir_attrs[path] = (attrs, float("inf"))
         self._note_added(path)
         self._note_listing(path, set())  # made here: empty
+        self._missed_in[path] = time.monotonic()  # new names follow (tar, cp -r, mkdir -p)
         inode = self.inodes.inode(path, DIR)
         self.inodes.remember(inode)
         return self._entry_attrs(inode, attrs, 0)
