@@ -932,7 +932,8 @@ async def delete_object(request: web.Request) -> web.Response:
 
 async def rename_object(request: web.Request) -> web.Response:
     """``{ns, old, new, durable, noreplace}``: a pending object is re-keyed in the journal (no
-    upload under the old name); one already in the store is copied there, then deleted."""
+    upload under the old name); one already in the store is journalled as a copy to make there
+    (then the old name is deleted): either way one journal transaction, whatever the size."""
     worker = request.app[WORKER]
     body = await request.json()
     namespace = body["ns"]
@@ -946,16 +947,12 @@ async def rename_object(request: web.Request) -> web.Response:
             pass
         else:
             raise FileExistsError(errno.EEXIST, f"{new!r} exists")
-    moved = await asyncio.to_thread(worker.writeback.rename, namespace, old, new)
-    if not moved:
-        info = await worker.stat(namespace, old)  # ObjectNotFound when there is nothing
-        store.check_key_length(new)
-        # a pending write of the target would land after the copy: the rename replaces it
-        await asyncio.to_thread(worker.writeback.discard, namespace, new)
-        await asyncio.to_thread(store.copy, old, new)
-        await asyncio.to_thread(worker.writeback.delete, namespace, old)
-        await worker.invalidate_peers({"ns": namespace, "path": new, "blocks": True})
-        log.debug("renamed %s -> %s in the store (%d bytes)", old, new, info.size)
+    pending = await asyncio.to_thread(worker.writeback.rename, namespace, old, new)
+    if not pending:  # in the store: journalled as a copy made there later, at any size
+        await worker.stat(namespace, old)  # ObjectNotFound when there is nothing, here or there
+        info = await asyncio.to_thread(store.stat, old)  # the stored version, with its metadata
+        await asyncio.to_thread(worker.writeback.move_stored, namespace, old, new, info)
+        log.debug("renamed %s -> %s, to be copied in the store (%d bytes)", old, new, info.size)
     for key in (old, new):
         worker.meta.invalidate_key(namespace, key)
     await asyncio.to_thread(worker.blocks.drop_object, namespace, old)
@@ -964,7 +961,7 @@ async def rename_object(request: web.Request) -> web.Response:
         await _wait_remote(worker, namespace, new, body.get("timeout"))
     else:
         await worker.announce(_current(worker, namespace, old, new))
-    return web.json_response({"renamed": old, "to": new, "pending": moved})
+    return web.json_response({"renamed": old, "to": new, "pending": pending})
 
 
 def _current(worker: Worker, namespace: str, *keys: str) -> list[PendingObject]:

@@ -20,7 +20,10 @@ Records, one per key, the newest only (what the store must end with):
 * a tombstone (``delete``): the key must be deleted (an unlink, or the old name of a rename).
 
 A rename of a pending object re-keys its record in the journal (the old name gets a tombstone):
-no byte is uploaded under the old name, and it costs one journal transaction.
+no byte is uploaded under the old name, and it costs one journal transaction. A rename of an
+object already in the store costs the same (:meth:`WriteBack.move_stored`): the new name is a
+``moved`` record, copied inside the store by the uploader while reads of it go to the old
+object, whose tombstone waits until the copy has landed.
 
 Large files are uploaded while they are written (:mod:`pcache.eager`): each staging file gets
 an :class:`~pcache.eager.EagerUpload`, whose parts fill as the writer's frontier passes them; a
@@ -107,6 +110,9 @@ class PendingObject:
         error: the last upload failure, if any.
         permanent: that failure will not go away by retrying.
         inline: the bytes live in the journal itself (a small object: one fsync, no file).
+        moved: the whole object is the stored ``source_key`` at ``source_etag`` (a rename of an
+            object already in the store): no staging file; its upload is a copy inside the
+            store, and the source's tombstone waits for it.
     """
 
     seq: int
@@ -128,6 +134,7 @@ class PendingObject:
     error: str = ""
     permanent: bool = False
     inline: bool = False
+    moved: bool = False
 
     @property
     def version(self) -> str:
@@ -241,7 +248,7 @@ class WriteBack:
         for record in newest.values():
             if record.inline:
                 self._inline_bytes += record.size
-            elif not record.delete and not self._adopt_staging(record):
+            elif not record.delete and not record.moved and not self._adopt_staging(record):
                 self._forget(record)
                 continue
             with self._cond:
@@ -578,6 +585,36 @@ class WriteBack:
             self._replace_locked(tomb)
         return True
 
+    def move_stored(self, namespace: str, old: str, new: str, info: ObjectInfo) -> PendingObject:
+        """Journal a rename of ``old`` as it is in the store (``info``, with its user metadata):
+        ``new`` becomes a pending copy of that version (``moved``: made inside the store when
+        uploaded, read from ``old`` meanwhile), ``old`` a tombstone that waits for it. Costs one
+        journal transaction whatever the size, like the rename of a pending object."""
+        self._stores[namespace].check_key_length(new)
+        with self._cond:
+            self._seq += 2
+            moved = PendingObject(
+                self._seq - 1,
+                secrets.token_hex(8),
+                namespace,
+                new,
+                "",
+                info.size,
+                info.mtime,
+                metadata=dict(info.metadata),
+                source_key=old,
+                source_etag=info.etag,
+                absent=[[0, info.size]] if info.size else [],
+                moved=True,
+            )
+            tomb = PendingObject(self._seq, "", namespace, old, "", 0, time.time(), delete=True)
+        self._journal([moved, tomb])
+        with self._cond:
+            self._detach_writers_locked(namespace, new)
+            self._replace_locked(moved)
+            self._replace_locked(tomb)
+        return moved
+
     def _rekey_eager(self, staged: StagedFile, new: str) -> None:
         """A renamed file's early parts were for its old name: start its upload again under the
         new one, unless released bytes keep it under the old name (see the module docstring)."""
@@ -662,8 +699,10 @@ class WriteBack:
         store = self._stores[record.namespace]
 
         def read(offset: int, length: int) -> bytes:
-            with open(record.path, "rb") as file:
-                local = os.pread(file.fileno(), length, offset)
+            local = b""
+            if record.path:  # else every byte is in the source (a moved object)
+                with open(record.path, "rb") as file:
+                    local = os.pread(file.fileno(), length, offset)
             if not any(a < offset + length and offset < b for a, b in record.absent):
                 return local  # the common case: no copy of the bytes
             data = bytearray(local)
@@ -1015,10 +1054,26 @@ class WriteBack:
             landed = self._landed(store, record)
             if landed is not None:  # completed before a crash; the source is what it replaced
                 return landed
+            how = "renamed" if record.moved else "opened"
             raise PreconditionFailed(
-                f"{record.key!r} was opened from {record.source_key!r}, which changed in the store "
+                f"{record.key!r} was {how} from {record.source_key!r}, which changed in the store "
                 f"before the upload: its unchanged bytes are gone ({exc})"
             ) from exc
+
+    @staticmethod
+    def _copy_moved(store: Store, record: PendingObject) -> ObjectInfo:
+        """A renamed stored object: copied inside the store, from the version it was renamed
+        at (PreconditionFailed when that version is gone)."""
+        try:
+            source = store.stat(record.source_key)
+        except FileNotFoundError as exc:
+            raise PreconditionFailed(f"{record.source_key!r} is gone") from exc
+        if source.etag != record.source_etag:
+            raise PreconditionFailed(f"{record.source_key!r} was replaced")
+        info = store.copy(record.source_key, record.key)
+        if record.metadata != source.metadata and store.features.replace_metadata:
+            info = store.replace_metadata(record.key, dict(record.metadata))
+        return replace(info, metadata=dict(record.metadata))
 
     @staticmethod
     def _landed(store: Store, record: PendingObject) -> ObjectInfo | None:
@@ -1033,6 +1088,8 @@ class WriteBack:
         return None
 
     def _upload_record(self, store: Store, ident: Ident, record: PendingObject) -> ObjectInfo:
+        if record.moved:
+            return self._copy_moved(store, record)
         if record.inline:
             info = store.put(
                 record.key, self._inline_data(record), metadata=record.metadata or None

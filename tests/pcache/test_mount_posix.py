@@ -460,6 +460,28 @@ def test_rename_of_a_pending_file_uploads_only_the_new_name(bed: Bed) -> None:
     assert bed.store.get("ckpt.bin") == data and not bed.store.exists("ckpt.tmp")
 
 
+def test_rename_of_an_uploaded_file_is_journalled_and_copied_in_the_store(bed: Bed) -> None:
+    data = os.urandom(24 * MiB + 9)
+    (bed.a / "done").mkdir()
+    (bed.a / "done/shard.bin").write_bytes(data)
+    os.chmod(bed.a / "done/shard.bin", 0o640)
+    bed.settle()
+    assert bed.store.get("done/shard.bin") == data
+    # the copy inside the store is held back until the rename is journalled and read back
+    bed.proxy.refuse("done/final.bin", status=503, body=b"<Error><Code>SlowDown</Code></Error>")
+    os.rename(bed.a / "done/shard.bin", bed.a / "done/final.bin")  # though no copy can be made
+    assert (bed.a / "done/final.bin").read_bytes() == data  # from the old object meanwhile
+    assert stat.S_IMODE(os.stat(bed.a / "done/final.bin").st_mode) == 0o640
+    assert not (bed.a / "done/shard.bin").exists()
+    assert sorted(os.listdir(bed.b / "done")) == ["final.bin"]  # the other node, at once
+    assert bed.store.exists("done/shard.bin")  # deleted only after the copy has landed
+    bed.proxy.allow("done/final.bin")
+    bed.worker(0, "/v1/uploads/retry", {"ns": "data", "key": "done/final.bin"})  # not in 30 s
+    bed.settle()
+    assert bed.store.get("done/final.bin") == data and not bed.store.exists("done/shard.bin")
+    assert (bed.b / "done/final.bin").read_bytes() == data
+
+
 def test_kill_9_of_the_worker_between_close_and_upload(bed: Bed, outage: FaultProxy) -> None:
     data = os.urandom(5 * MiB + 3)
     with open(bed.a / "k9w.bin", "wb") as file:

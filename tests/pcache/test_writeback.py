@@ -217,6 +217,53 @@ def test_rename_of_a_pending_write_rekeys_it_and_the_old_name_gets_a_tombstone(
     blocks.close()
 
 
+def test_rename_of_a_stored_object_is_journalled_and_copied_in_the_store(tmp_path: Path) -> None:
+    """A rename of an object already in the store costs one journal transaction: the new name
+    reads the old object's bytes at once, and survives a crash before the copy is made."""
+    blocks, wb, backing = make(tmp_path)
+    store = open_store(str(backing))
+    data = os.urandom(3 * MiB + 5)
+    info = store.put("dir/stored.bin", data, metadata={"mode": "33261"})
+    moved = wb.move_stored(
+        "data", "dir/stored.bin", "dir/renamed.bin", store.stat("dir/stored.bin")
+    )
+    assert not (backing / "dir/renamed.bin").exists()  # journalled: no copy of the bytes yet
+    assert moved.moved and moved.size == len(data) and moved.metadata == {"mode": "33261"}
+    assert wb.pending("data", "dir/stored.bin").delete  # type: ignore[union-attr]
+    assert wb.read(moved, MiB - 2, 10) == data[MiB - 2 : MiB + 8]  # from the old object
+    wb._env.close()  # a crash before the uploader ran
+    blocks.close()
+    blocks, wb, _ = make(tmp_path)
+    assert wb.start() == 2
+    assert wb.wait_durable("data", "dir/renamed.bin", timeout=30)
+    assert wb.wait_durable("data", "dir/stored.bin", timeout=30)
+    assert (backing / "dir/renamed.bin").read_bytes() == data
+    assert store.stat("dir/renamed.bin").metadata == {"mode": "33261"}
+    assert not (backing / "dir/stored.bin").exists()  # deleted only after the copy landed
+    assert info.etag  # the version the rename was of
+    wb.close()
+    blocks.close()
+
+
+def test_rename_of_a_stored_object_replaced_before_the_copy_fails_for_good(
+    tmp_path: Path,
+) -> None:
+    blocks, wb, backing = make(tmp_path)
+    store = open_store(str(backing))
+    store.put("src.bin", b"the version renamed")
+    wb.move_stored("data", "src.bin", "dst.bin", store.stat("src.bin"))
+    time.sleep(0.01)
+    store.put("src.bin", b"another writer's, put behind our back")
+    wb.start()
+    with pytest.raises(UploadFailed, match=r"renamed from 'src\.bin'"):
+        wb.wait_durable("data", "dst.bin", timeout=10)
+    assert not (backing / "dst.bin").exists()  # never the other version under the new name
+    assert wb.backlog()["failed_permanently"] == 1
+    assert (backing / "src.bin").read_bytes() == b"another writer's, put behind our back"
+    wb.close()
+    blocks.close()
+
+
 def test_commits_of_an_open_file_and_a_detached_writer(tmp_path: Path) -> None:
     backing = tmp_path / "backing"
     backing.mkdir()

@@ -417,6 +417,11 @@ class FaultProxy(_ThreadedServer):
         with self._lock:
             self._refusals.append((frozenset(methods), path_contains, status, body))
 
+    def allow(self, path_contains: str) -> None:
+        """Lift the refusals of :meth:`refuse` for ``path_contains``."""
+        with self._lock:
+            self._refusals = [r for r in self._refusals if r[1] != path_contains]
+
     def outage(self, down: bool) -> None:
         """While ``down``, every request is answered 503 ServiceUnavailable (a store outage)."""
         with self._lock:
