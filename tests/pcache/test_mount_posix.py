@@ -482,6 +482,21 @@ def test_rename_of_an_uploaded_file_is_journalled_and_copied_in_the_store(bed: B
     assert (bed.b / "done/final.bin").read_bytes() == data
 
 
+def test_a_lookup_never_lists_the_directory(bed: Bed) -> None:
+    """A name is looked up with a HEAD and, for a directory, a LIST of at most two keys under
+    it: never a listing of the directory it is in (issue 18: 100,000 entries timed out)."""
+    for i in range(30):
+        bed.store.put(f"flat/f{i:03d}", b"x")
+    bed.store.put("flat/sub/inner", b"y")
+    bed.proxy.request_log.clear()
+    assert os.stat(bed.a / "flat/f007").st_size == 1
+    assert stat.S_ISDIR(os.stat(bed.a / "flat/sub").st_mode)
+    with pytest.raises(FileNotFoundError):
+        os.stat(bed.a / "flat/nope")
+    lists = [r for r in bed.proxy.request_log if "list-type=2" in r]
+    assert lists and all("max-keys=2" in r for r in lists), lists
+
+
 def test_kill_9_of_the_worker_between_close_and_upload(bed: Bed, outage: FaultProxy) -> None:
     data = os.urandom(5 * MiB + 3)
     with open(bed.a / "k9w.bin", "wb") as file:
