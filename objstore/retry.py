@@ -8,12 +8,14 @@ requests backs off as a whole instead of each request hammering a throttled serv
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -154,8 +156,27 @@ def call_with_retry(
             attempt += 1
 
 
+_override: contextvars.ContextVar[RetryPolicy | None] = contextvars.ContextVar(
+    "objstore_retry_policy", default=None
+)
+
+
+@contextmanager
+def retry_policy(policy: RetryPolicy) -> Iterator[None]:
+    """Within the block (this thread or task, and threads started with its context, as
+    ``asyncio.to_thread`` does), store requests retry by ``policy`` instead of their store's:
+    a caller with a fallback (a stale answer to give while the store is down) need not wait out
+    the store's whole retry deadline."""
+    token = _override.set(policy)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
 def retrying(method: Callable[..., T]) -> Callable[..., T]:
-    """Decorate a Store method so it retries transient errors with ``self.retry_policy``.
+    """Decorate a Store method so it retries transient errors with ``self.retry_policy`` (or
+    the policy of an enclosing :func:`retry_policy` block).
 
     The wrapped method must be idempotent for its arguments; methods that take a stream
     must rewind it themselves at the start of each attempt.
@@ -165,7 +186,7 @@ def retrying(method: Callable[..., T]) -> Callable[..., T]:
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> T:
         return call_with_retry(
             lambda: method(self, *args, **kwargs),
-            self.retry_policy,
+            _override.get() or self.retry_policy,
             limiter=getattr(self, "limiter", None),
             describe=f"{method.__name__} {self.url}",
         )

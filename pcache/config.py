@@ -130,6 +130,8 @@ class WorkerConfig:
         metadata_ttl: seconds a stat or listing is trusted.
         negative_ttl: seconds a "does not exist" is trusted.
         immutable: the datasets never change: metadata never expires.
+        serve_stale: seconds past its TTL cached metadata is still answered while the store
+            cannot be reached (stale-if-error; 0: never).
         readahead_blocks: blocks fetched ahead on sequential reads.
         fetch_concurrency: parallel backend/peer fetches.
         upload_part_size: part size for write-back uploads.
@@ -158,6 +160,7 @@ class WorkerConfig:
     metadata_ttl: float = 30.0
     negative_ttl: float = 5.0
     immutable: bool = False
+    serve_stale: float = 3600.0
     readahead_blocks: int = 4
     fetch_concurrency: int = 32
     upload_part_size: int = 16 << 20
@@ -203,6 +206,7 @@ class WorkerConfig:
         for name in (
             "metadata_ttl",
             "negative_ttl",
+            "serve_stale",
             "request_timeout",
             "peers_dns_interval",
             "upload_delay",
@@ -301,8 +305,8 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
     for key in ("block_size", "upload_part_size"):
         if key in out:
             out[key] = parse_size(out[key], f"{where} {key}")
-    for key in ("metadata_ttl", "negative_ttl", "request_timeout", "peers_dns_interval", "weight",
-                "load_factor", "upload_delay"):  # fmt: skip
+    for key in ("metadata_ttl", "negative_ttl", "serve_stale", "request_timeout",
+                "peers_dns_interval", "weight", "load_factor", "upload_delay"):  # fmt: skip
         if key in out:
             if isinstance(out[key], bool) or not isinstance(out[key], int | float):
                 unit = "" if key in ("weight", "load_factor") else " of seconds"

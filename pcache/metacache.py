@@ -1,7 +1,9 @@
 """File-level metadata cache: stat results and directory listings with a TTL.
 
 A stat is trusted for ``ttl`` seconds, a "does not exist" (negative entry) for ``negative_ttl``;
-in immutable mode (datasets that never change) nothing expires. Listings are cached per
+in immutable mode (datasets that never change) nothing expires. An expired entry is kept
+``serve_stale`` seconds longer, answered only while the store cannot be reached
+(stale-if-error). Listings are cached per
 (namespace, prefix). :meth:`MetadataCache.invalidate` drops everything under a path, which is what
 ``pcache invalidate`` and the worker's own writes use. Thread-safe; sizes are bounded (oldest
 entries dropped first).
@@ -52,9 +54,13 @@ class _Entry(Generic[T]):
 
 
 class _TTLMap(Generic[T]):
-    def __init__(self, max_entries: int) -> None:
+    """Entries expire at their ``expires``; an expired one is kept ``grace`` seconds longer,
+    for :meth:`stale` (answers while the store cannot be reached)."""
+
+    def __init__(self, max_entries: int, grace: float = 0.0) -> None:
         self._data: OrderedDict[tuple[str, str], _Entry[T]] = OrderedDict()
         self._max = max_entries
+        self.grace = grace
 
     def get(self, key: tuple[str, str], now: float) -> T | None:
         entry = self.entry(key, now)
@@ -65,9 +71,17 @@ class _TTLMap(Generic[T]):
         if entry is None:
             return None
         if entry.expires < now:
-            del self._data[key]
+            if entry.expires + self.grace < now:
+                del self._data[key]
             return None
         return entry
+
+    def stale(self, key: tuple[str, str], now: float) -> T | None:
+        """The value, fresh or expired less than ``grace`` seconds ago."""
+        entry = self._data.get(key)
+        if entry is None or entry.expires + self.grace < now:
+            return None
+        return entry.value
 
     def put(self, key: tuple[str, str], value: T, expires: float) -> None:
         self._data[key] = _Entry(value, expires)
@@ -88,6 +102,7 @@ class _TTLMap(Generic[T]):
         return len(self._data)
 
 
+PROBE = "/?"  # the "delimiter" of a cached probe: the first page of a longer "/" listing
 PATCH_MAX = 10_000  # listings up to this many entries are patched by landed(), larger dropped
 
 
@@ -121,6 +136,9 @@ class MetadataCache:
         negative_ttl: seconds a "does not exist" is trusted.
         immutable: nothing expires (the data never changes under the cache).
         max_entries: bound per map.
+        serve_stale: seconds past its TTL an entry is kept, for :meth:`stale_stat` and
+            :meth:`stale_listing`: what may be answered while the store cannot be reached
+            (0: nothing past its TTL is ever answered).
     """
 
     def __init__(
@@ -131,16 +149,18 @@ class MetadataCache:
         immutable: bool = False,
         max_entries: int = 1_000_000,
         clock: Callable[[], float] = time.monotonic,
+        serve_stale: float = 0.0,
     ) -> None:
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.immutable = immutable
         self._clock = clock
         self._lock = threading.Lock()
-        self._stats: _TTLMap[ObjectInfo | Missing | _Listed] = _TTLMap(max_entries)
-        self._listings: _TTLMap[ListPage] = _TTLMap(max(1, max_entries // 100))
+        self._stats: _TTLMap[ObjectInfo | Missing | _Listed] = _TTLMap(max_entries, serve_stale)
+        self._listings: _TTLMap[ListPage] = _TTLMap(max(1, max_entries // 100), serve_stale)
         self.hits = 0
         self.misses = 0
+        self.stale_served = 0  # answers given past their TTL (the store could not be reached)
         # bumped by every invalidation: a value fetched while it changed may predate the
         # change, and is not cached (see the ``generation`` arguments of the put methods)
         self.generation = 0
@@ -162,6 +182,22 @@ class MetadataCache:
             else:
                 self.hits += 1
             return value
+
+    def stale_stat(self, namespace: str, key: str) -> ObjectInfo | Missing | None:
+        """The stat of ``key`` even past its TTL (within ``serve_stale``), listed or full; the
+        caller answers with it only when the store cannot be reached (:meth:`served_stale`)."""
+        with self._lock:
+            value = self._stats.stale((namespace, key), self._clock())
+            return value.info if isinstance(value, _Listed) else value
+
+    def stale_listing(self, namespace: str, prefix: str, delimiter: str = "/") -> ListPage | None:
+        """:meth:`stale_stat` for a listing."""
+        with self._lock:
+            return self._listings.stale((namespace, f"{prefix}\x00{delimiter}"), self._clock())
+
+    def served_stale(self) -> None:
+        with self._lock:
+            self.stale_served += 1
 
     def full_stat(self, namespace: str, key: str) -> ObjectInfo | None:
         """The cached stat of ``key`` when it carries the object's user metadata."""
@@ -248,6 +284,7 @@ class MetadataCache:
             else:
                 self._stats.pop((namespace, key))
             for prefix in parents:
+                self._listings.pop((namespace, f"{prefix}\x00{PROBE}"))  # not patched: dropped
                 for delimiter in ("/", ""):
                     cache_key = (namespace, f"{prefix}\x00{delimiter}")
                     entry = self._listings.entry(cache_key, now)
@@ -268,7 +305,7 @@ class MetadataCache:
             self.generation += 1
             self._stats.pop((namespace, key))
             for prefix in parents:
-                for delimiter in ("/", ""):
+                for delimiter in ("/", "", PROBE):
                     self._listings.pop((namespace, f"{prefix}\x00{delimiter}"))
 
     def invalidate(self, namespace: str, path: str = "") -> int:

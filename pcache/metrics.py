@@ -70,7 +70,13 @@ class WorkerMetrics:
                 "peer_failures": fetch.peer_failures,
             },
             "served": {"requests": dict(self.requests_served), "bytes": dict(self.bytes_served)},
-            "metadata": {**w.meta.sizes(), "hits": w.meta.hits, "misses": w.meta.misses},
+            "metadata": {
+                **w.meta.sizes(),
+                "hits": w.meta.hits,
+                "misses": w.meta.misses,
+                "stale_served": w.meta.stale_served,
+                "store_down": w.store_down(),
+            },
             "writeback": w.writeback.backlog(),
             "peers": w.selector.snapshot(),
         }
@@ -178,6 +184,20 @@ class _Collector:
         for peer in w.selector.snapshot():
             inflight.add_metric([peer["id"], peer["state"]], peer["inflight"])
         yield inflight
+        yield CounterMetricFamily(
+            "pcache_metadata_stale_answers",
+            "Stats and listings answered past their TTL while the store could not be reached",
+            value=w.meta.stale_served,
+        )
+        down = GaugeMetricFamily(
+            "pcache_store_down",
+            "1 while a namespace's store failed its last metadata request (held for seconds)",
+            labels=["namespace"],
+        )
+        unreachable = set(w.store_down())
+        for namespace in w.stores:
+            down.add_metric([namespace], float(namespace in unreachable))
+        yield down
         yield GaugeMetricFamily(
             "pcache_backend_latency_seconds",
             "Latency of the last backing-store block fetch",

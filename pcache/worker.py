@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -29,7 +29,8 @@ from aiohttp import web
 
 from objstore import open_store
 from objstore.base import ListPage, ObjectInfo, Store
-from objstore.errors import ObjectNotFound
+from objstore.errors import ObjectNotFound, TransientError
+from objstore.retry import RetryPolicy, retry_policy
 from objstore.url import check_key, check_prefix
 
 from . import metrics as metrics_mod
@@ -39,7 +40,7 @@ from .blockstore import BlockStore, CacheDir
 from .config import Durability, WorkerConfig
 from .fetch import BlockFetcher, PeerClient
 from .membership import DnsMembership, Membership, parse_dns_target
-from .metacache import MISSING, MetadataCache, Missing
+from .metacache import MISSING, PROBE, MetadataCache, Missing
 from .protocol import (
     METADATA_HEADER,
     SOURCE_HEADER,
@@ -62,7 +63,13 @@ from .writeback import PendingObject, WriteBack
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+S = TypeVar("S")
 FETCH_ATTEMPTS = 3  # metadata fetches overtaken by an upload or invalidation are retried
+# with a stale answer at hand, the store is asked briefly, not for its whole retry deadline, and
+# after a failure not again for DOWN_RECHECK_S (stale answers go out at once meanwhile)
+STALE_FALLBACK_RETRY = RetryPolicy(max_attempts=2, base_delay=0.1, max_delay=0.2, deadline=2.0)
+DOWN_RECHECK_S = 5.0
 ANNOUNCE_TIMEOUT_S = 2.0  # a peer slower than this to take an announcement is skipped
 STORE_WAIT_S = 60.0  # a read of bytes only in an unfinished upload waits this long for it
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -87,8 +94,14 @@ class Worker:
             block_size=config.block_size,
         )
         self.meta = MetadataCache(
-            config.metadata_ttl, config.negative_ttl, immutable=config.immutable
+            config.metadata_ttl,
+            config.negative_ttl,
+            immutable=config.immutable,
+            serve_stale=config.serve_stale,
         )
+        # namespace -> until when its store is held unreachable (metadata answered stale)
+        self._down_until: dict[str, float] = {}
+        self._stale_said: set[str] = set()  # namespaces whose outage was logged
         self.membership: Membership
         if config.peers_dns:
             host, port = parse_dns_target(config.peers_dns, config.port)
@@ -286,14 +299,22 @@ class Worker:
             raise ObjectNotFound(f"no such object: {key!r}", url=str(store.url.child(key)))
         if cached is not None:
             return cached
+        stale = self.meta.stale_stat(namespace, key)
         for _ in range(FETCH_ATTEMPTS):
             # an upload finishing (or an invalidation) during the fetch may make its answer
             # stale: then it is neither cached nor trusted, and asked again
             generation = self.meta.generation
             try:
-                info: ObjectInfo | Missing = await asyncio.to_thread(store.stat, key)
+                info: ObjectInfo | Missing = await self._ask_store(
+                    namespace, functools.partial(store.stat, key), fallback=stale is not None
+                )
             except ObjectNotFound:
                 info = MISSING
+            except TransientError as exc:
+                if stale is None:
+                    raise
+                info = self._stale(namespace, stale, exc)
+                break
             pending = self._pending_stat(namespace, key, url)
             if pending is not None:
                 return pending
@@ -307,14 +328,24 @@ class Worker:
         store = self.store(namespace)
         check_prefix(prefix)
         page = self.meta.get_listing(namespace, prefix, delimiter)
+        stale = None if page is not None else self.meta.stale_listing(namespace, prefix, delimiter)
         for _ in range(FETCH_ATTEMPTS if page is None else 0):
             # as in stat: a listing that an upload (or invalidation) overtook is fetched again
             generation = self.meta.generation
             objects: list[ObjectInfo] = []
             prefixes: list[str] = []
-            for part in await asyncio.to_thread(
-                lambda: list(store.iter_pages(prefix, delimiter=delimiter))
-            ):
+            try:
+                parts = await self._ask_store(
+                    namespace,
+                    lambda: list(store.iter_pages(prefix, delimiter=delimiter)),
+                    fallback=stale is not None,
+                )
+            except TransientError as exc:
+                if stale is None:
+                    raise
+                page = self._stale(namespace, stale, exc)
+                break
+            for part in parts:
                 objects.extend(part.objects)
                 prefixes.extend(part.prefixes)
             page = ListPage(objects, prefixes, None)
@@ -355,21 +386,79 @@ class Worker:
                 objects.append(info)
         return ListPage(sorted(objects, key=lambda o: o.key), sorted(prefixes), None)
 
+    async def _ask_store(self, namespace: str, fetch: Callable[[], T], *, fallback: bool) -> T:
+        """``fetch()`` (a metadata request to the store) on a thread. With ``fallback`` (a stale
+        answer at hand): not tried while the store is held unreachable, and retried for
+        seconds, not the store's whole deadline. A transient failure holds the store
+        unreachable for :data:`DOWN_RECHECK_S`; a success ends that."""
+        if fallback and self._down_until.get(namespace, 0.0) > time.monotonic():
+            raise TransientError(f"the store of {namespace!r} failed moments ago")
+
+        def call() -> T:
+            if not fallback:
+                return fetch()
+            with retry_policy(STALE_FALLBACK_RETRY):
+                return fetch()
+
+        try:
+            result = await asyncio.to_thread(call)
+        except TransientError:
+            self._down_until[namespace] = time.monotonic() + DOWN_RECHECK_S
+            raise
+        if self._down_until.pop(namespace, None) is not None:
+            self._stale_said.discard(namespace)
+            log.warning("the store of %r answers again", namespace)
+        return result
+
+    def _stale(self, namespace: str, value: S, exc: TransientError) -> S:
+        """Answer with ``value``, past its TTL: the store cannot be reached (counted, and said
+        once per outage)."""
+        if namespace not in self._stale_said:
+            self._stale_said.add(namespace)
+            log.warning(
+                "the store of %r is unreachable (%s): answering from cached metadata up to %.0f s "
+                "past its TTL",
+                namespace,
+                exc,
+                self.config.serve_stale,
+            )
+        self.meta.served_stale()
+        return value
+
+    def store_down(self) -> list[str]:
+        """Namespaces whose store failed in the last :data:`DOWN_RECHECK_S`."""
+        now = time.monotonic()
+        return sorted(ns for ns, until in self._down_until.items() if until > now)
+
     async def probe(self, namespace: str, prefix: str) -> ListPage:
         """The start of ``prefix``'s listing (delimiter ``/``), enough to tell whether its
         marker is there and whether anything else is: the cached listing when there is one,
-        else one store page of at most two keys (cached when it is the whole listing). Only
-        when changes journalled here hide every key of a longer page is it listed whole."""
+        else one store page of at most two keys (cached as the listing when it is the whole of
+        it, else as a probe). Only when changes journalled here hide every key of a longer page
+        is it listed whole."""
         store = self.store(namespace)
         check_prefix(prefix)
-        page = self.meta.get_listing(namespace, prefix, "/")
+        page = self.meta.get_listing(namespace, prefix, "/") or self.meta.get_listing(
+            namespace, prefix, PROBE
+        )
         if page is None:
             generation = self.meta.generation
-            page = await asyncio.to_thread(
-                functools.partial(store.list_page, prefix, delimiter="/", limit=2)
+            stale = self.meta.stale_listing(namespace, prefix, "/") or self.meta.stale_listing(
+                namespace, prefix, PROBE
             )
-            if page.token is None:
-                self.meta.put_listing(namespace, prefix, page, "/", generation)
+            try:
+                page = await self._ask_store(
+                    namespace,
+                    functools.partial(store.list_page, prefix, delimiter="/", limit=2),
+                    fallback=stale is not None,
+                )
+            except TransientError as exc:
+                if stale is None:
+                    raise
+                page = self._stale(namespace, stale, exc)
+            else:  # the whole listing, or (a longer one's first page) a probe
+                kind = "/" if page.token is None else PROBE
+                self.meta.put_listing(namespace, prefix, page, kind, generation)
         seen = await self._overlay(namespace, prefix, "/", page)
         hidden = not seen.prefixes and all(o.key == prefix for o in seen.objects)
         if page.token is not None and hidden:  # what the page held is gone here: is there more?

@@ -3,6 +3,7 @@ decorator. No test sleeps for real except where threads must overlap, and then b
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
@@ -19,7 +20,7 @@ from objstore.errors import (
     SlowDown,
     TransientError,
 )
-from objstore.retry import AIMDLimiter, RetryPolicy, call_with_retry, retrying
+from objstore.retry import AIMDLimiter, RetryPolicy, call_with_retry, retry_policy, retrying
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -456,3 +457,32 @@ def test_retrying_reads_the_policy_at_call_time() -> None:
     with pytest.raises(TransientError, match="a"):
         store.stat("k")
     assert len(store.calls) == 1
+
+
+def test_a_retry_policy_block_overrides_the_store_policy() -> None:
+    store = FakeStore([TransientError(str(i)) for i in range(10)])
+    with (
+        retry_policy(RetryPolicy(max_attempts=2, base_delay=0.001)),
+        pytest.raises(TransientError, match=r"^1$"),
+    ):
+        store.stat("k")
+    assert len(store.calls) == 2  # the block's two attempts, not the store's four
+    with pytest.raises(TransientError, match=r"^5$"):
+        store.stat("k")  # outside it: the store's four attempts again
+    assert len(store.calls) == 6
+
+
+def test_a_retry_policy_block_reaches_to_thread_not_other_threads() -> None:
+    async def main() -> tuple[FakeStore, FakeStore]:
+        inside = FakeStore([TransientError("a"), TransientError("b")])
+        plain = FakeStore([TransientError("a")])
+        with retry_policy(RetryPolicy(max_attempts=1)):
+            with pytest.raises(TransientError):
+                await asyncio.to_thread(inside.stat, "k")
+            thread = threading.Thread(target=plain.stat, args=("k",))  # no context of ours
+            thread.start()
+            thread.join()
+        return inside, plain
+
+    inside, plain = asyncio.run(main())
+    assert len(inside.calls) == 1 and len(plain.calls) == 2

@@ -135,3 +135,38 @@ def test_a_forgotten_stat_keeps_the_listings() -> None:
     cache.forget_stat("ns", "d/a")
     assert cache.get_stat("ns", "d/a") is None and cache.get_listing("ns", "d/") is not None
     assert cache.generation > before  # a fetch under way when it changed is not cached
+
+
+def test_stale_entries_are_kept_for_serve_stale_and_only_given_when_asked() -> None:
+    clock = Clock()
+    cache = MetadataCache(ttl=10, negative_ttl=2, clock=clock, serve_stale=100)
+    info = ObjectInfo("d/a", 1, 0.0, "e")
+    cache.put_stat("ns", "d/a", info)
+    cache.put_stat("ns", "d/gone", MISSING)
+    cache.put_listing("ns", "d/", ListPage([info], [], None))
+    clock.now = 50.0
+    assert cache.get_stat("ns", "d/a") is None and cache.get_listing("ns", "d/") is None
+    assert cache.stale_stat("ns", "d/a") == info and cache.stale_stat("ns", "d/gone") is MISSING
+    assert _keys(cache.stale_listing("ns", "d/")) == (["d/a"], [])
+    cache.invalidate_key("ns", "d/a")  # an invalidation drops the stale answers too
+    assert cache.stale_stat("ns", "d/a") is None and cache.stale_listing("ns", "d/") is None
+    clock.now = 103.0  # past TTL + serve_stale
+    assert cache.stale_stat("ns", "d/gone") is None
+    off = MetadataCache(ttl=10, negative_ttl=2, clock=clock)  # serve_stale 0: never
+    off.put_stat("ns", "k", info)
+    clock.now += 11
+    assert off.stale_stat("ns", "k") is None
+
+
+def test_a_probe_is_dropped_by_changes_under_it() -> None:
+    from pcache.metacache import PROBE
+
+    cache = MetadataCache(ttl=30, negative_ttl=5, clock=Clock())
+    page = ListPage([ObjectInfo("d/a", 1, 0.0)], ["d/s/"], "more")
+    cache.put_listing("ns", "d/", page, PROBE)
+    assert cache.get_listing("ns", "d/", PROBE) is page
+    cache.landed("ns", "d/b", ObjectInfo("d/b", 1, 0.0))
+    assert cache.get_listing("ns", "d/", PROBE) is None
+    cache.put_listing("ns", "d/", page, PROBE)
+    cache.invalidate_key("ns", "d/s/x")
+    assert cache.get_listing("ns", "d/", PROBE) is None

@@ -31,6 +31,7 @@ from objstore import Store
 from tests.pcache.conftest import ClusterFactory, MiB
 from tests.servers.pcache_cluster import PcacheCluster
 from tests.servers.pcache_mount import PcacheMount, force_unmount
+from tests.servers.proxies import FaultProxy
 
 ROOT = Path(__file__).resolve().parents[2]
 FUSERMOUNT = shutil.which("fusermount3")
@@ -753,3 +754,36 @@ def test_install_script_puts_the_helper_and_units_in_place(tmp_path: Path) -> No
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert wrong.returncode == 2 and "is missing (pip install the package)" in wrong.stderr
+
+
+def test_cached_files_read_through_a_store_outage(rclone_s3: Any, tmp_path: Path) -> None:
+    """Issue 18's reproduction: 20 warmed files, short TTLs, the store cut off; past every
+    TTL the directory still lists and every file reads back whole (stale-if-error)."""
+    proxy = FaultProxy(rclone_s3.endpoint).start()
+    factory = ClusterFactory(rclone_s3, tmp_path / "cluster")
+    try:
+        profile = rclone_s3.profile(endpoint=proxy.endpoint, max_attempts=2, retry_deadline=2.0)
+        cluster, store = factory(1, profile=profile, metadata_ttl=1.0, negative_ttl=1.0)
+        files = {f"ds/f{i:02d}.bin": os.urandom(100_000 + i) for i in range(20)}
+        for key, data in files.items():
+            store.put(key, data)
+        mount = Mount(cluster, 0, tmp_path / "mnt")
+        try:
+            names = sorted(key.split("/")[1] for key in files)
+            for key, data in files.items():
+                assert (mount.path / key).read_bytes() == data
+            assert sorted(os.listdir(mount.path / "ds")) == names
+            proxy.outage(True)
+            time.sleep(2.5)  # past every TTL, the worker's and the mount's
+            assert stat.S_ISDIR(os.stat(mount.path / "ds").st_mode)  # cd ds
+            assert sorted(os.listdir(mount.path / "ds")) == names
+            for key, data in files.items():
+                assert (mount.path / key).read_bytes() == data
+            with pytest.raises(OSError) as excinfo:  # never cached: an error, not a hang
+                (mount.path / "ds/never-seen.bin").read_bytes()
+            assert excinfo.value.errno in (errno.EIO, errno.ENOENT)
+        finally:
+            mount.stop()
+    finally:
+        factory.close()
+        proxy.stop()

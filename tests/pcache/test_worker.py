@@ -591,8 +591,8 @@ def test_resolve_probes_a_directory_without_listing_it(make_cluster, rclone_s3) 
         assert (missing.file, missing.directory, missing.marker) == (None, False, None)
         lists = [r for r in proxy.request_log if "list-type=2" in r]
         assert lists and all("max-keys=2" in r for r in lists), lists
-        # tree/file/, tree/dir/ twice (a page of a longer listing is not cached), tree/nope/
-        assert len(lists) == 4
+        # tree/file/, tree/dir/ (then cached as a probe), tree/nope/
+        assert len(lists) == 3
         # journalled here and refused by the store: still what this node sees
         proxy.refuse("tree/pending/")
         client.put("data/tree/pending/p", b"p")
@@ -601,5 +601,50 @@ def test_resolve_probes_a_directory_without_listing_it(make_cluster, rclone_s3) 
         for i in range(5):
             client.delete(f"data/tree/dir/f{i}", durable="local")
         assert not client.resolve("data/tree/dir").directory  # every key deleted here
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("serve_stale", [3600.0, 0.0])
+def test_metadata_past_its_ttl_is_served_while_the_store_is_down(
+    make_cluster, rclone_s3, payload, serve_stale: float
+) -> None:
+    """Stale-if-error: with the store cut off, what was cached (stats, listings, blocks) is
+    still answered past its TTL, and counted; a name never seen fails; 0 turns it off."""
+    proxy = FaultProxy(rclone_s3.endpoint).start()
+    try:
+        profile = rclone_s3.profile(endpoint=proxy.endpoint, max_attempts=2, retry_deadline=2.0)
+        cluster, store = make_cluster(
+            1, profile=profile, metadata_ttl=0.5, negative_ttl=0.5, serve_stale=serve_stale
+        )
+        data = payload(2 * MiB + 5)
+        store.put("warm/a.bin", data)
+        client = make_cluster.client(cluster)
+        assert client.read("data/warm/a.bin") == data
+        assert [o.key for o in client.ls("data/warm/")[0]] == ["warm/a.bin"]
+        with pytest.raises(FileNotFoundError):
+            client.stat("data/warm/missing.bin")
+        assert client.resolve("data/warm").children
+        proxy.outage(True)
+        time.sleep(1.0)  # every entry is past its TTL
+        if not serve_stale:
+            with pytest.raises(OSError):
+                client.stat("data/warm/a.bin")
+            return
+        assert client.stat("data/warm/a.bin").size == len(data)
+        assert [o.key for o in client.ls("data/warm/")[0]] == ["warm/a.bin"]
+        with pytest.raises(FileNotFoundError):  # a "no such object" stays one
+            client.stat("data/warm/missing.bin")
+        assert client.resolve("data/warm").children
+        assert client.read("data/warm/a.bin") == data  # the blocks are cached
+        with pytest.raises(OSError) as never_seen:
+            client.stat("data/warm/never-seen.bin")
+        assert not isinstance(never_seen.value, FileNotFoundError)  # unknown, not absent
+        metadata = client.status()["metadata"]
+        assert metadata["stale_served"] >= 4 and metadata["store_down"] == ["data"]
+        proxy.outage(False)
+        store.put("warm/b.bin", b"new")
+        client.invalidate("data/warm/")
+        assert [o.key for o in client.ls("data/warm/")[0]] == ["warm/a.bin", "warm/b.bin"]
     finally:
         proxy.stop()
