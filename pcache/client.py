@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import lmdb
@@ -31,7 +31,7 @@ import urllib3
 
 from objstore import Config, open_store
 from objstore.base import ObjectInfo, Store
-from objstore.errors import EndpointUnreachable, ObjectNotFound, StorageError
+from objstore.errors import ConfigError, EndpointUnreachable, ObjectNotFound, StorageError
 from objstore.url import check_key
 
 from . import shm
@@ -56,6 +56,7 @@ from .protocol import (
 from .selection import DEFAULT_LOAD_FACTOR, Node, WorkerSelector
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 INFO_TTL_S = 10.0
 INFO_RETRY_S = 5.0  # after the local worker failed to answer /v1/info
@@ -331,6 +332,19 @@ class PcacheClient:
                 self._stores[namespace] = store
         return store
 
+    def _from_store(
+        self, namespace: str, unavailable: WorkerUnavailable, ask: Callable[[Store], T]
+    ) -> T:
+        """No worker answered a metadata request: ``ask`` the backing store itself (what it
+        holds, without the writes pending on the workers); any failure there is the workers'
+        (``unavailable``), as before."""
+        try:
+            answer = ask(self._backend(namespace))
+        except (OSError, ConfigError) as exc:  # unreachable too, no profile, refused...
+            raise unavailable from exc
+        log.info("no worker answered (%s): metadata of %s from the store", unavailable, namespace)
+        return answer
+
     # -- metadata ------------------------------------------------------------------------------
 
     def stat(self, path: str, *, full: bool = False) -> ObjectInfo:
@@ -339,9 +353,17 @@ class PcacheClient:
         namespace, key = split_path(path)
         check_key(key)
         fields = {"full": "1"} if full else None
-        return info_from_json(
-            self._metadata(f"/v1/stat/{quote(namespace)}/{quote(key)}", fields=fields)
-        )
+        try:
+            return info_from_json(
+                self._metadata(f"/v1/stat/{quote(namespace)}/{quote(key)}", fields=fields)
+            )
+        except WorkerUnavailable as unavailable:
+            found = self._from_store(
+                namespace, unavailable, lambda store: _stat_or_none(store, key)
+            )
+            if found is None:  # a write pending on the worker may be there: cannot tell
+                raise
+            return found
 
     def resolve(
         self,
@@ -361,10 +383,28 @@ class PcacheClient:
             "marker": int(marker),
             "full": int(full),
         }
-        answer = self._metadata(
-            f"/v1/resolve/{quote(namespace)}/{quote(key)}",
-            fields={k: str(v) for k, v in fields.items()},
-        )
+        try:
+            answer = self._metadata(
+                f"/v1/resolve/{quote(namespace)}/{quote(key)}",
+                fields={k: str(v) for k, v in fields.items()},
+            )
+        except WorkerUnavailable as unavailable:
+
+            def ask(store: Store) -> Resolved:
+                prefix = key + "/"
+                page = store.list_page(prefix, delimiter="/", limit=2)
+                has_marker = any(o.key == prefix for o in page.objects)
+                return Resolved(
+                    _stat_or_none(store, key) if file else None,
+                    _stat_or_none(store, prefix) if marker and has_marker else None,
+                    has_marker,
+                    bool(page.prefixes) or any(o.key != prefix for o in page.objects),
+                )
+
+            resolved = self._from_store(namespace, unavailable, ask)
+            if resolved.file is None and not resolved.directory:
+                raise  # a write pending on the worker may be there: cannot tell
+            return resolved
         return Resolved.from_json(answer)
 
     def ls(self, path: str, *, recursive: bool = False) -> tuple[list[ObjectInfo], list[str]]:
@@ -377,10 +417,20 @@ class PcacheClient:
         namespace, prefix = split_path(path)
         if prefix and not prefix.endswith("/"):
             prefix += "/"
-        listing = self._metadata(
-            f"/v1/list/{quote(namespace)}",
-            fields={"prefix": prefix, "delimiter": "" if recursive else "/"},
-        )
+        delimiter = "" if recursive else "/"
+        try:
+            listing = self._metadata(
+                f"/v1/list/{quote(namespace)}", fields={"prefix": prefix, "delimiter": delimiter}
+            )
+        except WorkerUnavailable as unavailable:
+            pages = self._from_store(
+                namespace,
+                unavailable,
+                lambda store: list(store.iter_pages(prefix, delimiter=delimiter)),
+            )
+            return Listing(
+                [o for p in pages for o in p.objects], [x for p in pages for x in p.prefixes], set()
+            )
         objects = [info_from_json(o) for o in listing["objects"]]
         full = {o["key"] for o in listing["objects"] if o.get("full")}
         return Listing(objects, listing["prefixes"], full)
@@ -871,3 +921,10 @@ class PcacheClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stat_or_none(store: Store, key: str) -> ObjectInfo | None:
+    try:
+        return store.stat(key)
+    except FileNotFoundError:
+        return None

@@ -40,7 +40,7 @@ from objstore.errors import (
     TransientError,
 )
 
-from .client import STRICT_TIMEOUT_S, Listing, PcacheClient
+from .client import STRICT_TIMEOUT_S, Listing, PcacheClient, WorkerUnavailable
 from .config import Durability
 from .files import PcacheReader
 from .fuse_files import (
@@ -617,9 +617,13 @@ class PcacheOperations(pyfuse3.Operations):
         # asked with the rest (one round trip, not two); otherwise it is, most often, a file
         all_at_once = self._creating_in(path.rpartition("/")[0])
         if not all_at_once:
-            info = await self._stat_file(path)
-            if info is not None:
-                return (LINK if attrs_of(info, self.defaults).is_symlink else FILE), info
+            try:
+                info = await self._stat_file(path)
+            except WorkerUnavailable:  # the store itself is asked, for all of it at once
+                all_at_once = True
+            else:
+                if info is not None:
+                    return (LINK if attrs_of(info, self.defaults).is_symlink else FILE), info
         resolved = await self._run(
             functools.partial(
                 self.client.resolve,

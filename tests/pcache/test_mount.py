@@ -787,3 +787,60 @@ def test_cached_files_read_through_a_store_outage(rclone_s3: Any, tmp_path: Path
     finally:
         factory.close()
         proxy.stop()
+
+
+def test_reads_go_on_while_the_worker_is_killed_and_restarted(
+    rclone_s3: Any, tmp_path: Path
+) -> None:
+    """Issue 18's reproduction: a reader loops over 8 cached files through the mount while the
+    node's only worker is SIGKILLed and restarted: a restart costs latency, never an error
+    (lookups fall back to the store itself, cached blocks are read from the cache files)."""
+    factory = ClusterFactory(rclone_s3, tmp_path / "cluster")
+    try:
+        cluster, store = factory(1)
+        node = cluster.nodes[0]
+        files = {f"hot/f{i}.bin": os.urandom(300_000 + i) for i in range(8)}
+        for key, data in files.items():
+            store.put(key, data)
+        mount = PcacheMount(
+            node.address,
+            cluster.token,
+            tmp_path / "mnt",
+            env={"PCACHE_CONFIG": str(node.config_path)},  # the node's profiles, as deployed
+        )
+        try:
+            for key, data in files.items():
+                assert (mount.path / key).read_bytes() == data  # warm
+            errors: list[str] = []
+            reads = 0
+            stop = threading.Event()
+
+            def reader() -> None:
+                nonlocal reads
+                while not stop.is_set():
+                    for key, data in files.items():
+                        try:
+                            got = (mount.path / key).read_bytes()
+                        except OSError as exc:
+                            errors.append(f"{key}: {exc}")
+                            continue
+                        if got != data:
+                            errors.append(f"{key}: wrong bytes")
+                        reads += 1
+
+            thread = threading.Thread(target=reader)
+            thread.start()
+            try:
+                for _ in range(4):
+                    time.sleep(1.5)
+                    cluster.kill(node)
+                    time.sleep(1.0)
+                    cluster.start(node)
+            finally:
+                stop.set()
+                thread.join(timeout=60)
+            assert reads > 0 and errors == [], (reads, errors[:5])
+        finally:
+            mount.stop()
+    finally:
+        factory.close()
