@@ -70,6 +70,7 @@ FETCH_ATTEMPTS = 3  # metadata fetches overtaken by an upload or invalidation ar
 # after a failure not again for DOWN_RECHECK_S (stale answers go out at once meanwhile)
 STALE_FALLBACK_RETRY = RetryPolicy(max_attempts=2, base_delay=0.1, max_delay=0.2, deadline=2.0)
 DOWN_RECHECK_S = 5.0
+CACHE_UPLOADED_MAX = 64 << 20  # uploaded objects up to this size stay in the cache as blocks
 ANNOUNCE_TIMEOUT_S = 2.0  # a peer slower than this to take an announcement is skipped
 STORE_WAIT_S = 60.0  # a read of bytes only in an unfinished upload waits this long for it
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -177,6 +178,8 @@ class Worker:
         namespace, key = record.namespace, record.key
         self.meta.landed(namespace, key, info)
         self.blocks.drop_object(namespace, key, keep_version=None if info is None else info.version)
+        if info is not None:
+            self._cache_uploaded(record, info)
         if self.loop is not None and len(self.members()) > 1:
             body = {
                 "ns": namespace,
@@ -186,6 +189,28 @@ class Worker:
                 "landed": {"owner": self.config.node_id, "version": record.version},
             }
             asyncio.run_coroutine_threadsafe(self.invalidate_peers(body), self.loop)
+
+    def _cache_uploaded(self, record: PendingObject, info: ObjectInfo) -> None:
+        """The bytes just uploaded become cache blocks of the version that landed, so the next
+        read is a local hit, not a fetch. Best effort: objects over :data:`CACHE_UPLOADED_MAX`
+        (a checkpoint is seldom read back on the node that wrote it), and those not wholly
+        on this disk (dropped early, copied lazily, moved) are left to be fetched."""
+        if (
+            record.delete
+            or record.moved
+            or record.released
+            or record.absent
+            or record.size != info.size
+            or not 0 < info.size <= CACHE_UPLOADED_MAX
+        ):
+            return
+        size = self.blocks.block_size
+        try:
+            for index in range(-(-info.size // size)):
+                data = self.writeback.read(record, index * size, size)
+                self.blocks.put(BlockId(record.namespace, record.key, info.version, index), data)
+        except OSError as exc:  # no room, a disk error: it is fetched when read
+            log.info("uploaded %s/%s not kept in the cache: %s", record.namespace, record.key, exc)
 
     async def announce(self, records: list[PendingObject]) -> None:
         """Tell every other live node of changes journalled here, before the commit returns:

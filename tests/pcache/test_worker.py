@@ -648,3 +648,21 @@ def test_metadata_past_its_ttl_is_served_while_the_store_is_down(
         assert [o.key for o in client.ls("data/warm/")[0]] == ["warm/a.bin", "warm/b.bin"]
     finally:
         proxy.stop()
+
+
+def test_uploaded_objects_stay_in_the_cache(make_cluster, payload) -> None:
+    """What a node wrote is read back from its cache after the upload, not fetched again."""
+    cluster, store = make_cluster(1)
+    client = make_cluster.client(cluster, direct_reads=False)
+    data, small = payload(3 * MiB + 5), payload(1000)
+    client.put("data/made/big.bin", data)  # staged, multi-block
+    client.put("data/made/small.bin", small)  # journalled with its bytes
+    for key in ("data/made/big.bin", "data/made/small.bin"):
+        client.flush(key, timeout=60)
+    assert store.get("made/big.bin") == data
+    before = client.status()["reads"]["by_tier"]
+    assert client.read("data/made/big.bin") == data
+    assert client.read("data/made/small.bin") == small
+    after = client.status()["reads"]["by_tier"]
+    assert after["backend"] == before["backend"]  # no fetch from the store
+    assert after["local"] - before["local"] == 5  # 4 blocks + 1, from the cache
