@@ -84,23 +84,25 @@ WRITE_CONTENDERS = ("local", "floor", "pcache", "rclone", "s3fs")
 RANDOM_FILE = 256 * MiB
 
 
-class FloorMount:
-    """``bench/fuse_floor.py BACKING MOUNTPOINT``: pyfuse3 passing through to a local
-    directory, nothing else (what any pyfuse3 file system can reach here)."""
+class ForegroundMount:
+    """A FUSE client run in the foreground on ``mountpoint``: started until the mount shows
+    (30 s at most; its stderr goes to ``MOUNTPOINT.log``, quoted when it does not come up),
+    stopped by unmounting it."""
 
-    def __init__(self, backing: Path, mountpoint: Path) -> None:
+    def __init__(
+        self, name: str, command: list[str], mountpoint: Path, env: dict[str, str] | None = None
+    ) -> None:
         mountpoint.mkdir(parents=True, exist_ok=True)
         self.path = mountpoint
-        self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "fuse_floor.py"), str(backing), str(mountpoint)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        log_path = mountpoint.with_name(mountpoint.name + ".log")
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 30
         while not os.path.ismount(mountpoint):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the FUSE floor did not come up: {self.process.stderr}")
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{name} did not come up: {tail}")
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -112,12 +114,21 @@ class FloorMount:
             self.process.wait()
 
 
-class RcloneMount:
+class FloorMount(ForegroundMount):
+    """``bench/fuse_floor.py BACKING MOUNTPOINT``: pyfuse3 passing through to a local
+    directory, nothing else (what any pyfuse3 file system can reach here)."""
+
+    def __init__(self, backing: Path, mountpoint: Path) -> None:
+        script = str(ROOT / "bench" / "fuse_floor.py")
+        super().__init__(
+            "the FUSE floor", [sys.executable, script, str(backing), str(mountpoint)], mountpoint
+        )
+
+
+class RcloneMount(ForegroundMount):
     """``rclone mount :s3:BUCKET MOUNTPOINT --vfs-cache-mode full`` in the foreground."""
 
     def __init__(self, s3: RcloneS3Server, bucket: str, mountpoint: Path, cache_dir: Path) -> None:
-        mountpoint.mkdir(parents=True, exist_ok=True)
-        self.path = mountpoint
         env = {
             **os.environ,
             "RCLONE_S3_PROVIDER": "Other",
@@ -126,7 +137,7 @@ class RcloneMount:
             "RCLONE_S3_SECRET_ACCESS_KEY": s3.secret_access_key,
             "RCLONE_S3_REGION": "us-east-1",
         }
-        self.command = [
+        command = [
             rclone_binary(), "mount", f":s3:{bucket}", str(mountpoint),
             "--config", os.devnull,
             "--vfs-cache-mode", "full",
@@ -136,56 +147,22 @@ class RcloneMount:
             "--dir-cache-time", "1h",
             "--log-level", "ERROR",
         ]  # fmt: skip
-        self.process = subprocess.Popen(
-            self.command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(mountpoint):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"rclone mount did not come up: {self.process.stderr}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        force_unmount(self.path)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if self.process.stderr:
-            self.process.stderr.close()
+        super().__init__("rclone mount", command, mountpoint, env)
 
 
-class S3fsMount:
+class S3fsMount(ForegroundMount):
     """Debian's ``s3fs BUCKET MOUNTPOINT`` against the same server, in the foreground."""
 
     def __init__(self, s3: RcloneS3Server, bucket: str, mountpoint: Path, work: Path) -> None:
-        mountpoint.mkdir(parents=True, exist_ok=True)
-        self.path = mountpoint
         passwd = work / "s3fs-passwd"
         passwd.write_text(f"{s3.access_key_id}:{s3.secret_access_key}\n")
         passwd.chmod(0o600)
-        self.process = subprocess.Popen(
-            ["s3fs", bucket, str(mountpoint), "-f", "-o", f"url={s3.endpoint}",
-             "-o", "use_path_request_style", "-o", f"passwd_file={passwd}",
-             "-o", f"use_cache={work / 's3fs-cache'}", "-o", "enable_noobj_cache"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(mountpoint):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("s3fs did not come up")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        force_unmount(self.path)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        command = [
+            "s3fs", bucket, str(mountpoint), "-f", "-o", f"url={s3.endpoint}",
+            "-o", "use_path_request_style", "-o", f"passwd_file={passwd}",
+            "-o", f"use_cache={work / 's3fs-cache'}", "-o", "enable_noobj_cache",
+        ]  # fmt: skip
+        super().__init__("s3fs", command, mountpoint)
 
 
 def small_content(i: int) -> bytes:

@@ -11,6 +11,7 @@ entries dropped first).
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -123,8 +124,7 @@ def _patched(
         return ListPage(list(page.objects), sorted([*page.prefixes, sub]), None)
     objects = [o for o in page.objects if o.key != key]
     if info is not None:
-        objects.append(info)
-        objects.sort(key=lambda o: o.key)
+        bisect.insort(objects, info, key=lambda o: o.key)
     return ListPage(objects, list(page.prefixes), None)
 
 
