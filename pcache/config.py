@@ -128,7 +128,8 @@ class WorkerConfig:
             10% of the mean); higher keeps more blocks on their home workers (fewer copies of
             hot data across the cluster's caches).
         metadata_ttl: seconds a stat or listing is trusted.
-        negative_ttl: seconds a "does not exist" is trusted.
+        negative_ttl: seconds a "does not exist" is trusted; in a directory this worker is
+            writing into, also a listing's silence about a name (bulk creates ask no store).
         immutable: the datasets never change: metadata never expires.
         serve_stale: seconds past its TTL cached metadata is still answered while the store
             cannot be reached (stale-if-error; 0: never).

@@ -360,6 +360,8 @@ class PcacheOperations(pyfuse3.Operations):
         self._reads_in_flight = 0  # reads handed to worker threads
         self._local_dirs: set[str] = set()  # emptied here: exist until rmdir
         self._missing_at: dict[str, float] = {}  # names a lookup just found missing
+        # what a lookup just found, and when (for the rename that follows it)
+        self._found_at: dict[str, tuple[float, tuple[str, ObjectInfo | None]]] = {}
         self._missed_in: dict[
             str, float
         ] = {}  # directories where a lookup last found nothing, or made here
@@ -540,12 +542,14 @@ class PcacheOperations(pyfuse3.Operations):
 
     def _note_added(self, path: str) -> None:
         self._missing_at.pop(path, None)
+        self._found_at.pop(path, None)
         parent, _, name = path.rpartition("/")
         names = self._known_names(parent)
         if names is not None:
             names.add(name)
 
     def _note_removed(self, path: str) -> None:
+        self._found_at.pop(path, None)
         parent, _, name = path.rpartition("/")
         names = self._known_names(parent)
         if names is not None:
@@ -667,8 +671,21 @@ class PcacheOperations(pyfuse3.Operations):
         at = self._missing_at.pop(path, None)
         return at is not None and time.monotonic() - at < RECENT_MISSING_S
 
+    async def _resolve_for_rename(self, path: str) -> tuple[str, ObjectInfo | None] | None:
+        """:meth:`_resolve`, or what the kernel's lookup of ``path`` found moments ago (the
+        lookups before a rename: it need not ask again). A directory is always asked: its
+        kind may have changed under other names."""
+        seen = self._found_at.pop(path, None)
+        if seen is not None and time.monotonic() - seen[0] < RECENT_MISSING_S:
+            return seen[1]
+        return await self._resolve(path)
+
     async def _entry(self, path: str) -> Any:
         resolved = await self._resolve(path)
+        if resolved is not None and resolved[0] != DIR and path not in self._open:
+            if len(self._found_at) > 4096:
+                self._found_at.clear()
+            self._found_at[path] = (time.monotonic(), resolved)
         if resolved is None:
             if len(self._missing_at) > 4096:
                 self._missing_at.clear()
@@ -1180,7 +1197,7 @@ class PcacheOperations(pyfuse3.Operations):
             raise fail(errno.EINVAL)
         old = self._child(parent_inode_old, name_old)
         new = self._child(parent_inode_new, name_new)
-        source = await self._resolve(old)
+        source = await self._resolve_for_rename(old)
         if source is None:
             raise fail(errno.ENOENT)
         if old == new:
@@ -1189,7 +1206,7 @@ class PcacheOperations(pyfuse3.Operations):
             raise fail(errno.EINVAL)  # into itself
         target = None
         if flags & pyfuse3.RENAME_NOREPLACE or not self._missing_moments_ago(new):
-            target = await self._resolve(new)
+            target = await self._resolve_for_rename(new)
         if target is not None:
             if flags & pyfuse3.RENAME_NOREPLACE:
                 raise fail(errno.EEXIST)

@@ -7,15 +7,30 @@ in immutable mode (datasets that never change) nothing expires. An expired entry
 (namespace, prefix). :meth:`MetadataCache.invalidate` drops everything under a path, which is what
 ``pcache invalidate`` and the worker's own writes use. Thread-safe; sizes are bounded (oldest
 entries dropped first).
+
+Invariants:
+    - In a directory this node wrote into in the last ``negative_ttl`` seconds (bulk creates:
+      ``tar x``, ``cp -r``), a complete listing fetched less than ``negative_ttl`` seconds ago
+      answers "does not exist" for every name it does not show (:meth:`MetadataCache.absent`):
+      no older than the negative entry a lookup of that name would have left. Changes made
+      through this node are patched into it as they land; changes other nodes journal reach
+      the worker as announcements and are laid over it there; only a writer outside the
+      cluster racing on the same directory is seen up to ``negative_ttl`` later, as with
+      negative entries. Elsewhere every new name is asked for.
+    - A value fetched from the store while a change it may predate happened (a change logged
+      after the fetch began, see the ``generation`` arguments) is not cached, except that a
+      listing is cached with the changes that landed meanwhile patched in. Only changes that
+      touch the fetched key or prefix count; past :data:`CHANGE_LOG` changes, every one does.
 """
 
 from __future__ import annotations
 
 import bisect
+import enum
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -52,6 +67,7 @@ class _Listed:
 class _Entry(Generic[T]):
     value: T
     expires: float
+    fetched: float = 0.0  # when the store said it (patches do not move it)
 
 
 class _TTLMap(Generic[T]):
@@ -84,8 +100,8 @@ class _TTLMap(Generic[T]):
             return None
         return entry.value
 
-    def put(self, key: tuple[str, str], value: T, expires: float) -> None:
-        self._data[key] = _Entry(value, expires)
+    def put(self, key: tuple[str, str], value: T, expires: float, fetched: float = 0.0) -> None:
+        self._data[key] = _Entry(value, expires, fetched)
         self._data.move_to_end(key)
         while len(self._data) > self._max:
             self._data.popitem(last=False)
@@ -105,6 +121,43 @@ class _TTLMap(Generic[T]):
 
 PROBE = "/?"  # the "delimiter" of a cached probe: the first page of a longer "/" listing
 PATCH_MAX = 10_000  # listings up to this many entries are patched by landed(), larger dropped
+CHANGE_LOG = 4096  # changes remembered for the generation checks of fetches in flight
+WRITING_MAX = 4096  # directories remembered as written into (for absent())
+
+
+class _Kind(enum.Enum):
+    """What a logged change touched."""
+
+    STAT = "stat"  # one stat (forget_stat: a change journalled here, laid over listings)
+    KEY = "key"  # one stat and the listings of its parents (invalidate_key)
+    LANDED = "landed"  # as KEY, with what the key became (landed: listings can be patched)
+    TREE = "tree"  # every stat under a path and every listing that can show it (invalidate)
+
+
+@dataclass(frozen=True)
+class _Change:
+    generation: int
+    namespace: str
+    path: str
+    kind: _Kind
+    info: ObjectInfo | None = None
+
+    def touches_stat(self, key: str) -> bool:
+        if self.kind is _Kind.TREE:
+            return key.startswith(self.path)
+        return key == self.path
+
+    def touches_listing(self, prefix: str) -> bool:
+        if self.kind is _Kind.TREE:
+            return prefix.startswith(self.path) or self.path.startswith(prefix)
+        return self.kind is not _Kind.STAT and self.path.startswith(prefix)
+
+
+def _parent_prefix(name: str) -> str:
+    """The directory prefix whose ``/`` listing shows ``name`` (a key, or a prefix ``d/``)."""
+    head = name[:-1] if name.endswith("/") else name
+    parent = head.rpartition("/")[0]
+    return parent + "/" if parent else ""
 
 
 def _patched(
@@ -161,12 +214,48 @@ class MetadataCache:
         self.hits = 0
         self.misses = 0
         self.stale_served = 0  # answers given past their TTL (the store could not be reached)
-        # bumped by every invalidation: a value fetched while it changed may predate the
-        # change, and is not cached (see the ``generation`` arguments of the put methods)
+        # bumped by every change, which is logged: a value fetched while a change that touches
+        # it happened may predate it, and is not cached (the ``generation`` arguments)
         self.generation = 0
+        self._changes: deque[_Change] = deque(maxlen=CHANGE_LOG)
+        # (namespace, directory prefix) -> when a change there was last journalled or landed
+        self._writing: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     def _expiry(self, seconds: float) -> float:
         return float("inf") if self.immutable else self._clock() + seconds
+
+    def _log(self, kind: _Kind, namespace: str, path: str, info: ObjectInfo | None = None) -> None:
+        self.generation += 1
+        self._changes.append(_Change(self.generation, namespace, path, kind, info))
+
+    def _wrote(self, namespace: str, key: str) -> None:
+        """A change of ``key`` was made through this node: its directory (and, for a marker
+        ``d/``, the directory itself) is being written into."""
+        now = self._clock()
+        for prefix in {_parent_prefix(key), key} if key.endswith("/") else {_parent_prefix(key)}:
+            self._writing[(namespace, prefix)] = now
+            self._writing.move_to_end((namespace, prefix))
+        while len(self._writing) > WRITING_MAX:
+            self._writing.popitem(last=False)
+
+    def _writing_into(self, namespace: str, prefix: str, now: float) -> bool:
+        return self._writing.get((namespace, prefix), float("-inf")) + self.negative_ttl > now
+
+    def _changes_since(self, generation: int, namespace: str) -> list[_Change] | None:
+        """The changes of ``namespace`` after ``generation``, oldest first; None when the log
+        no longer reaches back that far."""
+        if generation == self.generation:
+            return []
+        if not self._changes or self._changes[0].generation > generation + 1:
+            return None
+        found = []
+        for change in reversed(self._changes):
+            if change.generation <= generation:
+                break
+            if change.namespace == namespace:
+                found.append(change)
+        found.reverse()
+        return found
 
     def get_stat(
         self, namespace: str, key: str, *, full: bool = False
@@ -220,8 +309,10 @@ class MetadataCache:
         off)."""
         ttl = self.negative_ttl if isinstance(info, Missing) else self.ttl
         with self._lock:
-            if generation is not None and generation != self.generation:
-                return False
+            if generation is not None:
+                changes = self._changes_since(generation, namespace)
+                if changes is None or any(c.touches_stat(key) for c in changes):
+                    return False
             if ttl > 0 or self.immutable:
                 value: ObjectInfo | Missing | _Listed = info
                 if listed and isinstance(info, ObjectInfo):
@@ -248,23 +339,88 @@ class MetadataCache:
         page: ListPage,
         delimiter: str = "/",
         generation: int | None = None,
-    ) -> bool:
-        """Cache a listing; not when ``generation`` (read before fetching it) is out of date.
-        Returns whether it was cached (or would have been, with caching off)."""
+    ) -> ListPage | None:
+        """Cache a listing fetched since ``generation`` (read before fetching it), with the
+        changes that landed meanwhile patched in. Returns the page as cached (or as it would
+        have been, with caching off), or None when it is out of date: a change it cannot be
+        patched with touched it."""
         with self._lock:
-            if generation is not None and generation != self.generation:
-                return False
+            if generation is not None:
+                changes = self._changes_since(generation, namespace)
+                if changes is None:
+                    return None
+                for change in changes:
+                    if not change.touches_listing(prefix):
+                        continue
+                    if change.kind is not _Kind.LANDED or delimiter == PROBE:
+                        return None
+                    patched = _patched(page, prefix, delimiter, change.path, change.info)
+                    if patched is None:
+                        return None
+                    page = patched
             if self.ttl > 0 or self.immutable:
+                now = self._clock()
                 self._listings.put(
-                    (namespace, f"{prefix}\x00{delimiter}"), page, self._expiry(self.ttl)
+                    (namespace, f"{prefix}\x00{delimiter}"), page, self._expiry(self.ttl), now
                 )
+            return page
+
+    def absent(self, namespace: str, name: str) -> bool:
+        """Whether ``name`` (a key, or a prefix ``d/``) is surely not there: this node is
+        writing into its directory and the directory's complete listing, fetched less than
+        ``negative_ttl`` seconds ago, does not show it (see the module's invariants). Counted
+        as a hit when it says so."""
+        parent = _parent_prefix(name)
+        with self._lock:
+            now = self._clock()
+            if self.immutable or self.negative_ttl <= 0:
+                return False
+            if not self._writing_into(namespace, parent, now):
+                return False
+            entry = self._listings.entry((namespace, f"{parent}\x00/"), now)
+            if entry is None or entry.value.token is not None:
+                return False
+            if entry.fetched + self.negative_ttl < now:
+                return False
+            page = entry.value
+            if name.endswith("/"):
+                at = bisect.bisect_left(page.prefixes, name)
+                shown = at < len(page.prefixes) and page.prefixes[at] == name
+            else:
+                at = bisect.bisect_left(page.objects, name, key=lambda o: o.key)
+                shown = at < len(page.objects) and page.objects[at].key == name
+            if shown:
+                return False
+            self.hits += 1
+            if not name.endswith("/"):  # as the negative entry a lookup would leave
+                self._stats.put((namespace, name), MISSING, entry.fetched + self.negative_ttl)
             return True
+
+    def to_refresh(self, namespace: str, name: str) -> str | None:
+        """The directory prefix of ``name`` when its listing is worth fetching again so that
+        :meth:`absent` can answer: this node is writing into it, and its listing is cached,
+        complete, up to :data:`PATCH_MAX` entries, but older than ``negative_ttl``."""
+        if self.negative_ttl <= 0 or self.immutable:
+            return None
+        parent = _parent_prefix(name)
+        with self._lock:
+            now = self._clock()
+            if not self._writing_into(namespace, parent, now):
+                return None
+            entry = self._listings.entry((namespace, f"{parent}\x00/"), now)
+            if entry is None or entry.value.token is not None:
+                return None
+            if entry.fetched + self.negative_ttl >= now:
+                return None
+            size = len(entry.value.objects) + len(entry.value.prefixes)
+            return parent if size <= PATCH_MAX else None
 
     def forget_stat(self, namespace: str, key: str) -> None:
         """Forget one object's stat; listings stay (a change journalled on this node is laid
         over them when they are read, and patched in by :meth:`landed` when it is uploaded)."""
         with self._lock:
-            self.generation += 1
+            self._log(_Kind.STAT, namespace, key)
+            self._wrote(namespace, key)
             self._stats.pop((namespace, key))
 
     def landed(self, namespace: str, key: str, info: ObjectInfo | None) -> None:
@@ -275,7 +431,8 @@ class MetadataCache:
         parts = key.split("/")
         parents = [""] + ["/".join(parts[:i]) + "/" for i in range(1, len(parts))]
         with self._lock:
-            self.generation += 1
+            self._log(_Kind.LANDED, namespace, key, info)
+            self._wrote(namespace, key)
             now = self._clock()
             value: ObjectInfo | Missing = MISSING if info is None else info
             ttl = self.negative_ttl if info is None else self.ttl
@@ -302,7 +459,7 @@ class MetadataCache:
         parts = key.split("/")
         parents = [""] + ["/".join(parts[:i]) + "/" for i in range(1, len(parts))]
         with self._lock:
-            self.generation += 1
+            self._log(_Kind.KEY, namespace, key)
             self._stats.pop((namespace, key))
             for prefix in parents:
                 for delimiter in ("/", "", PROBE):
@@ -311,7 +468,7 @@ class MetadataCache:
     def invalidate(self, namespace: str, path: str = "") -> int:
         """Forget every stat under ``path`` and every listing that could contain it."""
         with self._lock:
-            self.generation += 1
+            self._log(_Kind.TREE, namespace, path)
             dropped = self._stats.drop_where(lambda k: k[0] == namespace and k[1].startswith(path))
             # a listing of any parent directory may mention the path
             parts = path.split("/")

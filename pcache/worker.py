@@ -10,6 +10,7 @@ metrics (:mod:`pcache.metrics`). Every long-lived part starts and stops in the a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import hmac
@@ -324,6 +325,8 @@ class Worker:
             raise ObjectNotFound(f"no such object: {key!r}", url=str(store.url.child(key)))
         if cached is not None:
             return cached
+        if self.meta.absent(namespace, key):  # its directory's fresh listing does not show it
+            raise ObjectNotFound(f"no such object: {key!r}", url=url)
         stale = self.meta.stale_stat(namespace, key)
         for _ in range(FETCH_ATTEMPTS):
             # an upload finishing (or an invalidation) during the fetch may make its answer
@@ -349,10 +352,14 @@ class Worker:
             raise ObjectNotFound(f"no such object: {key!r}", url=str(store.url.child(key)))
         return info
 
-    async def listing(self, namespace: str, prefix: str, delimiter: str) -> ListPage:
+    async def listing(
+        self, namespace: str, prefix: str, delimiter: str, *, refresh: bool = False
+    ) -> ListPage:
+        """``prefix``'s listing as this node sees it (see :meth:`_overlay`); ``refresh``: from
+        the store even when cached."""
         store = self.store(namespace)
         check_prefix(prefix)
-        page = self.meta.get_listing(namespace, prefix, delimiter)
+        page = None if refresh else self.meta.get_listing(namespace, prefix, delimiter)
         stale = None if page is not None else self.meta.stale_listing(namespace, prefix, delimiter)
         for _ in range(FETCH_ATTEMPTS if page is None else 0):
             # as in stat: a listing that an upload (or invalidation) overtook is fetched again
@@ -366,18 +373,22 @@ class Worker:
                     fallback=stale is not None,
                 )
             except TransientError as exc:
-                if stale is None:
+                if stale is None or refresh:
                     raise
                 page = self._stale(namespace, stale, exc)
                 break
             for part in parts:
                 objects.extend(part.objects)
                 prefixes.extend(part.prefixes)
-            page = ListPage(objects, prefixes, None)
-            if self.meta.put_listing(namespace, prefix, page, delimiter, generation):
-                for info in objects:
+            cached = self.meta.put_listing(
+                namespace, prefix, ListPage(objects, prefixes, None), delimiter, generation
+            )
+            if cached is not None:
+                page = cached
+                for info in page.objects:
                     self.meta.put_stat(namespace, info.key, info, generation, listed=True)
                 break
+            page = ListPage(objects, prefixes, None)
         assert page is not None
         return await self._overlay(namespace, prefix, delimiter, page)
 
@@ -466,6 +477,8 @@ class Worker:
         page = self.meta.get_listing(namespace, prefix, "/") or self.meta.get_listing(
             namespace, prefix, PROBE
         )
+        if page is None and self.meta.absent(namespace, prefix):
+            page = ListPage([], [], None)  # its parent's fresh listing shows nothing under it
         if page is None:
             generation = self.meta.generation
             stale = self.meta.stale_listing(namespace, prefix, "/") or self.meta.stale_listing(
@@ -483,7 +496,7 @@ class Worker:
                 page = self._stale(namespace, stale, exc)
             else:  # the whole listing, or (a longer one's first page) a probe
                 kind = "/" if page.token is None else PROBE
-                self.meta.put_listing(namespace, prefix, page, kind, generation)
+                page = self.meta.put_listing(namespace, prefix, page, kind, generation) or page
         seen = await self._overlay(namespace, prefix, "/", page)
         hidden = not seen.prefixes and all(o.key == prefix for o in seen.objects)
         if page.token is not None and hidden:  # what the page held is gone here: is there more?
@@ -504,6 +517,12 @@ class Worker:
         user metadata when ``marker`` is asked and it exists."""
         check_key(key)
         prefix = key + "/"
+        parent = self.meta.to_refresh(namespace, key)
+        if parent is not None and self.writeback.pending(namespace, key) is None:
+            # one listing of a small or busy directory, instead of asking for the name (and
+            # then for the next new names, until it is old)
+            with contextlib.suppress(TransientError):
+                await self.listing(namespace, parent, "/", refresh=True)
 
         async def the_file() -> ObjectInfo | None:
             if not file:
@@ -616,6 +635,19 @@ class Worker:
             task = asyncio.create_task(self._prefetch_quietly(namespace, info, index))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    def in_background(self, what: str, func: Callable[[], Any]) -> None:
+        """``func()`` on a thread, not waited for (cancelled at close; a failure is logged)."""
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(func)
+            except Exception as exc:
+                log.warning("%s failed: %s", what, exc)
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _prefetch_quietly(self, namespace: str, info: ObjectInfo, index: int) -> None:
         try:
@@ -1064,12 +1096,18 @@ async def rename_object(request: web.Request) -> web.Response:
     pending = await asyncio.to_thread(worker.writeback.rename, namespace, old, new)
     if not pending:  # in the store: journalled as a copy made there later, at any size
         await worker.stat(namespace, old)  # ObjectNotFound when there is nothing, here or there
-        info = await asyncio.to_thread(store.stat, old)  # the stored version, with its metadata
+        # the stored version with its metadata, as the store reports it (the copy checks
+        # the ETag; an upload's answer may spell a multipart ETag otherwise)
+        info = await asyncio.to_thread(store.stat, old)
         await asyncio.to_thread(worker.writeback.move_stored, namespace, old, new, info)
         log.debug("renamed %s -> %s, to be copied in the store (%d bytes)", old, new, info.size)
     for key in (old, new):
         worker.meta.invalidate_key(namespace, key)
-    await asyncio.to_thread(worker.blocks.drop_object, namespace, old)
+    # the old name's blocks are of its version: no later object there reads them (space only)
+    worker.in_background(
+        f"dropping the cached blocks of {old!r}",
+        functools.partial(worker.blocks.drop_object, namespace, old),
+    )
     if durable is Durability.REMOTE:
         await _wait_remote(worker, namespace, old, body.get("timeout"))
         await _wait_remote(worker, namespace, new, body.get("timeout"))

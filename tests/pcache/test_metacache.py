@@ -170,3 +170,84 @@ def test_a_probe_is_dropped_by_changes_under_it() -> None:
     cache.put_listing("ns", "d/", page, PROBE)
     cache.invalidate_key("ns", "d/s/x")
     assert cache.get_listing("ns", "d/", PROBE) is None
+
+
+def test_only_changes_that_touch_a_fetch_keep_it_out_of_the_cache() -> None:
+    """A fetch is refused for a change of its own key or directory, not for any change."""
+    cache = MetadataCache(ttl=60.0)
+    before = cache.generation
+    cache.invalidate_key("ns", "other/x")  # elsewhere: both fetches are still good
+    cache.forget_stat("ns", "d/a")  # journalled here: laid over listings, so only the stat
+    cache.invalidate("ns", "e/")
+    assert cache.put_stat("ns", "d/b", ObjectInfo("d/b", 1, 0.0, "e"), before)
+    assert not cache.put_stat("ns", "d/a", ObjectInfo("d/a", 1, 0.0, "e"), before)
+    assert not cache.put_stat("ns", "e/z", ObjectInfo("e/z", 1, 0.0, "e"), before)
+    assert cache.put_listing("ns", "d/", ListPage([], [], None), "/", before) is not None
+    assert cache.put_listing("ns", "e/", ListPage([], [], None), "/", before) is None
+    assert cache.put_listing("ns", "", ListPage([], [], None), "/", before) is None  # shows e/
+    assert cache.put_stat("ns", "d/c", MISSING, before) and cache.put_stat("ns", "x", MISSING, 0)
+
+
+def test_a_listing_fetched_while_changes_landed_is_cached_with_them() -> None:
+    cache = MetadataCache(ttl=60.0)
+    before = cache.generation
+    cache.landed("ns", "d/new", ObjectInfo("d/new", 1, 0.0, "e"))
+    cache.landed("ns", "d/gone", None)
+    fetched = ListPage(
+        [ObjectInfo("d/gone", 1, 0.0, "e"), ObjectInfo("d/old", 1, 0.0, "e")], [], None
+    )
+    cached = cache.put_listing("ns", "d/", fetched, "/", before)
+    assert _keys(cached) == (["d/new", "d/old"], [])
+    assert _keys(cache.get_listing("ns", "d/")) == (["d/new", "d/old"], [])
+    cache.invalidate_key("ns", "d/other")  # what it became is unknown: fetched again
+    assert cache.put_listing("ns", "d/", fetched, "/", before) is None
+
+
+def test_a_fetch_older_than_the_change_log_is_not_cached() -> None:
+    from pcache.metacache import CHANGE_LOG
+
+    cache = MetadataCache(ttl=60.0)
+    before = cache.generation
+    for i in range(CHANGE_LOG + 1):
+        cache.forget_stat("ns", f"far/{i}")
+    assert not cache.put_stat("ns", "d/a", MISSING, before)
+    assert cache.put_listing("ns", "d/", ListPage([], [], None), "/", before) is None
+
+
+def test_a_fresh_listing_answers_for_new_names_where_this_node_writes() -> None:
+    """Bulk creates: in a directory written through this node, a listing younger than the
+    negative TTL says which names are not there; anywhere else each name is asked for."""
+    clock = Clock()
+    cache = MetadataCache(ttl=30, negative_ttl=5, clock=clock)
+    page = ListPage([ObjectInfo("d/a", 1, 0.0, "e")], ["d/sub/"], None)
+    cache.put_listing("ns", "d/", page)
+    assert not cache.absent("ns", "d/new")  # nothing written there: the store is asked
+    cache.forget_stat("ns", "d/b")  # a file journalled there
+    assert cache.absent("ns", "d/new") and cache.absent("ns", "d/new/")
+    assert cache.get_stat("ns", "d/new") is MISSING  # as a lookup's negative entry
+    assert not cache.absent("ns", "d/a") and not cache.absent("ns", "d/sub/")
+    assert cache.absent("ns", "d/sub")  # the object d/sub: only the prefix is there
+    assert not cache.absent("ns", "e/new") and not cache.absent("ns", "new")  # no listing
+    assert cache.to_refresh("ns", "d/new") is None  # still fresh
+    clock.now = 5.5
+    assert not cache.absent("ns", "d/new2")  # older than the negative TTL
+    assert cache.to_refresh("ns", "d/new2") is None  # and nothing written for 5 s
+    cache.landed("ns", "d/b", ObjectInfo("d/b", 1, 0.0, "e"))
+    assert cache.to_refresh("ns", "d/new2") == "d/"
+    cache.put_listing("ns", "d/", page)
+    assert cache.absent("ns", "d/new2") and cache.to_refresh("ns", "d/new2") is None
+    truncated = ListPage([ObjectInfo("d/a", 1, 0.0, "e")], [], "token")
+    cache.put_listing("ns", "d/", truncated)
+    assert not cache.absent("ns", "d/new3")  # a page of a longer listing proves nothing
+
+
+def test_a_marker_made_here_makes_its_own_directory_written_into() -> None:
+    clock = Clock()
+    cache = MetadataCache(ttl=30, negative_ttl=5, clock=clock)
+    cache.put_listing("ns", "new/", ListPage([], [], None))  # the mkdir's probe: nothing there
+    cache.forget_stat("ns", "new/")  # mkdir journals the marker
+    assert cache.absent("ns", "new/file")
+    strict = MetadataCache(ttl=30, negative_ttl=0, clock=clock)
+    strict.put_listing("ns", "new/", ListPage([], [], None))
+    strict.forget_stat("ns", "new/")
+    assert not strict.absent("ns", "new/file") and strict.to_refresh("ns", "new/f") is None

@@ -605,6 +605,42 @@ def test_resolve_probes_a_directory_without_listing_it(make_cluster, rclone_s3) 
         proxy.stop()
 
 
+def test_new_names_in_a_directory_written_here_are_not_asked_for(make_cluster, rclone_s3) -> None:
+    """Bulk creates (tar x): once a directory this node writes into has a fresh listing, each
+    new name's lookup is answered here, with no request to the store; elsewhere (and after the
+    negative TTL, when the directory was not listed again) each new name is asked for."""
+    proxy = FaultProxy(rclone_s3.endpoint).start()
+    try:
+        cluster, store = make_cluster(
+            1, profile=rclone_s3.profile(endpoint=proxy.endpoint), negative_ttl=2.0
+        )
+        client = make_cluster.client(cluster)
+        assert not client.resolve("data/bulk").directory  # the mkdir's lookup: probe cached
+        client.put("data/bulk/", b"")  # the marker, journalled here
+        proxy.request_log.clear()
+        for i in range(20):
+            assert client.resolve(f"data/bulk/f{i}").file is None
+            client.put(f"data/bulk/f{i}", b"x")
+        assert [r for r in proxy.request_log if not r.startswith("PUT")] == []
+        # a writer outside the cluster, in a directory this node does not write into
+        store.put("ext/a", b"a")
+        assert [o.key for o in client.ls("data/ext/")[0]] == ["ext/a"]
+        store.put("ext/new", b"n")
+        assert client.stat("data/ext/new").size == 1  # seen at once
+        # past the negative TTL the directory is listed again (one request), not each name
+        for i in range(20):
+            client.flush(f"data/bulk/f{i}", timeout=30)
+        time.sleep(2.2)
+        client.put("data/bulk/g", b"y")
+        proxy.request_log.clear()
+        for i in range(5):
+            assert client.resolve(f"data/bulk/h{i}").file is None
+        asked = [r for r in proxy.request_log if not r.startswith("PUT")]
+        assert len(asked) == 1 and "list-type=2" in asked[0] and "max-keys=2" not in asked[0]
+    finally:
+        proxy.stop()
+
+
 @pytest.mark.parametrize("serve_stale", [3600.0, 0.0])
 def test_metadata_past_its_ttl_is_served_while_the_store_is_down(
     make_cluster, rclone_s3, payload, serve_stale: float
