@@ -174,20 +174,22 @@ def cmd_uploads(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    """Streams: each page of the listing is printed as it arrives (``--json``: one document)."""
     with _client(args) as client:
-        objects, prefixes = client.ls(args.path, recursive=args.recursive)
-    if args.json:
-        print_json(
-            {
-                "objects": [{"key": o.key, "size": o.size, "etag": o.etag} for o in objects],
-                "prefixes": prefixes,
-            }
-        )
-        return ExitCode.OK
-    for prefix in prefixes:
-        print(f"{'DIR':>12}  {prefix}")
-    for info in objects:
-        print(f"{info.size:>12}  {info.key}")
+        pages = client.iter_dir(args.path, recursive=args.recursive)
+        if args.json:
+            objects: list[dict[str, Any]] = []
+            prefixes: list[str] = []
+            for page in pages:
+                objects.extend({"key": o.key, "size": o.size, "etag": o.etag} for o in page.objects)
+                prefixes.extend(page.prefixes)
+            print_json({"objects": objects, "prefixes": prefixes})
+            return ExitCode.OK
+        for page in pages:
+            lines = [(p, f"{'DIR':>12}  {p}") for p in page.prefixes]
+            lines += [(o.key, f"{o.size:>12}  {o.key}") for o in page.objects]
+            sys.stdout.write("".join(line + "\n" for _, line in sorted(lines)))
+            sys.stdout.flush()
     return ExitCode.OK
 
 

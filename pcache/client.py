@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -39,6 +39,7 @@ from .blockindex import BlockId
 from .config import CONFIG_ENV, SECTION, ClientConfig, Durability
 from .files import PcacheReader, PcacheWriter
 from .localcache import LocalCacheReader
+from .pages import store_page
 from .protocol import (
     METADATA_HEADER,
     SOURCE_HEADER,
@@ -78,6 +79,12 @@ class Listing:
     objects: list[ObjectInfo]
     prefixes: list[str]
     full: set[str]
+
+
+@dataclass
+class _Page:
+    listing: Listing
+    token: str | None  # the ``after`` of the next page; None: the last
 
 
 class WriteSession:
@@ -414,26 +421,61 @@ class PcacheClient:
 
     def list_dir(self, path: str, *, recursive: bool = False) -> Listing:
         """:meth:`ls`, also saying which objects' user metadata the worker knew."""
+        objects: list[ObjectInfo] = []
+        prefixes: list[str] = []
+        full: set[str] = set()
+        for page in self.iter_dir(path, recursive=recursive):
+            objects.extend(page.objects)
+            prefixes.extend(page.prefixes)
+            full |= page.full
+        return Listing(objects, prefixes, full)
+
+    def iter_dir(
+        self, path: str, *, recursive: bool = False, after: str = "", limit: int = 1000
+    ) -> Iterator[Listing]:
+        """The listing of ``path`` page by page (at most ``limit`` names each, in order; from
+        the name after ``after``): memory bounded by one page at any directory size. Pages
+        are fetched as they are consumed, so names added or removed meanwhile may or may
+        not show (as with ``readdir``)."""
         namespace, prefix = split_path(path)
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         delimiter = "" if recursive else "/"
+        after = prefix + after if after else ""
+        while True:
+            page = self._list_page(namespace, prefix, delimiter, after, limit)
+            yield page.listing
+            if page.token is None:
+                return
+            after = page.token
+
+    def list_page(
+        self, path: str, *, after: str = "", limit: int = 1000, recursive: bool = False
+    ) -> tuple[Listing, str | None]:
+        """One page of :meth:`iter_dir` (``path`` is a directory; ``after``, a full key or
+        prefix, is the previous page's token) and the next page's token (None: the last)."""
+        namespace, prefix = split_path(path)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        page = self._list_page(namespace, prefix, "" if recursive else "/", after, limit)
+        return page.listing, page.token
+
+    def _list_page(
+        self, namespace: str, prefix: str, delimiter: str, after: str, limit: int
+    ) -> _Page:
+        fields = {"prefix": prefix, "delimiter": delimiter, "after": after, "limit": str(limit)}
         try:
-            listing = self._metadata(
-                f"/v1/list/{quote(namespace)}", fields={"prefix": prefix, "delimiter": delimiter}
-            )
+            answer = self._metadata(f"/v1/list/{quote(namespace)}", fields=fields)
         except WorkerUnavailable as unavailable:
-            pages = self._from_store(
+            got = self._from_store(
                 namespace,
                 unavailable,
-                lambda store: list(store.iter_pages(prefix, delimiter=delimiter)),
+                lambda store: store_page(store, prefix, delimiter, after, limit),
             )
-            return Listing(
-                [o for p in pages for o in p.objects], [x for p in pages for x in p.prefixes], set()
-            )
-        objects = [info_from_json(o) for o in listing["objects"]]
-        full = {o["key"] for o in listing["objects"] if o.get("full")}
-        return Listing(objects, listing["prefixes"], full)
+            return _Page(Listing(got.objects, got.prefixes, set()), got.token)
+        objects = [info_from_json(o) for o in answer["objects"]]
+        full = {o["key"] for o in answer["objects"] if o.get("full")}
+        return _Page(Listing(objects, answer["prefixes"], full), answer.get("token"))
 
     def invalidate(self, path: str, *, cluster: bool = True, blocks: bool = True) -> dict[str, Any]:
         """Forget cached metadata (and blocks) under ``path`` on this node and, by default, all."""

@@ -78,6 +78,8 @@ CONTROL_INODE = pyfuse3.ROOT_INODE + 1  # the hidden statistics file at the moun
 NAME_MAX = 255
 MAX_KEY_BYTES = 1024  # S3's limit (OSS: 1,023 — the worker checks the store's own)
 INLINE_READ_MAX = 64 << 10  # reads up to this size may be served in the event loop itself
+PAGE = 1000  # names asked of the worker per readdir page
+PAGE_SPAN = 1 << 24  # offsets per page in a directory handle (a page holds fewer entries)
 RECENT_MISSING_S = 1.0  # a rename trusts the kernel's lookup of its new name this long
 CREATING_S = 2.0  # after a lookup found a name missing, new names in its directory are expected
 T = TypeVar("T")
@@ -273,8 +275,19 @@ class _FileHandle:
 
 @dataclass
 class _DirHandle:
+    """An open directory, read page by page: ``starts[k]`` is the ``after`` token of page k
+    (learned as pages are read, so any offset the kernel hands back can be resumed), and
+    only the page in ``entries`` is held. An entry's offset is ``k * PAGE_SPAN + index + 1``
+    (the offset of the one after it). ``extras``: names only this mount knows (directories
+    it keeps, files being written) not yet met in a page; given after the last."""
+
     inode: int
+    path: str
+    starts: list[str]
+    page: int
     entries: list[tuple[str, str, ObjectInfo | None, bool]]
+    last: bool  # ``page`` is the listing's last
+    extras: dict[str, str]
 
 
 @dataclass
@@ -1007,8 +1020,29 @@ class PcacheOperations(pyfuse3.Operations):
         if node.kind != DIR:
             raise fail(errno.ENOTDIR)
         path = node.path
-        listing = await self._listing(path)
-        base = self._key(path) + "/" if path else self.prefix
+        below = path + "/" if path else ""
+        extras: dict[str, str] = {}
+        for local in self._local_dirs:
+            if local.startswith(below) and "/" not in local[len(below) :]:
+                extras[local[len(below) :]] = DIR
+        for writing in self._open:
+            if writing.startswith(below) and "/" not in writing[len(below) :]:
+                extras.setdefault(writing[len(below) :], FILE)
+        handle = _DirHandle(inode, path, [""], -1, [], False, extras)
+        await self._load_page(handle, 0)  # a directory that cannot be listed fails here
+        if handle.last:  # the whole of it in one page: its names answer lookups (negative_ttl)
+            self._note_listing(path, {e[0] for e in handle.entries})
+        return self._alloc_fh(handle)
+
+    async def _load_page(self, handle: _DirHandle, number: int) -> None:
+        """Make page ``number`` of ``handle`` the one it holds (its start must be known)."""
+        if handle.page == number:
+            return
+        listing, token = await self._run(
+            functools.partial(self.client.list_page, after=handle.starts[number], limit=PAGE),
+            self._dir_client_path(handle.path),
+        )
+        base = self._key(handle.path) + "/" if handle.path else self.prefix
         entries: dict[str, tuple[str, ObjectInfo | None, bool]] = {}
         for info in listing.objects:
             name = info.key[len(base) :]
@@ -1020,19 +1054,19 @@ class PcacheOperations(pyfuse3.Operations):
             name = prefix[len(base) :].rstrip("/")
             if self._valid_name(name):
                 entries[name] = (DIR, None, True)  # a directory hides an object of the same name
-        below = path + "/" if path else ""
-        for local in self._local_dirs:
-            if local.startswith(below) and "/" not in local[len(below) :]:
-                entries.setdefault(local[len(below) :], (DIR, None, True))
-        for writing in self._open:
-            if writing.startswith(below) and "/" not in writing[len(below) :]:
-                entries.setdefault(writing[len(below) :], (FILE, None, True))
+        below = handle.path + "/" if handle.path else ""
         for name, (kind, _, _) in entries.items():
+            handle.extras.pop(name, None)
             if kind == DIR:
                 self._remember_dir(f"{below}{name}")
-        self._note_listing(path, set(entries))
-        listed = [(name, kind, info, full) for name, (kind, info, full) in sorted(entries.items())]
-        return self._alloc_fh(_DirHandle(inode, listed))
+        if token is None:
+            for name, kind in sorted(handle.extras.items()):
+                entries.setdefault(name, (kind, None, True))
+        elif number + 1 == len(handle.starts):
+            handle.starts.append(token)
+        handle.page, handle.last = number, token is None
+        handle.entries = [(name, kind, info, full) for name, (kind, info, full) in entries.items()]
+        handle.entries.sort(key=lambda e: e[0])
 
     @staticmethod
     def _valid_name(name: str) -> bool:
@@ -1048,8 +1082,23 @@ class PcacheOperations(pyfuse3.Operations):
         handle = self._handles.get(fh)
         if not isinstance(handle, _DirHandle):
             raise fail(errno.EBADF)
-        base = self.inodes.node(handle.inode).path
-        for index in range(start_id, len(handle.entries)):
+        base = handle.path
+        number, index = divmod(start_id, PAGE_SPAN)
+        while True:
+            if number >= len(handle.starts):
+                return  # past the last page
+            await self._load_page(handle, number)
+            if not await self._reply_entries(handle, base, number, index, token):
+                return  # the kernel's buffer is full
+            if handle.last:
+                return
+            number, index = number + 1, 0
+
+    async def _reply_entries(
+        self, handle: _DirHandle, base: str, number: int, start: int, token: Any
+    ) -> bool:
+        """The entries of the page held from ``start`` on; False when the kernel took no more."""
+        for index in range(start, len(handle.entries)):
             name, kind, info, full = handle.entries[index]
             path = f"{base}/{name}" if base else name
             inode = self.inodes.inode(path, kind)
@@ -1065,10 +1114,13 @@ class PcacheOperations(pyfuse3.Operations):
                 attrs = self._entry_attrs(
                     inode, attrs_of(ObjectInfo(path, 0, self._started), self.defaults), 0
                 )
-            if not pyfuse3.readdir_reply(token, name.encode("utf-8"), attrs, index + 1):
+            if not pyfuse3.readdir_reply(
+                token, name.encode("utf-8"), attrs, number * PAGE_SPAN + index + 1
+            ):
                 self.inodes.forget(inode, 0)  # drops it again when nobody holds it
-                return
+                return False
             self.inodes.remember(inode)
+        return True
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:

@@ -42,6 +42,7 @@ from .config import Durability, WorkerConfig
 from .fetch import BlockFetcher, PeerClient
 from .membership import DnsMembership, Membership, parse_dns_target
 from .metacache import MISSING, PROBE, MetadataCache, Missing
+from .pages import LIST_PAGE_MAX, listed_name, names_after, store_page
 from .protocol import (
     METADATA_HEADER,
     SOURCE_HEADER,
@@ -392,11 +393,64 @@ class Worker:
         assert page is not None
         return await self._overlay(namespace, prefix, delimiter, page)
 
+    async def list_page(
+        self,
+        namespace: str,
+        prefix: str,
+        delimiter: str,
+        *,
+        after: str = "",
+        limit: int = LIST_PAGE_MAX,
+    ) -> ListPage:
+        """One page of ``prefix``'s listing as this node sees it: at most ``limit`` names
+        (object keys and sub-prefixes, in order) greater than ``after``; ``token`` is the
+        ``after`` of the next page, None at the end. A directory whose whole listing is one
+        store page is cached as today; a longer one is paged through the store, never held
+        here whole (bounded memory at any size)."""
+        store = self.store(namespace)
+        check_prefix(prefix)
+        limit = max(1, min(limit, LIST_PAGE_MAX))
+        cached = self.meta.get_listing(namespace, prefix, delimiter)
+        if cached is not None:
+            page = names_after(cached, after, limit)
+        else:
+            generation = self.meta.generation
+            stale = self.meta.stale_listing(namespace, prefix, delimiter)
+            try:
+                page = await self._ask_store(
+                    namespace,
+                    functools.partial(store_page, store, prefix, delimiter, after, limit),
+                    fallback=stale is not None,
+                )
+            except TransientError as exc:
+                if stale is None:
+                    raise
+                page = names_after(self._stale(namespace, stale, exc), after, limit)
+                return await self._overlay(
+                    namespace, prefix, delimiter, page, after=after, upto=page.token
+                )
+            if not after and page.token is None:  # the whole listing: cached, as listing()
+                whole = self.meta.put_listing(namespace, prefix, page, delimiter, generation)
+                if whole is not None:
+                    page = whole
+                    for info in page.objects:
+                        self.meta.put_stat(namespace, info.key, info, generation, listed=True)
+        return await self._overlay(namespace, prefix, delimiter, page, after=after, upto=page.token)
+
     async def _overlay(
-        self, namespace: str, prefix: str, delimiter: str, page: ListPage
+        self,
+        namespace: str,
+        prefix: str,
+        delimiter: str,
+        page: ListPage,
+        *,
+        after: str = "",
+        upto: str | None = None,
     ) -> ListPage:
         """``page`` of the store's listing of ``prefix`` with the changes not yet uploaded,
-        announced by other nodes or journalled here (those win): what this node sees."""
+        announced by other nodes or journalled here (those win): what this node sees. A page
+        of a longer listing (names after ``after``, up to ``upto``) gets the changes in its
+        range only."""
         changes: dict[str, ObjectInfo | None] = {
             key: a.info
             for key, a in self.announced.under(namespace, prefix).items()
@@ -404,6 +458,13 @@ class Worker:
         }
         for p in self.writeback.pending_under(namespace, prefix):
             changes[p.key] = None if p.delete else p.info()
+        if after or upto is not None:
+            changes = {
+                key: info
+                for key, info in changes.items()
+                if after < (name := listed_name(prefix, delimiter, key))
+                and (upto is None or name <= upto)
+            }
         if not changes:
             return page
         extra = {key: info for key, info in changes.items() if info is not None}
@@ -420,7 +481,7 @@ class Worker:
                     prefixes.append(sub)
             else:
                 objects.append(info)
-        return ListPage(sorted(objects, key=lambda o: o.key), sorted(prefixes), None)
+        return ListPage(sorted(objects, key=lambda o: o.key), sorted(prefixes), page.token)
 
     async def _ask_store(self, namespace: str, fetch: Callable[[], T], *, fallback: bool) -> T:
         """``fetch()`` (a metadata request to the store) on a thread. With ``fallback`` (a stale
@@ -779,18 +840,31 @@ async def resolve(request: web.Request) -> web.Response:
 
 
 async def listing(request: web.Request) -> web.Response:
+    """``?prefix=&delimiter=``: the whole listing; with ``limit=`` (at most 1,000) one page of
+    names after ``after=``, and ``token``, the ``after`` of the next page (null at the end)."""
     worker = request.app[WORKER]
-    page = await worker.listing(
-        request.match_info["ns"],
-        request.query.get("prefix", ""),
-        request.query.get("delimiter", ""),
-    )
     namespace = request.match_info["ns"]
+    prefix = request.query.get("prefix", "")
+    delimiter = request.query.get("delimiter", "")
+    paged = "limit" in request.query
+    if paged:
+        page = await worker.list_page(
+            namespace,
+            prefix,
+            delimiter,
+            after=request.query.get("after", ""),
+            limit=_int(request, "limit"),
+        )
+    else:
+        page = await worker.listing(namespace, prefix, delimiter)
     objects = []
     for listed in page.objects:
         info, full = worker.full_listing_entry(namespace, listed)
         objects.append(info_to_json(info, full=full))
-    return web.json_response({"objects": objects, "prefixes": page.prefixes})
+    body: dict[str, Any] = {"objects": objects, "prefixes": page.prefixes}
+    if paged:
+        body["token"] = page.token
+    return web.json_response(body)
 
 
 def _info_from_query(request: web.Request, key: str) -> ObjectInfo:

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -844,3 +845,72 @@ def test_reads_go_on_while_the_worker_is_killed_and_restarted(
             mount.stop()
     finally:
         factory.close()
+
+
+def _libc_readdir_names(path: Path, first: int) -> tuple[list[str], list[str], list[str]]:
+    """With libc's opendir/readdir/telldir/seekdir: the first ``first`` names, the rest, and
+    the rest again after seeking back to the offset telldir gave after the first ones."""
+    import ctypes
+    import ctypes.util
+
+    class Dirent(ctypes.Structure):
+        _fields_ = [
+            ("d_ino", ctypes.c_uint64),
+            ("d_off", ctypes.c_int64),
+            ("d_reclen", ctypes.c_ushort),
+            ("d_type", ctypes.c_ubyte),
+            ("d_name", ctypes.c_char * 256),
+        ]
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.readdir.restype = ctypes.POINTER(Dirent)
+    libc.readdir.argtypes = [ctypes.c_void_p]
+    libc.telldir.restype = ctypes.c_long
+    libc.telldir.argtypes = [ctypes.c_void_p]
+    libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    libc.closedir.argtypes = [ctypes.c_void_p]
+    handle = libc.opendir(os.fsencode(path))
+    assert handle, os.strerror(ctypes.get_errno())
+
+    def read(limit: int | None) -> list[str]:
+        names = []
+        while limit is None or len(names) < limit:
+            entry = libc.readdir(handle)
+            if not entry:
+                return names
+            name = entry.contents.d_name.decode()
+            if name not in (".", ".."):
+                names.append(name)
+        return names
+
+    try:
+        head = read(first)
+        mark = libc.telldir(handle)
+        rest = read(None)
+        libc.seekdir(handle, mark)
+        again = read(None)
+    finally:
+        libc.closedir(handle)
+    return head, rest, again
+
+
+def test_a_directory_longer_than_a_page_reads_whole_and_resumes_at_any_offset(
+    mounts, store: Store
+) -> None:
+    """readdir pages through the worker (1,000 names a page): every name once, in order,
+    and seekdir back to any telldir offset, past page boundaries, resumes there."""
+    a, _ = mounts
+    names = [f"n{i:04d}" for i in range(2300)] + ["ünï.txt", "zz"]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda n: store.put(f"paged/{n}", b"x"), names))
+    store.put("paged/sub/inner", b"y")
+    expected = sorted([*names, "sub"])
+    assert sorted(os.listdir(a / "paged")) == expected
+    head, rest, again = _libc_readdir_names(a / "paged", 1500)
+    assert len(head) == 1500 and head + rest == expected == sorted(head + rest)
+    assert again == rest  # resumed on the second page, through the third
+    listed = subprocess.run(["ls", "-f", str(a / "paged")], capture_output=True, text=True)
+    assert sorted(listed.stdout.split()) == expected
+    assert (a / "paged" / "ünï.txt").read_bytes() == b"x"
+    assert os.stat(a / "paged" / "n2299").st_size == 1
