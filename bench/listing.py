@@ -93,7 +93,8 @@ def make_tree(root: Path, prefixes: int, per_prefix: int, flat: int) -> int:
 def _static_main(spec: tuple[int, int, int], conn: multiprocessing.connection.Connection) -> None:
     with StaticS3Server({BUCKET: tree_keys(*spec)}) as server:
         conn.send(server.port)
-        conn.recv()  # block until the parent says stop
+        while conn.recv() == "counts":  # until the parent says stop
+            conn.send((server.pages, server.heads))
         conn.send(server.pages)
 
 
@@ -112,6 +113,13 @@ class StaticProcess:
             raise RuntimeError("static listing server did not start")
         self.port = self._conn.recv()
         self.pid = self._proc.pid
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def counts(self) -> tuple[int, int]:
+        """(list pages, object HEADs/GETs) the server answered so far."""
+        self._conn.send("counts")
+        pages, heads = self._conn.recv()
+        return int(pages), int(heads)
 
     def profile(self, **overrides: Any) -> dict[str, Any]:
         return {

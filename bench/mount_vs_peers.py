@@ -62,7 +62,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -125,10 +125,18 @@ class FloorMount(ForegroundMount):
         )
 
 
+class S3Endpoint(Protocol):
+    """What a peer's mount needs of an S3 server (``rclone serve s3``, the static server)."""
+
+    endpoint: str
+    access_key_id: str
+    secret_access_key: str
+
+
 class RcloneMount(ForegroundMount):
     """``rclone mount :s3:BUCKET MOUNTPOINT --vfs-cache-mode full`` in the foreground."""
 
-    def __init__(self, s3: RcloneS3Server, bucket: str, mountpoint: Path, cache_dir: Path) -> None:
+    def __init__(self, s3: S3Endpoint, bucket: str, mountpoint: Path, cache_dir: Path) -> None:
         env = {
             **os.environ,
             "RCLONE_S3_PROVIDER": "Other",
@@ -153,7 +161,7 @@ class RcloneMount(ForegroundMount):
 class S3fsMount(ForegroundMount):
     """Debian's ``s3fs BUCKET MOUNTPOINT`` against the same server, in the foreground."""
 
-    def __init__(self, s3: RcloneS3Server, bucket: str, mountpoint: Path, work: Path) -> None:
+    def __init__(self, s3: S3Endpoint, bucket: str, mountpoint: Path, work: Path) -> None:
         passwd = work / "s3fs-passwd"
         passwd.write_text(f"{s3.access_key_id}:{s3.secret_access_key}\n")
         passwd.chmod(0o600)

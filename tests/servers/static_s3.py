@@ -7,13 +7,15 @@ provider uses) from a sorted key list with :mod:`bisect` and pre-rendered per-ke
 a page costs well under a millisecond, so what a benchmark measures is the client.
 
 **It does not check signatures or credentials** (any Authorization is accepted) and it serves no
-object data: it exists for listing benchmarks only, never as a conformance target.
+object data: every key is a zero-length object (``HEAD``/``GET`` of a key answer its size, ETag
+and time, an empty body), enough for a file system to list and stat a tree over it. It exists
+for listing and metadata benchmarks only, never as a conformance target.
 
 Supported: ``GET /`` (ListBuckets), ``HEAD /bucket``, ``GET /bucket?location``,
 ``GET /bucket?list-type=2`` with ``prefix``, ``delimiter``, ``start-after``,
 ``continuation-token``, ``max-keys`` (at most 1,000), ``encoding-type=url``, and
 ``GET /bucket`` (ListObjects V1) with ``prefix``, ``delimiter``, ``marker``, ``max-keys``,
-``encoding-type``. Keys compare as Python strings, i.e. by code point, which is UTF-8 byte order.
+``encoding-type``; ``HEAD``/``GET /bucket/key``. Keys compare as Python strings, i.e. by code point, which is UTF-8 byte order.
 Anything else answers 501 NotImplemented. Run it in a thread (``start()``/``stop()`` or a
 ``with`` block) or in a process of its own (``python -m tests.servers.static_s3``) so its work
 does not share the client's GIL.
@@ -137,14 +139,33 @@ class _Handler(BaseHTTPRequestHandler):
         if length:
             self.rfile.read(length)
 
+    def _object(self, bucket: Bucket, key: str) -> None:
+        """A key's zero-length object (HEAD or GET), or 404."""
+        self.server.heads += 1
+        at = bisect.bisect_left(bucket.keys, key)
+        if at == len(bucket.keys) or bucket.keys[at] != key:
+            if self.command == "HEAD":
+                self._send(404)
+            else:
+                self._error(404, "NoSuchKey", f"no such key {key}")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", "0")
+        self.send_header("ETag", '"d41d8cd98f00b204e9800998ecf8427e"')  # of no bytes
+        self.send_header("Last-Modified", "Thu, 01 Jan 2026 00:00:00 GMT")
+        self.send_header("x-amz-request-id", "static")
+        self.end_headers()
+
     def do_HEAD(self) -> None:
         self._drain()
         parts = urlsplit(self.path)
         name, _, key = unquote(parts.path).lstrip("/").partition("/")
-        if name not in self.server.buckets:
+        bucket = self.server.buckets.get(name)
+        if bucket is None:
             self._send(404)
         elif key:
-            self._send(404)  # no object data here
+            self._object(bucket, key)
         else:
             self._send(200)
 
@@ -160,7 +181,7 @@ class _Handler(BaseHTTPRequestHandler):
         if bucket is None:
             self._error(404, "NoSuchBucket", f"bucket {name} does not exist")
         elif key:
-            self._error(404, "NoSuchKey", "this listing server holds no object data")
+            self._object(bucket, key)
         elif "location" in query:
             self._send(200, f'<?xml version="1.0" encoding="UTF-8"?>\n<LocationConstraint xmlns="{_XMLNS}"></LocationConstraint>'.encode())  # fmt: skip
         elif query.get("list-type") == "2":
@@ -245,6 +266,7 @@ class _HTTPServer(ThreadingHTTPServer):
     buckets: dict[str, Bucket]
     log_requests: bool
     pages: int
+    heads: int
 
 
 class StaticS3Server:
@@ -266,6 +288,7 @@ class StaticS3Server:
         self._server.buckets = {name: Bucket(name, keys) for name, keys in buckets.items()}
         self._server.log_requests = log_requests
         self._server.pages = 0
+        self._server.heads = 0
         self.port = self._server.server_address[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._thread: threading.Thread | None = None
@@ -274,6 +297,11 @@ class StaticS3Server:
     def pages(self) -> int:
         """List pages served so far."""
         return self._server.pages
+
+    @property
+    def heads(self) -> int:
+        """Object requests (HEAD or GET of a key) served so far."""
+        return self._server.heads
 
     def profile(self, **overrides: Any) -> dict[str, Any]:
         """An objstore profile mapping for this server (path-style, any credentials work)."""

@@ -66,3 +66,15 @@ def test_objstore_lean_listing(server) -> None:
         page = store.list_page("", start_after="0100", limit=3)
         assert [o.key for o in page.objects] == ["0101", "0102", "0103"]
         assert page.token is not None
+
+
+def test_keys_are_zero_length_objects(server) -> None:
+    """HEAD and GET of a key answer an empty object (what a mount needs to stat a tree)."""
+    config = Config.from_mapping({"profiles": {"b": server.profile()}}, env={})
+    with open_store("s3://b@bench/", config) as store:
+        before = server.heads
+        info = store.stat("ü/é x+y&z<1>.bin")
+        assert info.size == 0 and info.etag and store.get("top.txt") == b""
+        with pytest.raises(FileNotFoundError):
+            store.stat("flat/9999")
+        assert server.heads - before == 3
