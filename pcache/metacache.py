@@ -6,7 +6,9 @@ in immutable mode (datasets that never change) nothing expires. An expired entry
 (stale-if-error). Listings are cached per
 (namespace, prefix). :meth:`MetadataCache.invalidate` drops everything under a path, which is what
 ``pcache invalidate`` and the worker's own writes use. Thread-safe; sizes are bounded (oldest
-entries dropped first).
+entries dropped first). Entries changed since the last :meth:`MetadataCache.save` are noted
+and written to disk by :mod:`pcache.metastore`, and :meth:`MetadataCache.load` takes them back
+at start (a restarted worker answers for what it knew, with the TTL each entry had left).
 
 Invariants:
     - In a directory this node wrote into in the last ``negative_ttl`` seconds (bulk creates:
@@ -33,9 +35,14 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from objstore.base import ListPage, ObjectInfo
+
+from .metastore import Saved
+
+if TYPE_CHECKING:
+    from .metastore import MetadataStore
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,7 @@ class _TTLMap(Generic[T]):
         self._data: OrderedDict[tuple[str, str], _Entry[T]] = OrderedDict()
         self._max = max_entries
         self.grace = grace
+        self.dirty: set[tuple[str, str]] = set()  # changed since the last save to disk
 
     def get(self, key: tuple[str, str], now: float) -> T | None:
         entry = self.entry(key, now)
@@ -90,6 +98,7 @@ class _TTLMap(Generic[T]):
         if entry.expires < now:
             if entry.expires + self.grace < now:
                 del self._data[key]
+                self.dirty.add(key)
             return None
         return entry
 
@@ -103,17 +112,24 @@ class _TTLMap(Generic[T]):
     def put(self, key: tuple[str, str], value: T, expires: float, fetched: float = 0.0) -> None:
         self._data[key] = _Entry(value, expires, fetched)
         self._data.move_to_end(key)
+        self.dirty.add(key)
         while len(self._data) > self._max:
-            self._data.popitem(last=False)
+            self.dirty.add(self._data.popitem(last=False)[0])
 
     def pop(self, key: tuple[str, str]) -> None:
-        self._data.pop(key, None)
+        if self._data.pop(key, None) is not None:
+            self.dirty.add(key)
 
     def drop_where(self, doomed: Callable[[tuple[str, str]], bool]) -> int:
         keys = [k for k in self._data if doomed(k)]
         for k in keys:
             del self._data[k]
+        self.dirty.update(keys)
         return len(keys)
+
+    def peek(self, key: tuple[str, str]) -> _Entry[T] | None:
+        """The entry as it is, expired or not (for saving it)."""
+        return self._data.get(key)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -320,7 +336,7 @@ class MetadataCache:
                     if isinstance(old, ObjectInfo) and old.version == info.version:
                         return True  # what we know already is more
                     value = _Listed(info)
-                self._stats.put((namespace, key), value, self._expiry(ttl))
+                self._stats.put((namespace, key), value, self._expiry(ttl), self._clock())
             return True
 
     def get_listing(self, namespace: str, prefix: str, delimiter: str = "/") -> ListPage | None:
@@ -452,6 +468,7 @@ class MetadataCache:
                         self._listings.pop(cache_key)
                     else:
                         entry.value = patched
+                        self._listings.dirty.add(cache_key)
 
     def invalidate_key(self, namespace: str, key: str) -> None:
         """Forget one object's stat and the listings of its parent directories (what a write of
@@ -479,6 +496,56 @@ class MetadataCache:
                 return k[0] == namespace and (prefix in parents or prefix.startswith(path))
 
             return dropped + self._listings.drop_where(affected)
+
+    # -- on disk (pcache.metastore) --------------------------------------------------------
+
+    def load(self, store: MetadataStore) -> int:
+        """Take back what ``store`` kept (a restarted worker): entries keep the TTL they had
+        left. Returns how many were loaded."""
+        wall, now = time.time(), self._clock()
+        loaded = 0
+        with self._lock:
+            for saved in store.load():
+                expires = float("inf") if saved.expires is None else now + saved.expires - wall
+                fetched = now - (wall - saved.fetched)
+                if saved.kind == "listing":
+                    self._listings.put(saved.key, saved.value, expires, fetched)
+                else:
+                    value = saved.value
+                    if value == "missing":
+                        value = MISSING
+                    elif isinstance(value, tuple):
+                        value = _Listed(value[1])
+                    self._stats.put(saved.key, value, expires, fetched)
+                loaded += 1
+            self._stats.dirty.clear()
+            self._listings.dirty.clear()
+        return loaded
+
+    def save(self, store: MetadataStore) -> int:
+        """Write the entries changed since the last save to ``store``; returns how many."""
+        wall, now = time.time(), self._clock()
+
+        def saved(kind: str, key: tuple[str, str], entry: _Entry[Any] | None) -> Any:
+            if entry is None:
+                return kind, key, None
+            value = entry.value
+            if isinstance(value, Missing):
+                value = "missing"
+            elif isinstance(value, _Listed):
+                value = ("listed", value.info)
+            expires = None if entry.expires == float("inf") else wall + entry.expires - now
+            fetched = wall - (now - entry.fetched) if entry.fetched else wall
+            return kind, key, Saved(kind, key, value, expires, fetched)
+
+        with self._lock:
+            changes = [saved("stat", k, self._stats.peek(k)) for k in self._stats.dirty]
+            changes += [saved("listing", k, self._listings.peek(k)) for k in self._listings.dirty]
+            self._stats.dirty.clear()
+            self._listings.dirty.clear()
+        if not changes:
+            return 0
+        return store.save(changes, self._stats.grace)
 
     def sizes(self) -> dict[str, int]:
         with self._lock:

@@ -42,6 +42,7 @@ from .config import Durability, WorkerConfig
 from .fetch import BlockFetcher, PeerClient
 from .membership import DnsMembership, Membership, parse_dns_target
 from .metacache import MISSING, PROBE, MetadataCache, Missing
+from .metastore import MetadataStore
 from .pages import LIST_PAGE_MAX, listed_name, names_after, store_page
 from .protocol import (
     METADATA_HEADER,
@@ -102,6 +103,11 @@ class Worker:
             immutable=config.immutable,
             serve_stale=config.serve_stale,
         )
+        # what the last run knew (stats, listings, fetch times): cached trees answer at once
+        self.metastore = MetadataStore(config.state_dir / "metadata")
+        loaded = self.meta.load(self.metastore)
+        if loaded:
+            log.info("metadata cache: %d entries from the last run", loaded)
         # namespace -> until when its store is held unreachable (metadata answered stale)
         self._down_until: dict[str, float] = {}
         self._stale_said: set[str] = set()  # namespaces whose outage was logged
@@ -289,6 +295,8 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.to_thread(self.writeback.close)
+        await asyncio.to_thread(self.save_metadata)
+        self.metastore.close()
         await self.peers.close()
         self.segments.close()
         self.blocks.close()
@@ -696,6 +704,13 @@ class Worker:
             task = asyncio.create_task(self._prefetch_quietly(namespace, info, index))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    def save_metadata(self) -> None:
+        """What the metadata cache learned since the last save, to disk (see metastore)."""
+        try:
+            self.meta.save(self.metastore)
+        except Exception as exc:  # a cache: never fails the worker
+            log.warning("could not save the metadata cache: %s", exc)
 
     def in_background(self, what: str, func: Callable[[], Any]) -> None:
         """``func()`` on a thread, not waited for (cancelled at close; a failure is logged)."""
@@ -1325,6 +1340,7 @@ async def _housekeeping(worker: Worker) -> None:
         try:
             await worker.discover()
             worker.refresh_membership()
+            await asyncio.to_thread(worker.save_metadata)
             if ticks % 60 == 0:
                 await asyncio.to_thread(worker.writeback.reap_idle, SESSION_IDLE_S)
         except Exception as exc:  # housekeeping must never die

@@ -251,3 +251,71 @@ def test_a_marker_made_here_makes_its_own_directory_written_into() -> None:
     strict.put_listing("ns", "new/", ListPage([], [], None))
     strict.forget_stat("ns", "new/")
     assert not strict.absent("ns", "new/file") and strict.to_refresh("ns", "new/f") is None
+
+
+def test_the_cache_is_saved_and_taken_back_with_the_ttl_it_had_left(tmp_path) -> None:
+    """A restarted worker: what was cached comes back from disk with its remaining TTL and
+    fetch time; what expired, was invalidated or was evicted does not."""
+    from pcache.metastore import MetadataStore
+
+    clock = Clock()
+    cache = MetadataCache(ttl=30, negative_ttl=5, clock=clock, serve_stale=0)
+    store = MetadataStore(tmp_path / "meta")
+    full = ObjectInfo("d/a", 3, 1.5, "e1", metadata={"mode": "33188", "ü": "é"})
+    cache.put_stat("ns", "d/a", full)
+    cache.put_stat("ns", "d/gone", MISSING)
+    cache.put_stat("ns", "d/l", ObjectInfo("d/l", 1, 0.0, "e2"), listed=True)
+    cache.put_stat("ns", "d/x", ObjectInfo("d/x", 1, 0.0, "e3"))
+    cache.put_listing("ns", "d/", ListPage([full], ["d/s/"], None))
+    long_key = "k/" + "x" * 1000  # longer than an LMDB key
+    cache.put_stat("ns", long_key, ObjectInfo(long_key, 1, 0.0, "e4"))
+    assert cache.save(store) == 6
+    cache.invalidate_key("ns", "d/x")
+    assert cache.save(store) == 2  # the removal, and the parent listing it dropped
+    store.close()
+
+    again = MetadataCache(ttl=30, negative_ttl=5, clock=Clock())
+    assert again.load(MetadataStore(tmp_path / "meta")) == 4
+    # wall-clock time moved ~0 s here: each keeps what it had left (expiry is tested below)
+    assert again.get_stat("ns", "d/a", full=True) == full
+    assert again.get_stat("ns", "d/l", full=True) is None and again.get_stat("ns", "d/l")
+    assert again.get_stat("ns", "d/x") is None and again.get_stat("ns", "d/gone") is MISSING
+    assert again.get_stat("ns", long_key) is not None
+    assert again.get_listing("ns", "d/") is None  # dropped by the invalidation of d/x
+
+
+def test_a_saved_listing_keeps_its_fetch_time_and_expires_on_the_wall_clock(
+    tmp_path, monkeypatch
+) -> None:
+    import time as real_time
+
+    from pcache.metastore import MetadataStore
+
+    cache = MetadataCache(ttl=30, negative_ttl=5, clock=Clock())
+    cache.put_listing("ns", "d/", ListPage([], [], None))
+    cache.forget_stat("ns", "d/b")  # written into
+    store = MetadataStore(tmp_path / "meta")
+    cache.save(store)
+    wall = real_time.time()
+    monkeypatch.setattr("pcache.metacache.time.time", lambda: wall + 20)
+    later = MetadataCache(ttl=30, negative_ttl=5, clock=Clock())
+    later.load(store)
+    assert later.get_listing("ns", "d/") is not None  # 10 s of its TTL left
+    later.forget_stat("ns", "d/b")
+    assert not later.absent("ns", "d/new")  # fetched 20 s ago: too old to answer for names
+    monkeypatch.setattr("pcache.metacache.time.time", lambda: wall + 31)
+    gone = MetadataCache(ttl=30, negative_ttl=5, clock=Clock())
+    assert gone.load(store) == 0
+
+
+def test_an_unreadable_metadata_store_starts_cold(tmp_path) -> None:
+    from pcache.metastore import MetadataStore
+
+    path = tmp_path / "meta"
+    path.mkdir()
+    (path / "data.mdb").write_bytes(b"not an lmdb file" * 100)
+    store = MetadataStore(path)
+    assert list(store.load()) == []
+    cache = MetadataCache(ttl=30)
+    cache.put_stat("ns", "k", ObjectInfo("k", 1, 0.0, "e"))
+    assert cache.save(store) == 1 and len(list(store.load())) == 1

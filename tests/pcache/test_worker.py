@@ -638,6 +638,46 @@ def test_listings_page_through_the_store_with_pending_changes_in_their_range(
     assert status["listings"] <= 1, status  # the long listing is not held whole
 
 
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_restarted_worker_answers_from_the_metadata_it_had(make_cluster, rclone_s3, how) -> None:
+    """The metadata cache is on disk with its fetch times: after a restart (a stop, or a kill
+    a second after the answers were cached) stats, misses and listings within their TTL are
+    answered without asking the store; an invalidation before the restart holds."""
+    import signal
+
+    proxy = FaultProxy(rclone_s3.endpoint).start()
+    try:
+        cluster, store = make_cluster(
+            1, profile=rclone_s3.profile(endpoint=proxy.endpoint), metadata_ttl=300,
+            negative_ttl=300,
+        )  # fmt: skip
+        for i in range(5):
+            store.put(f"warm/f{i}", b"x" * i)
+        store.put("warm/sub/g", b"g")
+        store.put("other/o", b"o")
+        client = make_cluster.client(cluster)
+        assert client.stat("data/warm/f3").size == 3
+        assert [o.key for o in client.ls("data/warm/")[0]] == [f"warm/f{i}" for i in range(5)]
+        with pytest.raises(FileNotFoundError):
+            client.stat("data/warm/missing")
+        assert client.stat("data/other/o").size == 1
+        client.invalidate("data/other/")
+        time.sleep(1.5)  # saved once a second
+        cluster.kill(cluster.nodes[0], getattr(signal, how))
+        cluster.start(cluster.nodes[0])
+        proxy.request_log.clear()
+        assert client.stat("data/warm/f3").size == 3
+        assert [o.key for o in client.ls("data/warm/")[0]] == [f"warm/f{i}" for i in range(5)]
+        assert client.ls("data/warm/")[1] == ["warm/sub/"]
+        with pytest.raises(FileNotFoundError):
+            client.stat("data/warm/missing")
+        assert [r for r in proxy.request_log if "warm" in r] == []  # all from the last run
+        assert client.stat("data/other/o").size == 1
+        assert any("other" in r for r in proxy.request_log)  # invalidated: asked again
+    finally:
+        proxy.stop()
+
+
 def test_new_names_in_a_directory_written_here_are_not_asked_for(make_cluster, rclone_s3) -> None:
     """Bulk creates (tar x): once a directory this node writes into has a fresh listing, each
     new name's lookup is answered here, with no request to the store; elsewhere (and after the
