@@ -20,10 +20,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import quote, urlsplit
 
 import lmdb
@@ -38,6 +38,7 @@ from . import shm
 from .blockindex import BlockId
 from .config import CONFIG_ENV, SECTION, ClientConfig, Durability
 from .files import PcacheReader, PcacheWriter
+from .lastknown import LastKnown
 from .localcache import LocalCacheReader
 from .pages import store_page
 from .protocol import (
@@ -183,6 +184,8 @@ class PcacheClient:
         self._info: dict[str, Any] | None = None
         self._info_at = 0.0
         self._selector: WorkerSelector | None = None
+        # what workers (or the store) last said, for when neither answers
+        self._known = LastKnown(self.config.last_known)
         self._local_id = ""
         self._stores: dict[str, Store] = {}
         self._tls = threading.local()
@@ -340,14 +343,25 @@ class PcacheClient:
         return store
 
     def _from_store(
-        self, namespace: str, unavailable: WorkerUnavailable, ask: Callable[[Store], T]
+        self,
+        namespace: str,
+        unavailable: WorkerUnavailable,
+        ask: Callable[[Store], T],
+        known: Hashable | None = None,
+        *,
+        page: bool = False,
     ) -> T:
         """No worker answered a metadata request: ``ask`` the backing store itself (what it
-        holds, without the writes pending on the workers); any failure there is the workers'
-        (``unavailable``), as before."""
+        holds, without the writes pending on the workers); when it cannot answer either, what
+        was last learned under ``known`` (see :mod:`pcache.lastknown`), else the workers'
+        failure (``unavailable``), as before."""
         try:
             answer = ask(self._backend(namespace))
         except (OSError, ConfigError) as exc:  # unreachable too, no profile, refused...
+            last = None if known is None else self._known.get(known, page=page)
+            if last is not None:
+                log.info("neither a worker nor the store answered: %s as last known", known)
+                return cast(T, last)
             raise unavailable from exc
         log.info("no worker answered (%s): metadata of %s from the store", unavailable, namespace)
         return answer
@@ -360,17 +374,21 @@ class PcacheClient:
         namespace, key = split_path(path)
         check_key(key)
         fields = {"full": "1"} if full else None
+        known = ("stat", path, full)
         try:
-            return info_from_json(
+            info = info_from_json(
                 self._metadata(f"/v1/stat/{quote(namespace)}/{quote(key)}", fields=fields)
             )
         except WorkerUnavailable as unavailable:
             found = self._from_store(
-                namespace, unavailable, lambda store: _stat_or_none(store, key)
+                namespace, unavailable, lambda store: _stat_or_none(store, key), known
             )
             if found is None:  # a write pending on the worker may be there: cannot tell
                 raise
+            self._known.note(known, found)
             return found
+        self._known.note(known, info)
+        return info
 
     def resolve(
         self,
@@ -390,6 +408,7 @@ class PcacheClient:
             "marker": int(marker),
             "full": int(full),
         }
+        known = ("resolve", path, file, marker, full)
         try:
             answer = self._metadata(
                 f"/v1/resolve/{quote(namespace)}/{quote(key)}",
@@ -408,11 +427,15 @@ class PcacheClient:
                     bool(page.prefixes) or any(o.key != prefix for o in page.objects),
                 )
 
-            resolved = self._from_store(namespace, unavailable, ask)
+            resolved = self._from_store(namespace, unavailable, ask, known)
             if resolved.file is None and not resolved.directory:
                 raise  # a write pending on the worker may be there: cannot tell
+            self._known.note(known, resolved)
             return resolved
-        return Resolved.from_json(answer)
+        resolved = Resolved.from_json(answer)
+        if resolved.file is not None or resolved.directory:
+            self._known.note(known, resolved)
+        return resolved
 
     def ls(self, path: str, *, recursive: bool = False) -> tuple[list[ObjectInfo], list[str]]:
         """Objects and sub-prefixes directly under ``path`` (a directory view)."""
@@ -464,18 +487,22 @@ class PcacheClient:
         self, namespace: str, prefix: str, delimiter: str, after: str, limit: int
     ) -> _Page:
         fields = {"prefix": prefix, "delimiter": delimiter, "after": after, "limit": str(limit)}
+        known = ("page", namespace, prefix, delimiter, after, limit)
         try:
             answer = self._metadata(f"/v1/list/{quote(namespace)}", fields=fields)
         except WorkerUnavailable as unavailable:
-            got = self._from_store(
-                namespace,
-                unavailable,
-                lambda store: store_page(store, prefix, delimiter, after, limit),
-            )
-            return _Page(Listing(got.objects, got.prefixes, set()), got.token)
-        objects = [info_from_json(o) for o in answer["objects"]]
-        full = {o["key"] for o in answer["objects"] if o.get("full")}
-        return _Page(Listing(objects, answer["prefixes"], full), answer.get("token"))
+
+            def ask(store: Store) -> _Page:
+                got = store_page(store, prefix, delimiter, after, limit)
+                return _Page(Listing(got.objects, got.prefixes, set()), got.token)
+
+            page = self._from_store(namespace, unavailable, ask, known, page=True)
+        else:
+            objects = [info_from_json(o) for o in answer["objects"]]
+            full = {o["key"] for o in answer["objects"] if o.get("full")}
+            page = _Page(Listing(objects, answer["prefixes"], full), answer.get("token"))
+        self._known.note(known, page, page=True)
+        return page
 
     def invalidate(self, path: str, *, cluster: bool = True, blocks: bool = True) -> dict[str, Any]:
         """Forget cached metadata (and blocks) under ``path`` on this node and, by default, all."""

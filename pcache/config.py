@@ -367,6 +367,9 @@ class ClientConfig:
             same node.
         shm_threshold: reads of at least this many bytes use shared memory.
         direct_reads: read local cache hits straight from the worker's cache files.
+        last_known: seconds what a worker (or the store) last answered is used while neither
+            a worker nor the store can be reached (stats, lookups, directory pages; a name
+            never seen stays an error); 0: never.
     """
 
     worker: str = "http://127.0.0.1:7070"
@@ -375,6 +378,7 @@ class ClientConfig:
     shm: bool = True
     shm_threshold: int = 1 << 20
     direct_reads: bool = True  # read local cache hits from the worker's files (same node)
+    last_known: float = 3600.0  # seconds an answer is kept for when no worker nor the store can
 
     @classmethod
     def load(

@@ -914,3 +914,49 @@ def test_a_directory_longer_than_a_page_reads_whole_and_resumes_at_any_offset(
     assert sorted(listed.stdout.split()) == expected
     assert (a / "paged" / "ünï.txt").read_bytes() == b"x"
     assert os.stat(a / "paged" / "n2299").st_size == 1
+
+
+def test_cached_files_read_with_the_worker_down_and_the_store_cut_off(
+    rclone_s3: Any, tmp_path: Path
+) -> None:
+    """Issue 18 item 4: with the node's worker killed and the store unreachable too, the mount
+    answers from what it last learned (lookups, attributes, the directory) and reads cached
+    blocks from the cache files: every warmed file reads back; a never-seen name is an error."""
+    proxy = FaultProxy(rclone_s3.endpoint).start()
+    factory = ClusterFactory(rclone_s3, tmp_path / "cluster")
+    try:
+        profile = rclone_s3.profile(endpoint=proxy.endpoint, max_attempts=2, retry_deadline=2.0)
+        cluster, store = factory(1, profile=profile)
+        node = cluster.nodes[0]
+        files = {f"kept/f{i}.bin": os.urandom(200_000 + i) for i in range(6)}
+        for key, data in files.items():
+            store.put(key, data)
+        mount = PcacheMount(
+            node.address,
+            cluster.token,
+            tmp_path / "mnt",
+            "--timeout",
+            "3",
+            env={"PCACHE_CONFIG": str(node.config_path)},
+        )
+        try:
+            for key, data in files.items():
+                assert (mount.path / key).read_bytes() == data  # warm
+            assert sorted(os.listdir(mount.path / "kept")) == sorted(k[5:] for k in files)
+            cluster.kill(node)
+            proxy.outage(True)
+            time.sleep(1.5)  # past the kernel's attribute timeout
+            assert sorted(os.listdir(mount.path / "kept")) == sorted(k[5:] for k in files)
+            for key, data in files.items():
+                assert os.stat(mount.path / key).st_size == len(data)
+                assert (mount.path / key).read_bytes() == data
+            started = time.monotonic()
+            with pytest.raises(OSError) as excinfo:
+                (mount.path / "kept/never-seen.bin").read_bytes()
+            assert excinfo.value.errno in (errno.EIO, errno.ENOENT)
+            assert time.monotonic() - started < 30  # an error, not a hang
+        finally:
+            mount.stop()
+    finally:
+        factory.close()
+        proxy.stop()
