@@ -31,7 +31,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,38 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.measure import RssPeak  # noqa: E402
+
 PLANNERS = ("node-aware", "megatron", "torch")
 BUCKET = "ckpt-bench"
 
 
 # -- one rank ------------------------------------------------------------------------------------
-
-
-class RssSampler:
-    """Peak resident set size of this process while running, sampled every 10 ms."""
-
-    def __init__(self) -> None:
-        self.peak = self.now()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def now() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self.now())
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.now())
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -111,9 +85,10 @@ def worker(args: argparse.Namespace) -> int:
             url = f"s3://s3@{BUCKET}/{planner}-{mode}/step-00000001/"
             gc.collect()
             dist.barrier()
-            base = RssSampler.now()
+            rss = RssPeak([os.getpid()])
+            base = rss.before
             started = time.perf_counter()
-            with RssSampler() as rss:
+            with rss:
                 written = run_save(state, url, planner, mode)
             seconds = time.perf_counter() - started
             mine = {

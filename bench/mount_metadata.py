@@ -38,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.listing import BUCKET, StaticProcess  # noqa: E402
-from bench.measure import drop_caches  # noqa: E402
+from bench.measure import RssPeak, drop_caches  # noqa: E402
 from bench.mount_vs_peers import RcloneMount, S3fsMount  # noqa: E402
 from objstore.config import Secret  # noqa: E402
 from pcache.client import PcacheClient  # noqa: E402
@@ -60,38 +59,6 @@ MiB = 1 << 20
 TARGET_VS_RCLONE = 3.0
 RSS_LIMIT_MB = 200.0
 STAT_REQUESTS = 2
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class RssPeak:
-    """The peak RSS of some processes, sampled every 20 ms while in a ``with`` block."""
-
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.before = sum(rss_bytes(p) for p in pids)
-        self.peak = self.before
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, sum(rss_bytes(p) for p in self.pids))
-
-    def __enter__(self) -> RssPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, sum(rss_bytes(p) for p in self.pids))
 
 
 def timed(fn: Callable[[], None]) -> float:
@@ -208,7 +175,7 @@ def measure(
     tree_files = args.dirs * args.per_dir
     mnt = contender.fresh()
     drop_caches()
-    with RssPeak(contender.pids()) as rss:
+    with RssPeak(contender.pids(), interval=0.02) as rss:
         row["ls -f flat, cold (s)"] = timed(lambda: ls_f(mnt / "flat", args.flat))
         row["ls -f flat, warm (s)"] = timed(lambda: ls_f(mnt / "flat", args.flat))
     row["RSS growth listing (MB)"] = (rss.peak - rss.before) / 1e6

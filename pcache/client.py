@@ -454,23 +454,16 @@ class PcacheClient:
         return Listing(objects, prefixes, full)
 
     def iter_dir(
-        self, path: str, *, recursive: bool = False, after: str = "", limit: int = 1000
+        self, path: str, *, recursive: bool = False, limit: int = 1000
     ) -> Iterator[Listing]:
-        """The listing of ``path`` page by page (at most ``limit`` names each, in order; from
-        the name after ``after``): memory bounded by one page at any directory size. Pages
-        are fetched as they are consumed, so names added or removed meanwhile may or may
-        not show (as with ``readdir``)."""
-        namespace, prefix = split_path(path)
-        if prefix and not prefix.endswith("/"):
-            prefix += "/"
-        delimiter = "" if recursive else "/"
-        after = prefix + after if after else ""
-        while True:
-            page = self._list_page(namespace, prefix, delimiter, after, limit)
-            yield page.listing
-            if page.token is None:
-                return
-            after = page.token
+        """The listing of ``path`` page by page (at most ``limit`` names each, in order):
+        memory bounded by one page at any directory size. Pages are fetched as they are
+        consumed, so names added or removed meanwhile may or may not show (as with
+        ``readdir``); :meth:`list_page` resumes anywhere."""
+        token: str | None = ""
+        while token is not None:
+            listing, token = self.list_page(path, after=token, limit=limit, recursive=recursive)
+            yield listing
 
     def list_page(
         self, path: str, *, after: str = "", limit: int = 1000, recursive: bool = False

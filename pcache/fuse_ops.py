@@ -1082,22 +1082,20 @@ class PcacheOperations(pyfuse3.Operations):
         handle = self._handles.get(fh)
         if not isinstance(handle, _DirHandle):
             raise fail(errno.EBADF)
-        base = handle.path
         number, index = divmod(start_id, PAGE_SPAN)
         while True:
             if number >= len(handle.starts):
                 return  # past the last page
             await self._load_page(handle, number)
-            if not await self._reply_entries(handle, base, number, index, token):
+            if not await self._reply_entries(handle, number, index, token):
                 return  # the kernel's buffer is full
             if handle.last:
                 return
             number, index = number + 1, 0
 
-    async def _reply_entries(
-        self, handle: _DirHandle, base: str, number: int, start: int, token: Any
-    ) -> bool:
+    async def _reply_entries(self, handle: _DirHandle, number: int, start: int, token: Any) -> bool:
         """The entries of the page held from ``start`` on; False when the kernel took no more."""
+        base = handle.path
         for index in range(start, len(handle.entries)):
             name, kind, info, full = handle.entries[index]
             path = f"{base}/{name}" if base else name

@@ -434,15 +434,13 @@ class Worker:
                 if stale is None:
                     raise
                 page = names_after(self._stale(namespace, stale, exc), after, limit)
-                return await self._overlay(
-                    namespace, prefix, delimiter, page, after=after, upto=page.token
-                )
-            if not after and page.token is None:  # the whole listing: cached, as listing()
-                whole = self.meta.put_listing(namespace, prefix, page, delimiter, generation)
-                if whole is not None:
-                    page = whole
-                    for info in page.objects:
-                        self.meta.put_stat(namespace, info.key, info, generation, listed=True)
+            else:
+                if not after and page.token is None:  # the whole listing: cached, as listing()
+                    whole = self.meta.put_listing(namespace, prefix, page, delimiter, generation)
+                    if whole is not None:
+                        page = whole
+                        for info in page.objects:
+                            self.meta.put_stat(namespace, info.key, info, generation, listed=True)
         return await self._overlay(namespace, prefix, delimiter, page, after=after, upto=page.token)
 
     async def _overlay(
@@ -588,8 +586,8 @@ class Worker:
         prefix = key + "/"
         parent = self.meta.to_refresh(namespace, key)
         if parent is not None and self.writeback.pending(namespace, key) is None:
-            # one listing of a small or busy directory, instead of asking for the name (and
-            # then for the next new names, until it is old)
+            # a directory this node writes into: listed again (one request) instead of asking
+            # for this name, and the next new names are answered from it (see metacache)
             with contextlib.suppress(TransientError):
                 await self.listing(namespace, parent, "/", refresh=True)
 

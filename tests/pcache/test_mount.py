@@ -790,6 +790,38 @@ def test_cached_files_read_through_a_store_outage(rclone_s3: Any, tmp_path: Path
         proxy.stop()
 
 
+def _warm_files_on_a_mount(
+    cluster: PcacheCluster,
+    store: Store,
+    tmp_path: Path,
+    directory: str,
+    count: int,
+    size: int,
+    *extra: str,
+) -> tuple[dict[str, bytes], PcacheMount]:
+    """``count`` files of about ``size`` bytes put in the store under ``directory``, a mount of
+    node 0 with the node's own config (its profiles, as deployed: the client can reach the
+    store itself), and every file read once through it (cached)."""
+    node = cluster.nodes[0]
+    files = {f"{directory}/f{i}.bin": os.urandom(size + i) for i in range(count)}
+    for key, data in files.items():
+        store.put(key, data)
+    mount = PcacheMount(
+        node.address,
+        cluster.token,
+        tmp_path / "mnt",
+        *extra,
+        env={"PCACHE_CONFIG": str(node.config_path)},
+    )
+    try:
+        for key, data in files.items():
+            assert (mount.path / key).read_bytes() == data
+    except BaseException:
+        mount.stop()
+        raise
+    return files, mount
+
+
 def test_reads_go_on_while_the_worker_is_killed_and_restarted(
     rclone_s3: Any, tmp_path: Path
 ) -> None:
@@ -800,18 +832,8 @@ def test_reads_go_on_while_the_worker_is_killed_and_restarted(
     try:
         cluster, store = factory(1)
         node = cluster.nodes[0]
-        files = {f"hot/f{i}.bin": os.urandom(300_000 + i) for i in range(8)}
-        for key, data in files.items():
-            store.put(key, data)
-        mount = PcacheMount(
-            node.address,
-            cluster.token,
-            tmp_path / "mnt",
-            env={"PCACHE_CONFIG": str(node.config_path)},  # the node's profiles, as deployed
-        )
+        files, mount = _warm_files_on_a_mount(cluster, store, tmp_path, "hot", 8, 300_000)
         try:
-            for key, data in files.items():
-                assert (mount.path / key).read_bytes() == data  # warm
             errors: list[str] = []
             reads = 0
             stop = threading.Event()
@@ -928,20 +950,10 @@ def test_cached_files_read_with_the_worker_down_and_the_store_cut_off(
         profile = rclone_s3.profile(endpoint=proxy.endpoint, max_attempts=2, retry_deadline=2.0)
         cluster, store = factory(1, profile=profile)
         node = cluster.nodes[0]
-        files = {f"kept/f{i}.bin": os.urandom(200_000 + i) for i in range(6)}
-        for key, data in files.items():
-            store.put(key, data)
-        mount = PcacheMount(
-            node.address,
-            cluster.token,
-            tmp_path / "mnt",
-            "--timeout",
-            "3",
-            env={"PCACHE_CONFIG": str(node.config_path)},
+        files, mount = _warm_files_on_a_mount(
+            cluster, store, tmp_path, "kept", 6, 200_000, "--timeout", "3"
         )
         try:
-            for key, data in files.items():
-                assert (mount.path / key).read_bytes() == data  # warm
             assert sorted(os.listdir(mount.path / "kept")) == sorted(k[5:] for k in files)
             cluster.kill(node)
             proxy.outage(True)
