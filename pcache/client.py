@@ -390,6 +390,39 @@ class PcacheClient:
         self._known.note(known, info)
         return info
 
+    def stat_many(self, paths: list[str], *, full: bool = False) -> dict[str, ObjectInfo | None]:
+        """:meth:`stat` of several paths of one namespace in one request to the local worker,
+        which asks the store for them side by side (a mount's stat-ahead): None for a path
+        that is not there. Best effort: a path the worker could not stat is left out, and
+        with no worker to ask the answer is empty (each is then asked alone, with failover)."""
+        if not paths:
+            return {}
+        namespace = split_path(paths[0])[0]
+        keys = {}
+        for path in paths:
+            ns, key = split_path(path)
+            if ns != namespace:
+                raise ValueError(f"{path!r} is not in namespace {namespace!r}")
+            keys[key] = path
+        try:
+            answer = self.local_request(
+                "POST",
+                f"/v1/stats/{quote(namespace)}",
+                payload={"keys": list(keys), "full": full},
+            )
+        except WorkerUnavailable:
+            return {}
+        found: dict[str, ObjectInfo | None] = {}
+        for key, data in answer["stats"].items():
+            if key not in keys:
+                continue
+            path = keys[key]
+            info = None if data is None else info_from_json(data)
+            if info is not None:
+                self._known.note(("stat", path, full), info)
+            found[path] = info
+        return found
+
     def resolve(
         self,
         path: str,

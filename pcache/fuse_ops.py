@@ -70,6 +70,7 @@ from .posix import (
     with_xattrs,
 )
 from .protocol import UploadFailed, is_pending
+from .statahead import StatAhead
 
 log = logging.getLogger(__name__)
 
@@ -384,6 +385,8 @@ class PcacheOperations(pyfuse3.Operations):
         # a lookup of a name not there is answered at once (no store round trip per new file);
         # kept only with a positive negative_ttl
         self._names: dict[str, tuple[set[str], float]] = {}
+        # names readdir showed without attributes: their lookups are asked in batches
+        self._statahead: StatAhead[ObjectInfo] = StatAhead(self.timeout)
         self._started = time.time()
         self.defaults = Defaults(
             os.getuid() if uid is None else uid, os.getgid() if gid is None else gid
@@ -556,6 +559,7 @@ class PcacheOperations(pyfuse3.Operations):
     def _note_added(self, path: str) -> None:
         self._missing_at.pop(path, None)
         self._found_at.pop(path, None)
+        self._statahead.forget(path)
         parent, _, name = path.rpartition("/")
         names = self._known_names(parent)
         if names is not None:
@@ -563,6 +567,7 @@ class PcacheOperations(pyfuse3.Operations):
 
     def _note_removed(self, path: str) -> None:
         self._found_at.pop(path, None)
+        self._statahead.forget(path)
         parent, _, name = path.rpartition("/")
         names = self._known_names(parent)
         if names is not None:
@@ -614,6 +619,25 @@ class PcacheOperations(pyfuse3.Operations):
     async def _stat_file(self, path: str) -> ObjectInfo | None:
         return await self._stat_object(self._client_path(path))
 
+    async def _stat_ahead(self, path: str) -> ObjectInfo | None:
+        """``path``'s stat from a stat-ahead batch (see :mod:`pcache.statahead`): asked now,
+        with the names listed after it, when it is a listed name the kernel got without
+        attributes; None when there is no such answer (it is then asked alone)."""
+        known, info = self._statahead.take(path)
+        if not known:
+            batch = self._statahead.batch_for(path)
+            if len(batch) < 2:
+                return None
+            paths = {self._client_path(p): p for p in batch}
+            answers = await self._run(
+                functools.partial(self.client.stat_many, full=True), list(paths)
+            )
+            self._statahead.answered(
+                {paths[p]: a for p, a in answers.items() if paths[p] not in self._open}
+            )
+            known, info = self._statahead.take(path)
+        return info if known else None  # a name gone meanwhile is asked alone (a directory?)
+
     async def _resolve(self, path: str) -> tuple[str, ObjectInfo | None] | None:
         """What ``path`` is: (FILE or LINK, info), (DIR, marker info or None), or None."""
         if path in self._open:
@@ -634,6 +658,9 @@ class PcacheOperations(pyfuse3.Operations):
         # asked with the rest (one round trip, not two); otherwise it is, most often, a file
         all_at_once = self._creating_in(path.rpartition("/")[0])
         if not all_at_once:
+            ahead = await self._stat_ahead(path)
+            if ahead is not None:
+                return (LINK if attrs_of(ahead, self.defaults).is_symlink else FILE), ahead
             try:
                 info = await self._stat_file(path)
             except WorkerUnavailable:  # the store itself is asked, for all of it at once
@@ -802,6 +829,7 @@ class PcacheOperations(pyfuse3.Operations):
                 raise fail(errno.ENOENT)
             attrs = self._changed_attrs(attrs_of(info, self.defaults), attr, fields)
             foreign = foreign_of(info.metadata)
+            self._statahead.forget(node.path)
             updated = await self._run(
                 functools.partial(self.client.set_metadata, durable=self.durability),
                 self._client_path(node.path),
@@ -1067,6 +1095,14 @@ class PcacheOperations(pyfuse3.Operations):
         handle.page, handle.last = number, token is None
         handle.entries = [(name, kind, info, full) for name, (kind, info, full) in entries.items()]
         handle.entries.sort(key=lambda e: e[0])
+        self._statahead.listed(
+            handle.path,
+            [
+                e[0]
+                for e in handle.entries
+                if e[1] == FILE and not e[3] and f"{below}{e[0]}" not in self._open
+            ],
+        )
 
     @staticmethod
     def _valid_name(name: str) -> bool:
@@ -1454,6 +1490,7 @@ class PcacheOperations(pyfuse3.Operations):
             ),
             files_being_written=len(self._open),
             inodes=len(self.inodes),
+            stat_ahead=self._statahead.counts(),
             read_only=self.read_only,
             immutable=self.immutable,
             durability=self.durability.value,

@@ -137,6 +137,7 @@ class _TTLMap(Generic[T]):
 
 PROBE = "/?"  # the "delimiter" of a cached probe: the first page of a longer "/" listing
 PATCH_MAX = 10_000  # listings up to this many entries are patched by landed(), larger dropped
+PAGES_MAX = 128  # pages of long listings kept (up to 1,000 names each): bounded memory
 CHANGE_LOG = 4096  # changes remembered for the generation checks of fetches in flight
 WRITING_MAX = 4096  # directories remembered as written into (for absent())
 
@@ -227,6 +228,9 @@ class MetadataCache:
         self._lock = threading.Lock()
         self._stats: _TTLMap[ObjectInfo | Missing | _Listed] = _TTLMap(max_entries, serve_stale)
         self._listings: _TTLMap[ListPage] = _TTLMap(max(1, max_entries // 100), serve_stale)
+        # pages of listings too long to hold whole, by (prefix, delimiter, after, limit); in
+        # memory only, the least recently used dropped first
+        self._pages: _TTLMap[ListPage] = _TTLMap(PAGES_MAX, serve_stale)
         self.hits = 0
         self.misses = 0
         self.stale_served = 0  # answers given past their TTL (the store could not be reached)
@@ -381,6 +385,62 @@ class MetadataCache:
                 )
             return page
 
+    @staticmethod
+    def _page_key(prefix: str, delimiter: str, after: str, limit: int) -> str:
+        return f"{prefix}\x00{delimiter}\x00{after}\x00{limit}"
+
+    def get_page(
+        self,
+        namespace: str,
+        prefix: str,
+        delimiter: str,
+        after: str,
+        limit: int,
+        *,
+        stale: bool = False,
+    ) -> ListPage | None:
+        """A cached page of a long listing (see :meth:`put_page`); ``stale``: even past its
+        TTL, within ``serve_stale`` (only while the store cannot be reached)."""
+        key = (namespace, self._page_key(prefix, delimiter, after, limit))
+        with self._lock:
+            if stale:
+                return self._pages.stale(key, self._clock())
+            value = self._pages.get(key, self._clock())
+            if value is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            return value
+
+    def put_page(
+        self,
+        namespace: str,
+        prefix: str,
+        delimiter: str,
+        after: str,
+        limit: int,
+        page: ListPage,
+        generation: int,
+    ) -> bool:
+        """Cache one store page (``limit`` names after ``after``, with its token) of a listing
+        too long to hold whole, fetched since ``generation``: not when a change that touches
+        the listing happened meanwhile (pages are not patched). Every change that drops the
+        listing drops its pages."""
+        with self._lock:
+            changes = self._changes_since(generation, namespace)
+            if changes is None or any(c.touches_listing(prefix) for c in changes):
+                return False
+            if self.ttl > 0 or self.immutable:
+                key = (namespace, self._page_key(prefix, delimiter, after, limit))
+                self._pages.put(key, page, self._expiry(self.ttl), self._clock())
+            return True
+
+    def _drop_pages(self, namespace: str, prefixes: set[str]) -> None:
+        if len(self._pages):
+            self._pages.drop_where(
+                lambda k: k[0] == namespace and k[1].partition("\x00")[0] in prefixes
+            )
+
     def absent(self, namespace: str, name: str) -> bool:
         """Whether ``name`` (a key, or a prefix ``d/``) is surely not there: this node is
         writing into its directory and the directory's complete listing, fetched less than
@@ -450,6 +510,7 @@ class MetadataCache:
             self._log(_Kind.LANDED, namespace, key, info)
             self._wrote(namespace, key)
             now = self._clock()
+            self._drop_pages(namespace, set(parents))
             value: ObjectInfo | Missing = MISSING if info is None else info
             ttl = self.negative_ttl if info is None else self.ttl
             if ttl > 0 or self.immutable:
@@ -478,6 +539,7 @@ class MetadataCache:
         with self._lock:
             self._log(_Kind.KEY, namespace, key)
             self._stats.pop((namespace, key))
+            self._drop_pages(namespace, set(parents))
             for prefix in parents:
                 for delimiter in ("/", "", PROBE):
                     self._listings.pop((namespace, f"{prefix}\x00{delimiter}"))
@@ -495,6 +557,7 @@ class MetadataCache:
                 prefix = k[1].partition("\x00")[0]
                 return k[0] == namespace and (prefix in parents or prefix.startswith(path))
 
+            self._pages.drop_where(affected)
             return dropped + self._listings.drop_where(affected)
 
     # -- on disk (pcache.metastore) --------------------------------------------------------
@@ -543,10 +606,15 @@ class MetadataCache:
             changes += [saved("listing", k, self._listings.peek(k)) for k in self._listings.dirty]
             self._stats.dirty.clear()
             self._listings.dirty.clear()
+            self._pages.dirty.clear()  # pages are not kept on disk
         if not changes:
             return 0
         return store.save(changes, self._stats.grace)
 
     def sizes(self) -> dict[str, int]:
         with self._lock:
-            return {"stats": len(self._stats), "listings": len(self._listings)}
+            return {
+                "stats": len(self._stats),
+                "listings": len(self._listings),
+                "pages": len(self._pages),
+            }

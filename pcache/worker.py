@@ -77,6 +77,8 @@ CACHE_UPLOADED_MAX = 64 << 20  # uploaded objects up to this size stay in the ca
 ANNOUNCE_TIMEOUT_S = 2.0  # a peer slower than this to take an announcement is skipped
 STORE_WAIT_S = 60.0  # a read of bytes only in an unfinished upload waits this long for it
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+STAT_MANY_MAX = 1000  # keys in one /v1/stats request
+STAT_AHEAD_PARALLEL = 32  # of them asked of the store side by side
 OPEN_PATHS = frozenset({"/healthz"})
 MAX_BODY = 64 << 20
 STOP_TIMEOUT_S = 10.0
@@ -361,6 +363,32 @@ class Worker:
             raise ObjectNotFound(f"no such object: {key!r}", url=str(store.url.child(key)))
         return info
 
+    async def stat_many(
+        self, namespace: str, keys: list[str], *, full: bool = False
+    ) -> dict[str, ObjectInfo | None]:
+        """:meth:`stat` of several keys at once, up to :data:`STAT_AHEAD_PARALLEL` of them
+        asking the store side by side (a mount's stat-ahead of a directory it lists): None for
+        a key that is not there; a key whose stat failed is left out (the caller asks it
+        alone, with that error)."""
+        if len(keys) > STAT_MANY_MAX:
+            raise ValueError(f"at most {STAT_MANY_MAX} keys in one stat request")
+        for key in keys:
+            check_key(key)
+        gate = asyncio.Semaphore(STAT_AHEAD_PARALLEL)
+        answers: dict[str, ObjectInfo | None] = {}
+
+        async def one(key: str) -> None:
+            async with gate:
+                try:
+                    answers[key] = await self.stat(namespace, key, full=full)
+                except ObjectNotFound:
+                    answers[key] = None
+                except OSError as exc:  # the caller asks this one again, alone
+                    log.debug("stat-ahead of %s failed: %s", key, exc)
+
+        await asyncio.gather(*(one(key) for key in dict.fromkeys(keys)))
+        return answers
+
     async def listing(
         self, namespace: str, prefix: str, delimiter: str, *, refresh: bool = False
     ) -> ListPage:
@@ -414,26 +442,42 @@ class Worker:
         (object keys and sub-prefixes, in order) greater than ``after``; ``token`` is the
         ``after`` of the next page, None at the end. A directory whose whole listing is one
         store page is cached as today; a longer one is paged through the store, never held
-        here whole (bounded memory at any size)."""
+        here whole: its pages are cached one by one, up to ``metacache.PAGES_MAX`` of them
+        (bounded memory at any size), and answered past their TTL while the store is down."""
         store = self.store(namespace)
         check_prefix(prefix)
         limit = max(1, min(limit, LIST_PAGE_MAX))
         cached = self.meta.get_listing(namespace, prefix, delimiter)
+        cached_page = (
+            None
+            if cached is not None
+            else self.meta.get_page(namespace, prefix, delimiter, after, limit)
+        )
         if cached is not None:
             page = names_after(cached, after, limit)
+        elif cached_page is not None:
+            page = cached_page
         else:
             generation = self.meta.generation
             stale = self.meta.stale_listing(namespace, prefix, delimiter)
+            stale_page = (
+                None
+                if stale is not None
+                else self.meta.get_page(namespace, prefix, delimiter, after, limit, stale=True)
+            )
             try:
                 page = await self._ask_store(
                     namespace,
                     functools.partial(store_page, store, prefix, delimiter, after, limit),
-                    fallback=stale is not None,
+                    fallback=stale is not None or stale_page is not None,
                 )
             except TransientError as exc:
-                if stale is None:
+                if stale is not None:
+                    page = names_after(self._stale(namespace, stale, exc), after, limit)
+                elif stale_page is not None:
+                    page = self._stale(namespace, stale_page, exc)
+                else:
                     raise
-                page = names_after(self._stale(namespace, stale, exc), after, limit)
             else:
                 if not after and page.token is None:  # the whole listing: cached, as listing()
                     whole = self.meta.put_listing(namespace, prefix, page, delimiter, generation)
@@ -441,6 +485,8 @@ class Worker:
                         page = whole
                         for info in page.objects:
                             self.meta.put_stat(namespace, info.key, info, generation, listed=True)
+                else:  # a page of a longer listing: cached as a page
+                    self.meta.put_page(namespace, prefix, delimiter, after, limit, page, generation)
         return await self._overlay(namespace, prefix, delimiter, page, after=after, upto=page.token)
 
     async def _overlay(
@@ -837,6 +883,24 @@ async def stat(request: web.Request) -> web.Response:
     full = request.query.get("full") == "1"
     info = await worker.stat(namespace, key, full=full)
     return web.json_response(info_to_json(info, full=full or bool(info.metadata)))
+
+
+async def stat_many(request: web.Request) -> web.Response:
+    """``{"keys": [...], "full": bool}`` -> ``{"stats": {key: stat or null}}`` (null: not
+    there; a key whose stat failed is absent)."""
+    worker = request.app[WORKER]
+    namespace = request.match_info["ns"]
+    body = await request.json()
+    keys = body.get("keys") if isinstance(body, dict) else None
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ValueError("expected {'keys': [key, ...]}")
+    full = body.get("full") is True
+    answers = await worker.stat_many(namespace, keys, full=full)
+    stats = {
+        key: None if info is None else info_to_json(info, full=full or bool(info.metadata))
+        for key, info in answers.items()
+    }
+    return web.json_response({"stats": stats})
 
 
 async def resolve(request: web.Request) -> web.Response:
@@ -1379,6 +1443,7 @@ def create_app(config: WorkerConfig) -> web.Application:
     app.router.add_get("/v1/info", info)
     app.router.add_get(f"/v1/stat/{{ns}}/{key}", stat)
     app.router.add_get("/v1/list/{ns}", listing)
+    app.router.add_post("/v1/stats/{ns}", stat_many)
     app.router.add_get(f"/v1/resolve/{{ns}}/{key}", resolve)
     app.router.add_get(f"/v1/block/{{ns}}/{key}", block)
     app.router.add_post("/v1/prefetch", prefetch)

@@ -319,3 +319,45 @@ def test_an_unreadable_metadata_store_starts_cold(tmp_path) -> None:
     cache = MetadataCache(ttl=30)
     cache.put_stat("ns", "k", ObjectInfo("k", 1, 0.0, "e"))
     assert cache.save(store) == 1 and len(list(store.load())) == 1
+
+
+def test_pages_of_a_long_listing_are_cached_bounded_and_dropped_by_changes() -> None:
+    from pcache.metacache import PAGES_MAX
+
+    clock = Clock()
+    cache = MetadataCache(ttl=30, negative_ttl=5, clock=clock, serve_stale=100)
+    first = ListPage([ObjectInfo("d/a", 1, 0.0)], [], "d/a")
+    second = ListPage([ObjectInfo("d/b", 1, 0.0)], [], None)
+    generation = cache.generation
+    assert cache.put_page("ns", "d/", "/", "", 1, first, generation)
+    assert cache.put_page("ns", "d/", "/", "d/a", 1, second, generation)
+    assert cache.get_page("ns", "d/", "/", "", 1) is first
+    assert cache.get_page("ns", "d/", "/", "d/a", 1) is second
+    assert cache.get_page("ns", "d/", "/", "", 2) is None  # another page size: another page
+    assert cache.get_page("ns", "d/", "", "", 1) is None  # another delimiter too
+    assert cache.get_listing("ns", "d/") is None  # a page is not the whole listing
+    # a change that lands in the directory drops every page of it; elsewhere none
+    cache.landed("ns", "e/x", ObjectInfo("e/x", 1, 0.0))
+    assert cache.get_page("ns", "d/", "/", "", 1) is first
+    cache.landed("ns", "d/c", ObjectInfo("d/c", 1, 0.0))
+    assert cache.get_page("ns", "d/", "/", "", 1) is None
+    assert cache.get_page("ns", "d/", "/", "d/a", 1) is None
+    # nor is a page fetched across such a change cached (pages are not patched)
+    generation = cache.generation
+    cache.invalidate_key("ns", "d/z")
+    assert not cache.put_page("ns", "d/", "/", "", 1, first, generation)
+    assert cache.get_page("ns", "d/", "/", "", 1) is None
+    assert cache.put_page("ns", "d/", "/", "", 1, first, cache.generation)
+    cache.invalidate("ns", "d/")
+    assert cache.get_page("ns", "d/", "/", "", 1) is None
+    # past the TTL a page is stale: given only when asked so (the store is down)
+    assert cache.put_page("ns", "d/", "/", "", 1, first, cache.generation)
+    clock.now = 31.0
+    assert cache.get_page("ns", "d/", "/", "", 1) is None
+    assert cache.get_page("ns", "d/", "/", "", 1, stale=True) is first
+    # bounded: the least recently used page goes first
+    for n in range(PAGES_MAX + 5):
+        cache.put_page("ns", "big/", "/", f"k{n:05d}", 1000, first, cache.generation)
+    assert cache.sizes()["pages"] == PAGES_MAX
+    assert cache.get_page("ns", "big/", "/", "k00000", 1000) is None
+    assert cache.get_page("ns", "big/", "/", f"k{PAGES_MAX + 4:05d}", 1000) is first

@@ -497,6 +497,41 @@ def test_a_lookup_never_lists_the_directory(bed: Bed) -> None:
     assert lists and all("max-keys=2" in r for r in lists), lists
 
 
+def test_a_listed_directory_is_stat_ahead_in_batches(bed: Bed) -> None:
+    """``find`` / ``ls -l`` over objects the worker knows only from a listing: the first lookup
+    asks for it and the names listed after it in one request (pcache.statahead), the worker
+    HEADs them side by side, and what each ``lstat`` shows is the object's own metadata,
+    written by another client; a name changed here after the batch shows the change."""
+    from pcache.posix import Attrs
+
+    names = [f"f{i:03d}" for i in range(40)]
+    for i, name in enumerate(names):
+        attrs = Attrs(
+            stat.S_IFREG | (0o600 + i % 8), 1000 + i, 2000, (1_700_000_000 + i) * 10**9, 0, 0
+        )
+        bed.store.put(f"ahead/{name}", b"x" * i, metadata=attrs.to_metadata())
+    before = json.loads((bed.a / ".pcache-stats").read_text())["stat_ahead"]
+    bed.proxy.request_log.clear()
+    with os.scandir(bed.a / "ahead") as entries:
+        listed = sorted(e.name for e in entries)
+    assert listed == names
+    os.chmod(bed.a / "ahead/f039", 0o640)  # changed here after the listing (and the batch)
+    for i, name in enumerate(names[:-1]):
+        st = os.lstat(bed.a / "ahead" / name)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_size) == (0o600 + i % 8, 1000 + i, i)
+        assert st.st_mtime_ns == (1_700_000_000 + i) * 10**9
+    assert stat.S_IMODE(os.lstat(bed.a / "ahead/f039").st_mode) == 0o640
+    after = json.loads((bed.a / ".pcache-stats").read_text())["stat_ahead"]
+    assert after["batches"] - before["batches"] == 1, after  # one request for the 40 names
+    assert after["answered"] - before["answered"] >= len(names) - 1
+    heads = [
+        r
+        for r in bed.proxy.request_log
+        if r.startswith("HEAD /") and "/ahead/" in r and not r.endswith("/f039")
+    ]
+    assert len(heads) == len(set(heads)) == len(names) - 1, heads  # each asked once
+
+
 def test_kill_9_of_the_worker_between_close_and_upload(bed: Bed, outage: FaultProxy) -> None:
     data = os.urandom(5 * MiB + 3)
     with open(bed.a / "k9w.bin", "wb") as file:

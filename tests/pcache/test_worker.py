@@ -775,3 +775,56 @@ def test_uploaded_objects_stay_in_the_cache(make_cluster, payload) -> None:
     after = client.status()["reads"]["by_tier"]
     assert after["backend"] == before["backend"]  # no fetch from the store
     assert after["local"] - before["local"] == 5  # 4 blocks + 1, from the cache
+
+
+def test_stat_many_and_cached_pages_of_a_long_listing(make_cluster, rclone_s3) -> None:
+    """/v1/stats: several keys HEADed side by side, None for one not there, full metadata;
+    malformed or oversized requests are 400s. Pages of a listing too long to hold whole are
+    cached one by one (paged through again: no LIST), answered past their TTL while the store
+    is down, and dropped by a change landing in the directory."""
+    proxy = FaultProxy(rclone_s3.endpoint).start()
+    try:
+        profile = rclone_s3.profile(endpoint=proxy.endpoint, max_attempts=2, retry_deadline=2.0)
+        cluster, store = make_cluster(1, profile=profile, metadata_ttl=1.0, serve_stale=60)
+        keys = [f"many/f{i:02d}" for i in range(25)]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda k: store.put(k, b"x", metadata={"mode": "33152"}), keys))
+        client = make_cluster.client(cluster)
+        proxy.request_log.clear()
+        found = client.stat_many([f"data/{k}" for k in keys[:10]] + ["data/many/nope"], full=True)
+        assert found.pop("data/many/nope") is None
+        assert sorted(found) == [f"data/{k}" for k in keys[:10]]
+        assert all(info is not None and info.metadata["mode"] == "33152" for info in found.values())
+        heads = [r for r in proxy.request_log if r.startswith("HEAD ")]
+        assert len(heads) == 11, heads
+        assert client.stat_many([]) == {}
+        with pytest.raises(ValueError):
+            client.stat_many(["data/a", "other/b"])  # one namespace per request
+        for body in ([1, 2], {"keys": "many/f00"}, {"keys": [f"k{i}" for i in range(1001)]}):
+            request = urllib.request.Request(
+                f"{cluster.nodes[0].address}/v1/stats/data",
+                data=json.dumps(body).encode(),
+                headers={"Authorization": f"Bearer {cluster.token}"},
+                method="POST",
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == 400
+
+        def paged() -> list[str]:
+            return [o.key for p in client.iter_dir("data/many/", limit=10) for o in p.objects]
+
+        assert paged() == keys  # 3 pages
+        proxy.request_log.clear()
+        assert paged() == keys
+        assert not [r for r in proxy.request_log if "list-type=2" in r]  # from the cached pages
+        time.sleep(1.2)  # past the TTL
+        proxy.outage(True)
+        assert paged() == keys  # stale pages while the store is down
+        proxy.outage(False)
+        store.put("many/f10x", b"new")
+        client.put("data/many/f20x", b"landed")  # lands here: the directory's pages go
+        client.flush("data/many/f20x")
+        assert paged() == sorted([*keys, "many/f10x", "many/f20x"])
+    finally:
+        proxy.stop()
