@@ -81,6 +81,7 @@ MAX_KEY_BYTES = 1024  # S3's limit (OSS: 1,023 — the worker checks the store's
 INLINE_READ_MAX = 64 << 10  # reads up to this size may be served in the event loop itself
 PAGE = 1000  # names asked of the worker per readdir page
 PAGE_SPAN = 1 << 24  # offsets per page in a directory handle (a page holds fewer entries)
+DOTS = 2  # "." and "..": the first two offsets of a directory
 RECENT_MISSING_S = 1.0  # a rename trusts the kernel's lookup of its new name this long
 CREATING_S = 2.0  # after a lookup found a name missing, new names in its directory are expected
 T = TypeVar("T")
@@ -278,8 +279,9 @@ class _FileHandle:
 class _DirHandle:
     """An open directory, read page by page: ``starts[k]`` is the ``after`` token of page k
     (learned as pages are read, so any offset the kernel hands back can be resumed), and
-    only the page in ``entries`` is held. An entry's offset is ``k * PAGE_SPAN + index + 1``
-    (the offset of the one after it). ``extras``: names only this mount knows (directories
+    only the page in ``entries`` is held. ``.`` and ``..`` come first, at offsets 1 and 2; an
+    entry's offset is ``k * PAGE_SPAN + index + DOTS + 1`` (the offset of the one after it
+    is where a read resumes). ``extras``: names only this mount knows (directories
     it keeps, files being written) not yet met in a page; given after the last."""
 
     inode: int
@@ -1118,7 +1120,12 @@ class PcacheOperations(pyfuse3.Operations):
         handle = self._handles.get(fh)
         if not isinstance(handle, _DirHandle):
             raise fail(errno.EBADF)
-        number, index = divmod(start_id, PAGE_SPAN)
+        if start_id < DOTS:
+            if not self._reply_dots(handle, start_id, token):
+                return
+            start_id = DOTS
+        number, rest = divmod(start_id, PAGE_SPAN)
+        index = max(0, rest - DOTS)
         while True:
             if number >= len(handle.starts):
                 return  # past the last page
@@ -1128,6 +1135,20 @@ class PcacheOperations(pyfuse3.Operations):
             if handle.last:
                 return
             number, index = number + 1, 0
+
+    def _reply_dots(self, handle: _DirHandle, start: int, token: Any) -> bool:
+        """``.`` and ``..`` from offset ``start`` on (the kernel counts no lookup for them);
+        False when the kernel took no more."""
+        parent = handle.path.rpartition("/")[0]
+        dots = [
+            (b".", self._dir_entry(handle.inode, handle.path)),
+            (b"..", self._dir_entry(self.inodes.find(parent) or handle.inode, parent)),
+        ]
+        for offset in range(start, DOTS):
+            name, attrs = dots[offset]
+            if not pyfuse3.readdir_reply(token, name, attrs, offset + 1):
+                return False
+        return True
 
     async def _reply_entries(self, handle: _DirHandle, number: int, start: int, token: Any) -> bool:
         """The entries of the page held from ``start`` on; False when the kernel took no more."""
@@ -1149,7 +1170,7 @@ class PcacheOperations(pyfuse3.Operations):
                     inode, attrs_of(ObjectInfo(path, 0, self._started), self.defaults), 0
                 )
             if not pyfuse3.readdir_reply(
-                token, name.encode("utf-8"), attrs, number * PAGE_SPAN + index + 1
+                token, name.encode("utf-8"), attrs, number * PAGE_SPAN + index + DOTS + 1
             ):
                 self.inodes.forget(inode, 0)  # drops it again when nobody holds it
                 return False

@@ -933,7 +933,8 @@ def test_a_directory_longer_than_a_page_reads_whole_and_resumes_at_any_offset(
     assert len(head) == 1050 and head + rest == expected == sorted(head + rest)
     assert again == rest  # resumed on the second page
     listed = subprocess.run(["ls", "-f", str(a / "paged")], capture_output=True, text=True)
-    assert sorted(listed.stdout.split()) == expected
+    assert listed.stdout.split()[:2] == [".", ".."]  # as POSIX directories have them
+    assert sorted(listed.stdout.split()[2:]) == expected
     assert (a / "paged" / "ünï.txt").read_bytes() == b"x"
     assert os.stat(a / "paged" / "n1149").st_size == 1
 
