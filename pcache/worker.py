@@ -372,6 +372,7 @@ class Worker:
         alone, with that error)."""
         if len(keys) > STAT_MANY_MAX:
             raise ValueError(f"at most {STAT_MANY_MAX} keys in one stat request")
+        self.store(namespace)  # an unknown namespace fails the request, not each key
         for key in keys:
             check_key(key)
         gate = asyncio.Semaphore(STAT_AHEAD_PARALLEL)
@@ -448,15 +449,10 @@ class Worker:
         check_prefix(prefix)
         limit = max(1, min(limit, LIST_PAGE_MAX))
         cached = self.meta.get_listing(namespace, prefix, delimiter)
-        cached_page = (
-            None
-            if cached is not None
-            else self.meta.get_page(namespace, prefix, delimiter, after, limit)
-        )
         if cached is not None:
             page = names_after(cached, after, limit)
-        elif cached_page is not None:
-            page = cached_page
+        elif (hit := self.meta.get_page(namespace, prefix, delimiter, after, limit)) is not None:
+            page = hit
         else:
             generation = self.meta.generation
             stale = self.meta.stale_listing(namespace, prefix, delimiter)

@@ -798,6 +798,8 @@ def test_stat_many_and_cached_pages_of_a_long_listing(make_cluster, rclone_s3) -
         heads = [r for r in proxy.request_log if r.startswith("HEAD ")]
         assert len(heads) == 11, heads
         assert client.stat_many([]) == {}
+        with pytest.raises(FileNotFoundError, match="unknown namespace"):
+            client.stat_many(["nope/a", "nope/b"])  # the request fails, not "each missing"
         with pytest.raises(ValueError):
             client.stat_many(["data/a", "other/b"])  # one namespace per request
         for body in ([1, 2], {"keys": "many/f00"}, {"keys": [f"k{i}" for i in range(1001)]}):
