@@ -183,6 +183,7 @@ class PcacheClient:
         self._lock = threading.Lock()
         self._info: dict[str, Any] | None = None
         self._info_at = 0.0
+        self._offline_at = 0.0  # when no worker answered and the config's view was used
         self._selector: WorkerSelector | None = None
         # what workers (or the store) last said, for when neither answers
         self._known = LastKnown(self.config.last_known)
@@ -263,6 +264,8 @@ class PcacheClient:
         selector, local_id = self._selector, self._local_id
         local = selector.node(local_id) if selector is not None else None
         if selector is None or local is None:
+            if self._offline():  # not each call waiting for a worker that was not there
+                raise WorkerUnavailable(f"no pcache worker has answered yet ({self.config.worker})")
             return self.local_request("GET", path, **kwargs)
         # a few others in the key's order: any worker answers metadata, and the full order
         # costs milliseconds on a cluster of thousands
@@ -285,22 +288,31 @@ class PcacheClient:
     # -- cluster view --------------------------------------------------------------------------
 
     def info(self, *, refresh: bool = False) -> dict[str, Any]:
-        """The local worker's view: node id, block size, namespaces, members."""
+        """The local worker's view: node id, block size, namespaces, members. Before any
+        worker has answered, :meth:`offline_view` (when the config names backends)."""
         with self._lock:
-            fresh = self._info is not None and time.monotonic() - self._info_at < INFO_TTL_S
+            now = time.monotonic()
+            fresh = self._info is not None and now - self._info_at < INFO_TTL_S
             if self._info is not None and self._local_dead():
                 fresh = True  # no refresh from a worker the selector holds dead: keep the view
             if fresh and not refresh:
                 assert self._info is not None
                 return self._info
+            if self._offline() and not refresh:
+                return self.offline_view()  # asked moments ago: no worker yet
         try:
             info = self.local_request("GET", "/v1/info")
         except WorkerUnavailable:
-            if self._info is not None:  # keep serving with the last view; the worker may be back
-                with self._lock:  # and ask again in a while, not on every call meanwhile
+            with self._lock:
+                if self._info is not None:  # keep serving with the last view; the worker may
+                    # be back, and is asked again in a while, not on every call meanwhile
                     self._info_at = time.monotonic() - INFO_TTL_S + INFO_RETRY_S
-                return self._info
-            raise
+                    return self._info
+                if not self.config.backends:
+                    raise
+                self._offline_at = time.monotonic()
+            log.info("no worker reachable yet: reading the backends of the config directly")
+            return self.offline_view()
         nodes = [Node(n["id"], n["address"], float(n["weight"])) for n in info["nodes"]]
         with self._lock:
             self._info, self._info_at = info, time.monotonic()
@@ -315,6 +327,20 @@ class PcacheClient:
                 self._selector.set_nodes(nodes)
         return info
 
+    def offline_view(self) -> dict[str, Any]:
+        """What the client knows of the cluster from its own config while no worker has ever
+        answered: the backends and block size of its ``[pcache]`` table, no members. Reads
+        then go to the stores themselves, writes fail (they need a worker)."""
+        backends = dict(self.config.backends)
+        return {
+            "node_id": "",
+            "offline": True,
+            "block_size": self.config.block_size,
+            "namespaces": sorted(backends),
+            "backends": backends,
+            "nodes": [],
+        }
+
     @property
     def block_size(self) -> int:
         return int(self.info()["block_size"])
@@ -322,21 +348,32 @@ class PcacheClient:
     @property
     def selector(self) -> WorkerSelector:
         self.info()
-        assert self._selector is not None
+        if self._selector is None:
+            raise WorkerUnavailable(f"no pcache worker has answered yet ({self.config.worker})")
         return self._selector
 
+    def _offline(self) -> bool:
+        """No worker ever answered, and the last try was moments ago (see :meth:`info`)."""
+        return (
+            self._info is None
+            and self._offline_at > 0
+            and time.monotonic() - self._offline_at < INFO_RETRY_S
+        )
+
     def _backend(self, namespace: str) -> Store:
-        """The backing store itself: the last resort when no worker answers."""
+        """The backing store itself: the last resort when no worker answers. Its URL is the
+        workers' (when one ever answered), else the config's; its profiles the config file's."""
         with self._lock:
             store = self._stores.get(namespace)
         if store is None:
-            urls = (self._info or {}).get("backends", {})
+            urls = {**self.config.backends, **(self._info or {}).get("backends", {})}
             if namespace not in urls:
                 raise WorkerUnavailable(
                     f"no worker reachable and no backend known for {namespace!r}"
                 )
             # the node's config file holds the profiles next to [pcache]
-            config = Config.load(os.environ.get(CONFIG_ENV) or None, sections=[SECTION])
+            where = self.config.config_file or os.environ.get(CONFIG_ENV) or None
+            config = Config.load(where, sections=[SECTION])
             store = open_store(urls[namespace], config)
             with self._lock:
                 self._stores[namespace] = store
@@ -649,7 +686,10 @@ class PcacheClient:
 
     def read_block(self, namespace: str, info: ObjectInfo, index: int) -> bytes:
         """One block, from the worker selection picks; other workers, then the store, on failure."""
-        selector = self.selector
+        self.info()
+        selector = self._selector
+        if selector is None:  # no worker ever answered: the config's backends
+            return self._block_from_store(namespace, info, index)
         name = block_key(namespace, info.key, index)
         fields = {"version": info.version, "index": str(index), "size": str(info.size)}
         path = f"/v1/block/{quote(namespace)}/{quote(info.key)}"
@@ -694,6 +734,9 @@ class PcacheClient:
             self._count(response.headers.get(SOURCE_HEADER, "?"))
             return bytes(response.data)
         log.warning("no worker could serve %s#%d; reading the backing store", info.key, index)
+        return self._block_from_store(namespace, info, index)
+
+    def _block_from_store(self, namespace: str, info: ObjectInfo, index: int) -> bytes:
         bs = self.block_size
         data = self._backend(namespace).get_range(
             info.key, index * bs, min(bs, info.size - index * bs)
@@ -761,7 +804,10 @@ class PcacheClient:
         """The reader of the local worker's cache files, when this process can open them."""
         if self._cache_tried:
             return self._cache
-        layout = self.info().get("local_cache")
+        view = self.info()
+        if view.get("offline"):
+            return None  # tried again once a worker answers
+        layout = view.get("local_cache")
         with self._lock:
             if self._cache_tried:
                 return self._cache

@@ -370,6 +370,11 @@ class ClientConfig:
         last_known: seconds what a worker (or the store) last answered is used while neither
             a worker nor the store can be reached (stats, lookups, directory pages; a name
             never seen stays an error); 0: never.
+        backends: namespace -> store URL, the file's ``[pcache.backends]``: what a client that
+            has not reached a worker yet reads directly (with the file's profiles); once a
+            worker answers, its own list is used.
+        block_size: the file's ``block_size`` (the workers' block size), for those reads.
+        config_file: the file these came from, whose ``[profiles.*]`` open the stores.
     """
 
     worker: str = "http://127.0.0.1:7070"
@@ -379,6 +384,9 @@ class ClientConfig:
     shm_threshold: int = 1 << 20
     direct_reads: bool = True  # read local cache hits from the worker's files (same node)
     last_known: float = 3600.0  # seconds an answer is kept for when no worker nor the store can
+    backends: Mapping[str, str] = field(default_factory=dict)
+    block_size: int = 4 << 20
+    config_file: Path | None = None
 
     @classmethod
     def load(
@@ -391,13 +399,24 @@ class ClientConfig:
         worker = env.get("PCACHE_WORKER", "")
         token = env.get("PCACHE_TOKEN", "")
         chosen = path or env.get(CONFIG_ENV)
-        if chosen and (not worker or not token):
+        extra: dict[str, Any] = {}
+        if chosen:
             table = read_toml(chosen).get(SECTION, {})
+            if not isinstance(table, Mapping):
+                raise ConfigError(f"{chosen}: [{SECTION}] must be a table")
             if not worker:
                 worker = table.get("advertise") or (
                     f"http://{table['listen']}" if table.get("listen") else ""
                 )
             token = token or table.get("token", "")
+            known = _coerce(
+                {k: table[k] for k in ("backends", "block_size") if k in table}, str(chosen)
+            )
+            extra = {
+                "backends": known["backends"],
+                "block_size": known.get("block_size", cls.block_size),
+                "config_file": Path(chosen).expanduser(),
+            }
         if not token:
             raise ConfigError(
                 "no pcache token: set $PCACHE_TOKEN or give --config with [pcache] token"
@@ -412,4 +431,4 @@ class ClientConfig:
                 ) from None
             if timeout <= 0:
                 raise ConfigError("PCACHE_TIMEOUT must be > 0")
-        return cls(worker=worker or cls.worker, token=Secret(token), timeout=timeout)
+        return cls(worker=worker or cls.worker, token=Secret(token), timeout=timeout, **extra)

@@ -973,3 +973,47 @@ def test_cached_files_read_with_the_worker_down_and_the_store_cut_off(
     finally:
         factory.close()
         proxy.stop()
+
+
+def test_a_mount_started_before_its_worker_reads_the_store_from_its_config(
+    rclone_s3: Any, tmp_path: Path
+) -> None:
+    """Issue 18 item 5: ``pcache mount --config`` on a node whose worker is not up (yet)
+    mounts, lists and reads from the backends and profiles of that file; a write fails with
+    ``EIO`` at once; once the worker is up, the mount goes through it (a write lands)."""
+    factory = ClusterFactory(rclone_s3, tmp_path / "cluster")
+    try:
+        cluster, store = factory(1, start=False)
+        node = cluster.nodes[0]
+        data = os.urandom(1_500_000)
+        store.put("early/a.bin", data)
+        store.put("early/b.txt", b"b")
+        mount = PcacheMount(
+            node.address, cluster.token, tmp_path / "m", "--config", str(node.config_path)
+        )
+        try:
+            assert sorted(os.listdir(mount.path / "early")) == ["a.bin", "b.txt"]
+            assert (mount.path / "early/a.bin").read_bytes() == data
+            assert os.stat(mount.path / "early/b.txt").st_size == 1
+            started = time.monotonic()
+            with pytest.raises(OSError) as excinfo:
+                (mount.path / "early/new.txt").write_bytes(b"new")
+            assert excinfo.value.errno == errno.EIO
+            assert time.monotonic() - started < 10  # an error, not a hang
+            cluster.start()
+            deadline = time.monotonic() + 30
+            while True:  # the client asks for a worker again every few seconds
+                try:
+                    (mount.path / "early/new.txt").write_bytes(b"new")
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, mount.logs()
+                    time.sleep(0.5)
+            os.sync()
+            assert (mount.path / "early/new.txt").read_bytes() == b"new"
+            snapshot = json.loads((mount.path / ".pcache-stats").read_text())
+            assert snapshot["blocks_by_source"].get("direct", 0) >= 2  # the store, no worker
+        finally:
+            mount.stop()
+    finally:
+        factory.close()

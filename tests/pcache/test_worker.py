@@ -17,7 +17,8 @@ import pytest
 
 from objstore.errors import InvalidKey, ObjectNotFound
 from pcache.blockindex import BlockId
-from pcache.client import PcacheClient
+from pcache.client import PcacheClient, WorkerUnavailable
+from pcache.config import ClientConfig
 from pcache.localcache import LocalCacheReader, open_files_limit, raise_open_files_limit
 from pcache.protocol import Unauthorized
 from tests.pcache.conftest import MiB, disk_usage
@@ -830,3 +831,44 @@ def test_stat_many_and_cached_pages_of_a_long_listing(make_cluster, rclone_s3) -
         assert paged() == sorted([*keys, "many/f10x", "many/f20x"])
     finally:
         proxy.stop()
+
+
+def test_a_client_that_never_reached_a_worker_reads_the_store_from_its_config(
+    make_cluster, payload
+) -> None:
+    """Issue 18 item 5: the node's worker is not up (yet): a client reads the backends its
+    own config file names, with that file's profiles; writes fail (they need a worker); once
+    the worker answers, the client uses it."""
+    cluster, store = make_cluster(1, start=False)
+    data = payload(2 * MiB + 123)
+    store.put("dir/x.bin", data)
+    node = cluster.nodes[0]
+    config = ClientConfig.load(node.config_path, env={})
+    assert config.backends == {"data": cluster.backends["data"]}
+    assert config.block_size == MiB and config.config_file == node.config_path
+    client = PcacheClient(config)
+    make_cluster.clients.append(client)
+    view = client.info()
+    assert view["offline"] and view["namespaces"] == ["data"] and view["nodes"] == []
+    assert client.stat("data/dir/x.bin").size == len(data)
+    assert client.read("data/dir/x.bin") == data
+    assert client.sources == {"direct": 3}
+    objects, prefixes = client.ls("data/")
+    assert [o.key for o in objects] == [] and prefixes == ["dir/"]
+    with pytest.raises(WorkerUnavailable):
+        client.put("data/new.bin", b"x")
+    cluster.start()
+    assert client.info(refresh=True)["node_id"] == node.node_id
+    assert client.read("data/dir/x.bin", 0, 10) == data[:10]
+    assert client.sources.get("backend") == 1  # through the worker now
+
+
+def test_a_client_with_no_worker_and_no_backends_fails_with_one_clear_error(
+    make_cluster,
+) -> None:
+    cluster, _ = make_cluster(1, start=False)
+    client = make_cluster.client(cluster)  # address and token only: nothing to fall back on
+    with pytest.raises(WorkerUnavailable, match="unreachable"):
+        client.info()
+    with pytest.raises(WorkerUnavailable):
+        client.stat("data/x.bin")
