@@ -53,6 +53,7 @@ from .fuse_files import (
     make_room,
     open_staging,
 )
+from .fuse_names import NAMES_ONLY, name_only
 from .mount_stats import CONTROL_NAME, MountStats
 from .posix import (
     SYMLINK_MAX,
@@ -162,7 +163,7 @@ def fail(code: int) -> pyfuse3.FUSEError:
 # -- inodes and handles ----------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class _Node:
     path: str
     kind: str
@@ -207,6 +208,11 @@ class InodeTable:
 
     def find(self, path: str) -> int | None:
         return self._by_path.get(path)
+
+    def number(self) -> int:
+        """A number no inode has or will have: the ``d_ino`` of a name listed without one."""
+        self._next += 1
+        return self._next - 1
 
     def remember(self, inode: int) -> None:
         self._nodes[inode].lookups += 1
@@ -1156,6 +1162,21 @@ class PcacheOperations(pyfuse3.Operations):
         for index in range(start, len(handle.entries)):
             name, kind, info, full = handle.entries[index]
             path = f"{base}/{name}" if base else name
+            offset = number * PAGE_SPAN + index + DOTS + 1
+            if (
+                NAMES_ONLY
+                and not full
+                and kind == FILE
+                and info is not None
+                and path not in self._open
+                and self.inodes.find(path) is None
+            ):
+                # attributes the kernel may not keep: the name alone, no inode for the kernel
+                # to hold and this mount to track (pcache.fuse_names); a stat is a lookup
+                entry = name_only(self.inodes.number(), stat.S_IFREG)
+                if not pyfuse3.readdir_reply(token, name.encode("utf-8"), entry, offset):
+                    return False
+                continue
             inode = self.inodes.inode(path, kind)
             if kind == DIR:
                 attrs = self._dir_entry(inode, path)
@@ -1169,9 +1190,7 @@ class PcacheOperations(pyfuse3.Operations):
                 attrs = self._entry_attrs(
                     inode, attrs_of(ObjectInfo(path, 0, self._started), self.defaults), 0
                 )
-            if not pyfuse3.readdir_reply(
-                token, name.encode("utf-8"), attrs, number * PAGE_SPAN + index + DOTS + 1
-            ):
+            if not pyfuse3.readdir_reply(token, name.encode("utf-8"), attrs, offset):
                 self.inodes.forget(inode, 0)  # drops it again when nobody holds it
                 return False
             self.inodes.remember(inode)

@@ -34,11 +34,16 @@ I = TypeVar("I")  # noqa: E741  (an answer: the object's stat, None when it is n
 
 
 class _Listed:
-    __slots__ = ("names", "position")
+    __slots__ = ("dropped", "names", "position")
 
     def __init__(self) -> None:
-        self.names: list[str] = []
-        self.position: dict[str, int] = {}  # names not asked ahead yet -> index in names
+        self.names: list[str] = []  # in listing order, from the ``dropped``-th on
+        self.dropped = 0  # names cut from the front (past the bound)
+        self.position: dict[str, int] = {}  # names not asked ahead yet -> their number
+
+    def number(self) -> int:
+        """The number the next listed name gets (positions never shift)."""
+        return self.dropped + len(self.names)
 
 
 class StatAhead(Generic[I]):
@@ -64,7 +69,7 @@ class StatAhead(Generic[I]):
         self._dirs[directory] = listed
         for name in names:
             if name not in listed.position:
-                listed.position[name] = len(listed.names)
+                listed.position[name] = listed.number()
                 listed.names.append(name)
                 self._names += 1
         while self._names > self.max_names and len(self._dirs) > 1:
@@ -75,8 +80,8 @@ class StatAhead(Generic[I]):
             cut = self._names - self.max_names
             for name in listed.names[:cut]:
                 listed.position.pop(name, None)
-            listed.names = listed.names[cut:]
-            listed.position = {n: i - cut for n, i in listed.position.items()}
+            del listed.names[:cut]
+            listed.dropped += cut
             self._names -= cut
 
     def batch_for(self, path: str) -> list[str]:
@@ -92,7 +97,9 @@ class StatAhead(Generic[I]):
             return []
         prefix = directory + "/" if directory else ""
         batch = []
-        for candidate in listed.names[start:]:
+        names = listed.names
+        for at in range(start - listed.dropped, len(names)):
+            candidate = names[at]
             if listed.position.pop(candidate, None) is not None:
                 batch.append(prefix + candidate)
                 if len(batch) == self.batch:

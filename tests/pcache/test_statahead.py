@@ -44,3 +44,18 @@ def test_the_names_remembered_are_bounded() -> None:
     assert ahead.batch_for("two/n020") == []
     assert ahead.batch_for("huge/n0000") == []  # its start went
     assert ahead.batch_for("huge/n0450") == [f"huge/n{i:04d}" for i in range(450, 460)]
+
+
+def test_a_directory_listed_page_by_page_past_the_bound_keeps_its_latest_names() -> None:
+    """A directory of a million names arrives a page at a time: each page cuts the oldest
+    names (the cut shifts no positions, so a page costs its own size, not the bound's)."""
+    ahead: StatAhead[str] = StatAhead(valid_s=60, batch=5, max_names=100)
+    for page in range(30):
+        ahead.listed("flat", [f"n{i:05d}" for i in range(page * 40, page * 40 + 40)])
+    assert ahead.batch_for("flat/n01099") == []  # cut
+    assert ahead.batch_for("flat/n01100") == [f"flat/n{i:05d}" for i in range(1100, 1105)]
+    assert ahead.batch_for("flat/n01102") == []  # asked already
+    assert ahead.batch_for("flat/n01195") == [f"flat/n{i:05d}" for i in range(1195, 1200)]
+    ahead.listed("flat", [f"n{i:05d}" for i in range(1200, 1210)])  # one more page: a cut
+    assert ahead.batch_for("flat/n01105") == []  # its turn to go
+    assert ahead.batch_for("flat/n01205") == [f"flat/n{i:05d}" for i in range(1205, 1210)]
