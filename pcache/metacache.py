@@ -193,6 +193,15 @@ class _Change:
         return self.kind is not _Kind.STAT and self.path.startswith(prefix)
 
 
+def _shows(page: ListPage, name: str) -> bool:
+    """Whether a sorted listing page holds ``name`` (a key, or a prefix ``d/``)."""
+    if name.endswith("/"):
+        at = bisect.bisect_left(page.prefixes, name)
+        return at < len(page.prefixes) and page.prefixes[at] == name
+    at = bisect.bisect_left(page.objects, name, key=lambda o: o.key)
+    return at < len(page.objects) and page.objects[at].key == name
+
+
 def _parent_prefix(name: str) -> str:
     """The directory prefix whose ``/`` listing shows ``name`` (a key, or a prefix ``d/``)."""
     head = name[:-1] if name.endswith("/") else name
@@ -482,19 +491,22 @@ class MetadataCache:
                 return False
             if entry.fetched + self.negative_ttl < now:
                 return False
-            page = entry.value
-            if name.endswith("/"):
-                at = bisect.bisect_left(page.prefixes, name)
-                shown = at < len(page.prefixes) and page.prefixes[at] == name
-            else:
-                at = bisect.bisect_left(page.objects, name, key=lambda o: o.key)
-                shown = at < len(page.objects) and page.objects[at].key == name
-            if shown:
+            if _shows(entry.value, name):
                 return False
             self.hits += 1
             if not name.endswith("/"):  # as the negative entry a lookup would leave
                 self._stats.put((namespace, name), MISSING, entry.fetched + self.negative_ttl)
             return True
+
+    def stale_absent(self, namespace: str, name: str) -> bool:
+        """Whether the complete listing of ``name``'s directory, even past its TTL (within
+        ``serve_stale``), does not show it: the stale "not there" the caller answers with only
+        when the store cannot be reached (a new name created during an outage)."""
+        with self._lock:
+            page = self._listings.stale(
+                (namespace, f"{_parent_prefix(name)}\x00/"), self._clock()
+            )
+            return page is not None and page.token is None and not _shows(page, name)
 
     def to_refresh(self, namespace: str, name: str) -> str | None:
         """The directory prefix of ``name`` when its listing is worth fetching again so that

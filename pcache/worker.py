@@ -339,6 +339,8 @@ class Worker:
         if self.meta.absent(namespace, key):  # its directory's fresh listing does not show it
             raise ObjectNotFound(f"no such object: {key!r}", url=url)
         stale = self.meta.stale_stat(namespace, key)
+        if stale is None and self.meta.stale_absent(namespace, key):
+            stale = MISSING  # its directory's listing did not show it (a new name)
         for _ in range(FETCH_ATTEMPTS):
             # an upload finishing (or an invalidation) during the fetch may make its answer
             # stale: then it is neither cached nor trusted, and asked again
@@ -593,6 +595,8 @@ class Worker:
             stale = self.meta.stale_listing(namespace, prefix, "/") or self.meta.stale_listing(
                 namespace, prefix, PROBE
             )
+            if stale is None and self.meta.stale_absent(namespace, prefix):
+                stale = ListPage([], [], None)  # not in its parent's listing: nothing under it
             try:
                 page = await self._ask_store(
                     namespace,

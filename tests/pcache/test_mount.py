@@ -783,6 +783,19 @@ def test_cached_files_read_through_a_store_outage(rclone_s3: Any, tmp_path: Path
             with pytest.raises(OSError) as excinfo:  # never cached: an error, not a hang
                 (mount.path / "ds/never-seen.bin").read_bytes()
             assert excinfo.value.errno in (errno.EIO, errno.ENOENT)
+            # write-back goes on: a new name in a listed directory is created and closed
+            (mount.path / "ds/during.txt").write_bytes(b"written while the store was down")
+            assert (mount.path / "ds/during.txt").read_bytes().startswith(b"written")
+            assert "during.txt" in os.listdir(mount.path / "ds")
+            proxy.outage(False)
+            deadline = time.monotonic() + 60
+            while True:  # and it catches up once the store is back
+                try:
+                    assert store.get("ds/during.txt") == b"written while the store was down"
+                    break
+                except FileNotFoundError:
+                    assert time.monotonic() < deadline, mount.logs()
+                    time.sleep(0.5)
         finally:
             mount.stop()
     finally:

@@ -20,7 +20,7 @@ from pcache.blockindex import BlockId
 from pcache.client import PcacheClient, WorkerUnavailable
 from pcache.config import ClientConfig
 from pcache.localcache import LocalCacheReader, open_files_limit, raise_open_files_limit
-from pcache.protocol import Unauthorized
+from pcache.protocol import Resolved, Unauthorized
 from tests.pcache.conftest import MiB, disk_usage
 from tests.servers.proxies import FaultProxy
 from tests.servers.s3_process import free_port
@@ -747,15 +747,27 @@ def test_metadata_past_its_ttl_is_served_while_the_store_is_down(
             client.stat("data/warm/missing.bin")
         assert client.resolve("data/warm").children
         assert client.read("data/warm/a.bin") == data  # the blocks are cached
-        with pytest.raises(OSError) as never_seen:
+        with pytest.raises(FileNotFoundError):  # the directory's listing does not show it
             client.stat("data/warm/never-seen.bin")
+        assert client.resolve("data/warm/new-dir") == Resolved(None, None, False, False)
+        with pytest.raises(OSError) as never_seen:  # a directory never listed: unknown
+            client.stat("data/cold/never-seen.bin")
         assert not isinstance(never_seen.value, FileNotFoundError)  # unknown, not absent
         metadata = client.status()["metadata"]
         assert metadata["stale_served"] >= 4 and metadata["store_down"] == ["data"]
+        # a new name in a listed directory is written (journalled) while the store is down
+        client.put("data/warm/during.bin", b"written during the outage")
+        assert client.read("data/warm/during.bin") == b"written during the outage"
         proxy.outage(False)
+        client.flush("data/warm/during.bin", timeout=60)  # it catches up once the store is back
+        assert store.get("warm/during.bin") == b"written during the outage"
         store.put("warm/b.bin", b"new")
         client.invalidate("data/warm/")
-        assert [o.key for o in client.ls("data/warm/")[0]] == ["warm/a.bin", "warm/b.bin"]
+        assert [o.key for o in client.ls("data/warm/")[0]] == [
+            "warm/a.bin",
+            "warm/b.bin",
+            "warm/during.bin",
+        ]
     finally:
         proxy.stop()
 
