@@ -326,7 +326,7 @@ def client_main(spec_path: str) -> int:
 
         def one(request: tuple[int, int]) -> int:
             obj, block = request
-            data = client.read_block(NAMESPACE, infos[obj], block)
+            data = client.reads.read_block(NAMESPACE, infos[obj], block)
             return len(data)
 
         bs = client.block_size
@@ -342,7 +342,7 @@ def client_main(spec_path: str) -> int:
         "start": start,
         "end": end,
         "cpu_s": cpu,
-        "sources": dict(client.sources),
+        "sources": dict(client.reads.sources),
         "selector": client.selector.snapshot(),
         "bad": bad,
     }

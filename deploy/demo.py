@@ -275,7 +275,7 @@ def cache_region_b(
             "warmed_bytes": warmed["bytes"],
             "blocks_by_source": warmed["blocks_by_source"],
             "blocks_per_node": per_node,
-            "read_sources": dict(client.sources),
+            "read_sources": dict(client.reads.sources),
             "read_objects": len(objects),
             "identical": identical,
             "read_rate": read_bytes / max(elapsed, 1e-9),

@@ -10,6 +10,13 @@ never turns into a failed read.
 Large reads and writes with the local worker go through shared memory (:mod:`pcache.shm`): the
 worker copies cache blocks straight into the client's segment, and the client copies out once.
 
+This module is the client's cluster view (the local worker's ``/v1/info``, else the config's
+own backends), its metadata requests with their failover (other workers, the store, what was
+last known) and its write requests. The parts it is made of live beside it:
+:mod:`pcache.transport` (HTTP to the workers), :mod:`pcache.reads` (the block read path,
+``client.reads``), :mod:`pcache.session` (write-back sessions) and :mod:`pcache.files` (the
+file objects, which use those public APIs).
+
 Thread-safe: one client is shared by the threads of a process (each thread gets its own segment).
 """
 
@@ -26,51 +33,34 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 from urllib.parse import quote, urlsplit
 
-import lmdb
-import urllib3
-
 from objstore import Config, open_store
 from objstore.base import ObjectInfo, Store
-from objstore.errors import ConfigError, EndpointUnreachable, ObjectNotFound, StorageError
+from objstore.errors import ConfigError, ObjectNotFound
 from objstore.url import check_key
 
 from . import shm
-from .blockindex import BlockId
 from .config import CONFIG_ENV, SECTION, ClientConfig, Durability
 from .files import PcacheReader, PcacheWriter
 from .lastknown import LastKnown
-from .localcache import LocalCacheReader
 from .pages import store_page
 from .protocol import (
     METADATA_HEADER,
-    SOURCE_HEADER,
-    TOKEN_HEADER,
-    CopySource,
-    Progress,
     Resolved,
-    StaleVersion,
     block_key,
-    error_from_response,
     info_from_json,
-    is_pending,
     split_path,
 )
+from .reads import BlockReads
 from .selection import DEFAULT_LOAD_FACTOR, Node, WorkerSelector
+from .session import STRICT_TIMEOUT_S, WriteSession
+from .transport import WorkerHTTP, WorkerUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 INFO_TTL_S = 10.0
 INFO_RETRY_S = 5.0  # after the local worker failed to answer /v1/info
-HITS_REPORT_S = 2.0  # how often hits read straight from the cache files are reported
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
-
-
-class WorkerUnavailable(EndpointUnreachable):
-    """No worker answered (connection refused, timeout)."""
-
-
-STRICT_TIMEOUT_S = 120.0  # how long a remote-durable request waits for the store (transient errors)
 
 
 @dataclass(frozen=True)
@@ -88,75 +78,6 @@ class _Page:
     token: str | None  # the ``after`` of the next page; None: the last
 
 
-class WriteSession:
-    """One write-back session on the local worker: a staging file the worker owns.
-
-    A client on the same node may write :attr:`path` itself (``pwrite``/``ftruncate``), asking
-    :meth:`reserve` for capacity before it grows the file; others send bytes with
-    :meth:`write`. :meth:`commit` makes the content local-durable (and, with
-    ``durable="remote"``, waits for the store); ``close=False`` keeps the session for more
-    writes. Thread-safe (each call is one request).
-    """
-
-    def __init__(self, client: PcacheClient, session_id: str, path: str) -> None:
-        self.client = client
-        self.id = session_id
-        self.path = path
-
-    def _call(self, method: str, action: str = "", **kwargs: Any) -> Any:
-        suffix = f"/{action}" if action else ""
-        return self.client.local_request(method, f"/v1/session/{self.id}{suffix}", **kwargs)
-
-    def reserve(self, size: int, progress: Progress | None = None) -> int:
-        """Hold cache capacity for the staging file to grow to ``size`` (reporting the writer's
-        ``progress`` first); returns what is held. Raises ``InsufficientStorage`` (ENOSPC) when
-        the cache cannot."""
-        payload: dict[str, Any] = {"size": size}
-        if progress is not None:
-            payload["progress"] = progress.to_json()
-        return int(self._call("POST", "reserve", payload=payload)["reserved"])
-
-    def uploaded(self, beyond: int = 0, wait: float = 0.0) -> int:
-        """The prefix of the staging file already in the store's parts (what the writer may
-        drop from the disk); waits up to ``wait`` seconds for it to pass ``beyond``."""
-        payload = {"beyond": beyond, "wait": wait}
-        return int(self._call("POST", "uploaded", payload=payload, timeout=wait + 10)["uploaded"])
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self.client.local_request("PUT", f"/v1/session/{self.id}?offset={offset}", body=bytes(data))
-
-    def truncate(self, size: int) -> None:
-        self._call("POST", "truncate", payload={"size": size})
-
-    def commit(
-        self,
-        *,
-        size: int | None = None,
-        metadata: dict[str, str] | None = None,
-        durable: Durability = Durability.LOCAL,
-        close: bool = True,
-        timeout: float = STRICT_TIMEOUT_S,
-        progress: Progress | None = None,
-        source: CopySource | None = None,
-    ) -> ObjectInfo:
-        payload: dict[str, Any] = {
-            "durable": Durability(durable).value,
-            "close": close,
-            "metadata": metadata or {},
-            "timeout": timeout,
-        }
-        if size is not None:
-            payload["size"] = size
-        if progress is not None:
-            payload["progress"] = progress.to_json()
-        if source is not None:
-            payload["source"] = source.to_json()
-        return info_from_json(self._call("POST", "commit", payload=payload, timeout=timeout + 5))
-
-    def abort(self) -> None:
-        self._call("DELETE")
-
-
 class PcacheClient:
     """Client of the node's cache workers.
 
@@ -170,14 +91,7 @@ class PcacheClient:
         self, config: ClientConfig | None = None, *, readahead: int = 4, threads: int = 16
     ) -> None:
         self.config = config or ClientConfig.load()
-        self._token = self.config.token.reveal()
-        self._http = urllib3.PoolManager(
-            maxsize=64,
-            block=False,
-            retries=False,
-            timeout=urllib3.Timeout(connect=3.0, read=self.config.timeout),
-            headers={TOKEN_HEADER: f"Bearer {self._token}"},
-        )
+        self.http = WorkerHTTP(self.config.token.reveal(), self.config.timeout)
         self.readahead = readahead
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pcache-client")
         self._lock = threading.Lock()
@@ -189,53 +103,15 @@ class PcacheClient:
         self._known = LastKnown(self.config.last_known)
         self._local_id = ""
         self._stores: dict[str, Store] = {}
-        self._tls = threading.local()
         host = urlsplit(self.config.worker).hostname or ""
-        self.shared_memory = self.config.shm and host in LOCAL_HOSTS and shm.available()
-        self._segments: list[shm.SharedBuffer] = []
-        self.sources: dict[str, int] = {}
-        self._cache: LocalCacheReader | None = None
-        self._cache_tried = False
-        self._closed = threading.Event()
+        self.reads = BlockReads(
+            self,
+            self.http,
+            self.pool,
+            shared_memory=self.config.shm and host in LOCAL_HOSTS and shm.available(),
+        )
 
-    # -- HTTP ----------------------------------------------------------------------------------
-
-    def _request(
-        self,
-        method: str,
-        base: str,
-        path: str,
-        *,
-        fields: dict[str, str] | None = None,
-        body: bytes | None = None,
-        payload: Any = None,
-        timeout: float | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> urllib3.BaseHTTPResponse:
-        url = base + path
-        headers = dict(headers or {})
-        if payload is not None:
-            body = json.dumps(payload).encode()
-            headers["Content-Type"] = "application/json"
-        try:
-            response = self._http.request(
-                method,
-                url,
-                fields=fields,
-                body=body,
-                headers={**self._http.headers, **headers},
-                timeout=urllib3.Timeout(connect=3.0, read=timeout or self.config.timeout),
-                preload_content=True,
-            )
-        except urllib3.exceptions.HTTPError as exc:
-            raise WorkerUnavailable(f"pcache worker {base} unreachable: {exc}", url=url) from exc
-        if response.status >= 400:
-            try:
-                detail = json.loads(response.data)
-            except ValueError:
-                detail = None
-            raise error_from_response(response.status, detail, url)
-        return response
+    # -- requests to the workers ------------------------------------------------------------------------------
 
     def local_request(self, method: str, path: str, **kwargs: Any) -> Any:
         """A request to the local worker; its failures count in the selector's view of it, so
@@ -243,17 +119,17 @@ class PcacheClient:
         selector, local_id = self._selector, self._local_id
         local = selector.node(local_id) if selector is not None else None
         if selector is None or local is None:
-            response = self._request(method, self.config.worker, path, **kwargs)
+            response = self.http.request(method, self.config.worker, path, **kwargs)
         else:
             with selector.track(local, WorkerUnavailable):
-                response = self._request(method, self.config.worker, path, **kwargs)
+                response = self.http.request(method, self.config.worker, path, **kwargs)
             if selector.is_dead(local_id):
                 # it answers again (a restart): its journal is what this node's reads need
                 # (pending writes), so it is asked first again from now on
                 selector.revive(local_id)
         return json.loads(response.data)
 
-    def _local_dead(self) -> bool:
+    def local_dead(self) -> bool:
         selector = self._selector
         return selector is not None and selector.is_dead(self._local_id)
 
@@ -275,7 +151,7 @@ class PcacheClient:
         for node in order:
             try:
                 with selector.track(node, WorkerUnavailable):
-                    response = self._request("GET", node.address, path, **kwargs)
+                    response = self.http.request("GET", node.address, path, **kwargs)
             except WorkerUnavailable as exc:
                 if error is None:
                     error = exc
@@ -293,7 +169,7 @@ class PcacheClient:
         with self._lock:
             now = time.monotonic()
             fresh = self._info is not None and now - self._info_at < INFO_TTL_S
-            if self._info is not None and self._local_dead():
+            if self._info is not None and self.local_dead():
                 fresh = True  # no refresh from a worker the selector holds dead: keep the view
             if fresh and not refresh:
                 assert self._info is not None
@@ -352,6 +228,10 @@ class PcacheClient:
             raise WorkerUnavailable(f"no pcache worker has answered yet ({self.config.worker})")
         return self._selector
 
+    def selector_or_none(self) -> WorkerSelector | None:
+        """The worker selection, None while no worker has ever answered."""
+        return self._selector
+
     def _offline(self) -> bool:
         """No worker ever answered, and the last try was moments ago (see :meth:`info`)."""
         return (
@@ -360,7 +240,7 @@ class PcacheClient:
             and time.monotonic() - self._offline_at < INFO_RETRY_S
         )
 
-    def _backend(self, namespace: str) -> Store:
+    def backend(self, namespace: str) -> Store:
         """The backing store itself: the last resort when no worker answers. Its URL is the
         workers' (when one ever answered), else the config's; its profiles the config file's."""
         with self._lock:
@@ -393,7 +273,7 @@ class PcacheClient:
         was last learned under ``known`` (see :mod:`pcache.lastknown`), else the workers'
         failure (``unavailable``), as before."""
         try:
-            answer = ask(self._backend(namespace))
+            answer = ask(self.backend(namespace))
         except (OSError, ConfigError) as exc:  # unreachable too, no profile, refused...
             last = None if known is None else self._known.get(known, page=page)
             if last is not None:
@@ -680,73 +560,11 @@ class PcacheClient:
 
     def status(self, address: str | None = None) -> dict[str, Any]:
         """A worker's status (the local one by default)."""
-        return json.loads(self._request("GET", address or self.config.worker, "/v1/status").data)
-
-    # -- reads ---------------------------------------------------------------------------------
-
-    def read_block(self, namespace: str, info: ObjectInfo, index: int) -> bytes:
-        """One block, from the worker selection picks; other workers, then the store, on failure."""
-        self.info()
-        selector = self._selector
-        if selector is None:  # no worker ever answered: the config's backends
-            return self._block_from_store(namespace, info, index)
-        name = block_key(namespace, info.key, index)
-        fields = {"version": info.version, "index": str(index), "size": str(info.size)}
-        path = f"/v1/block/{quote(namespace)}/{quote(info.key)}"
-        if is_pending(info.version):  # a pending write lives only on the local worker
-            response = self._request("GET", self.config.worker, path, fields=fields)
-            self._count(response.headers.get(SOURCE_HEADER, "local"))
-            return bytes(response.data)
-        cache = self.local_cache()
-        if cache is not None:  # a hit on this node's disks needs no worker at all
-            bs = self.block_size
-            length = min(bs, info.size - index * bs)
-            data = cache.get(BlockId(namespace, info.key, info.version, index), length)
-            if data is not None:
-                self._count("local")
-                return data
-        tried: set[str] = set()
-        while True:
-            node = selector.choose(name)
-            if node is None or node.node_id in tried:
-                untried = selector.candidates(name, limit=len(tried) + 1)
-                node = next((n for n in untried if n.node_id not in tried), None)
-            if node is None:
-                break
-            tried.add(node.node_id)
-            try:
-                with selector.track(node, WorkerUnavailable):
-                    response = self._request("GET", node.address, path, fields=fields)
-            except WorkerUnavailable as exc:
-                log.info("worker %s failed for %s#%d: %s", node.node_id, info.key, index, exc)
-                continue
-            self._count(response.headers.get(SOURCE_HEADER, "?"))
-            return bytes(response.data)
-        for node in selector.last_resort(name):
-            if node.node_id in tried:
-                continue
-            try:
-                response = self._request("GET", node.address, path, fields=fields)
-            except WorkerUnavailable:
-                continue
-            log.info("worker %s answers again", node.node_id)
-            selector.revive(node.node_id)
-            self._count(response.headers.get(SOURCE_HEADER, "?"))
-            return bytes(response.data)
-        log.warning("no worker could serve %s#%d; reading the backing store", info.key, index)
-        return self._block_from_store(namespace, info, index)
-
-    def _block_from_store(self, namespace: str, info: ObjectInfo, index: int) -> bytes:
-        bs = self.block_size
-        data = self._backend(namespace).get_range(
-            info.key, index * bs, min(bs, info.size - index * bs)
+        return json.loads(
+            self.http.request("GET", address or self.config.worker, "/v1/status").data
         )
-        self._count("direct")
-        return data
 
-    def _count(self, source: str) -> None:
-        with self._lock:
-            self.sources[source] = self.sources.get(source, 0) + 1
+    # -- reads (pcache.reads) ------------------------------------------------------------------
 
     def readinto(
         self,
@@ -757,121 +575,9 @@ class PcacheClient:
         *,
         exact: bool = False,
     ) -> int:
-        """Read up to ``len(buf)`` bytes at ``offset`` into ``buf``; returns bytes read.
-
-        Large reads from the local worker go through shared memory; ``exact`` sends small ones
-        that way too (a random read of a few KiB then moves those bytes, not whole blocks).
-        """
-        namespace, _ = split_path(path)
-        info = info or self.stat(path)
-        view = memoryview(buf).cast("B")
-        length = max(0, min(len(view), info.size - offset))
-        if length == 0:
-            return 0
-        cache = self.local_cache()
-        if cache is not None and not is_pending(info.version):
-            done = self.read_local(cache, namespace, info, offset, view[:length])
-            if done == length:
-                return done
-            if done:
-                return done + self.readinto(path, offset + done, view[done:length], info)
-        threshold = 1 if exact else self.config.shm_threshold
-        for attempt in (1, 2):
-            try:
-                if self.shared_memory and length >= threshold and not self._local_dead():
-                    try:
-                        return self._read_shm(namespace, info, offset, view[:length])
-                    except (WorkerUnavailable, shm.SegmentError, StorageError) as exc:
-                        if isinstance(exc, StaleVersion | ObjectNotFound):
-                            raise
-                        log.info("shared-memory read failed (%s); using HTTP", exc)
-                        if "segment" in str(exc):
-                            self.shared_memory = False
-                return self._read_blocks(namespace, info, offset, view[:length])
-            except (StaleVersion, ObjectNotFound):
-                # the object changed (or a write we saw pending was replaced) under the read:
-                # look it up again once; a real "gone" shows up as the stat's own error
-                if attempt == 2:
-                    raise
-                self.invalidate(path, cluster=False, blocks=False)
-                info = self.stat(path)
-                length = max(0, min(len(view), info.size - offset))
-        raise AssertionError("unreachable")
-
-    # -- the local cache disks (pcache.localcache) ----------------------------------------------
-
-    def local_cache(self) -> LocalCacheReader | None:
-        """The reader of the local worker's cache files, when this process can open them."""
-        if self._cache_tried:
-            return self._cache
-        view = self.info()
-        if view.get("offline"):
-            return None  # tried again once a worker answers
-        layout = view.get("local_cache")
-        with self._lock:
-            if self._cache_tried:
-                return self._cache
-            self._cache_tried = True
-            if not self.config.direct_reads or not layout or not os.path.isdir(layout["index"]):
-                return None
-            try:
-                self._cache = LocalCacheReader(layout["index"], layout["dirs"])
-            except (OSError, lmdb.Error) as exc:
-                log.info("cannot read the local cache files (%s): reading through the worker", exc)
-                return None
-        threading.Thread(target=self._report_hits, name="pcache-hits", daemon=True).start()
-        return self._cache
-
-    def read_local(
-        self,
-        cache: LocalCacheReader,
-        namespace: str,
-        info: ObjectInfo,
-        offset: int,
-        view: memoryview,
-        block_size: int | None = None,
-    ) -> int:
-        """Copy what the local cache files hold, from ``offset`` on, until the first miss."""
-        bs = block_size or self.block_size
-        done = 0
-        while done < len(view):
-            index, at = divmod(offset + done, bs)
-            want = min(len(view) - done, bs - at, info.size - (offset + done))
-            n = cache.read_into(
-                BlockId(namespace, info.key, info.version, index), view[done : done + want], at
-            )
-            if n is None or n <= 0:
-                break
-            self._count("local")
-            done += n
-        return done
-
-    def _report_hits(self) -> None:
-        """Tell the worker, every HITS_REPORT_S, which blocks were read from its files; close
-        the files it has evicted meanwhile."""
-        while not self._closed.wait(HITS_REPORT_S):
-            self.report_hits()
-            cache = self._cache
-            if cache is not None:
-                cache.close_unlinked()
-
-    def report_hits(self) -> None:
-        """Tell the local worker which blocks this process read from its cache files (also
-        done every HITS_REPORT_S and on close), so its eviction and hit counts see them."""
-        if self._cache is None:
-            return
-        hits = self._cache.take_hits()
-        for at in range(0, len(hits), 5000):
-            try:
-                self._request(
-                    "POST",
-                    self.config.worker,
-                    "/v1/touch",
-                    payload={"blocks": hits[at : at + 5000]},
-                )
-            except StorageError as exc:
-                log.debug("could not report cache hits: %s", exc)
-                return
+        """Read up to ``len(buf)`` bytes of ``path`` at ``offset`` into ``buf`` (see
+        :meth:`BlockReads.readinto`); returns bytes read."""
+        return self.reads.readinto(path, offset, buf, info, exact=exact)
 
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
         info = self.stat(path)
@@ -879,69 +585,6 @@ class PcacheClient:
         buf = bytearray(max(0, end - offset))
         n = self.readinto(path, offset, buf, info)
         return bytes(buf[:n])
-
-    def _read_blocks(self, namespace: str, info: ObjectInfo, offset: int, view: memoryview) -> int:
-        bs = self.block_size
-        first, last = offset // bs, (offset + len(view) - 1) // bs
-        futures = {
-            i: self.pool.submit(self.read_block, namespace, info, i) for i in range(first, last + 1)
-        }
-        for index, future in futures.items():
-            data = future.result()
-            start = max(offset, index * bs)
-            end = min(offset + len(view), index * bs + len(data))
-            view[start - offset : end - offset] = data[start - index * bs : end - index * bs]
-        return len(view)
-
-    def _segment_pair(self) -> tuple[shm.SharedBuffer, shm.SharedBuffer]:
-        """This thread's two segments: one is filled by the worker while the other is copied."""
-        pair = getattr(self._tls, "segments", None)
-        if pair is None:
-            pair = (shm.SharedBuffer(shm.SHM_CHUNK), shm.SharedBuffer(shm.SHM_CHUNK))
-            self._tls.segments = pair
-            with self._lock:
-                self._segments.extend(pair)
-        return pair
-
-    def _read_shm(self, namespace: str, info: ObjectInfo, offset: int, view: memoryview) -> int:
-        segments = self._segment_pair()
-        chunks = [
-            (at, min(shm.SHM_CHUNK, len(view) - at)) for at in range(0, len(view), shm.SHM_CHUNK)
-        ]
-
-        def fetch(i: int) -> dict[str, Any]:
-            at, length = chunks[i]
-            result: dict[str, Any] = self.local_request(
-                "POST",
-                "/v1/shm/read",
-                payload={
-                    "ns": namespace,
-                    "key": info.key,
-                    "version": info.version,
-                    "size": info.size,
-                    "offset": offset + at,
-                    "length": length,
-                    "segment": segments[i % 2].name,
-                    "segment_offset": 0,
-                },
-            )
-            return result
-
-        pending = self.pool.submit(fetch, 0)
-        for i, (at, length) in enumerate(chunks):
-            result = pending.result()
-            if i + 1 < len(chunks):  # the other segment was copied out last round: refill it
-                pending = self.pool.submit(fetch, i + 1)
-            got = int(result["length"])
-            view[at : at + got] = segments[i % 2].view[:got]
-            with self._lock:
-                for source, count in result["sources"].items():
-                    self.sources[source] = self.sources.get(source, 0) + count
-            if got < length:
-                if i + 1 < len(chunks):
-                    pending.result()  # never leave a write into our segment running
-                return at + got
-        return len(view)
 
     def open(self, path: str, mode: str = "rb") -> PcacheReader | PcacheWriter:
         if mode in ("rb", "r"):
@@ -997,7 +640,7 @@ class PcacheClient:
         def warm(address: str, namespace: str, info: ObjectInfo, indexes: list[int]) -> None:
             nonlocal done_bytes
             result = json.loads(
-                self._request(
+                self.http.request(
                     "POST",
                     address,
                     "/v1/prefetch",
@@ -1040,22 +683,11 @@ class PcacheClient:
         return [(namespace, o) for o in objects]
 
     def close(self) -> None:
-        self._closed.set()
-        if self._cache is not None:
-            self.report_hits()
-            self._cache.close()
-            self._cache = None
+        self.reads.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
-        for segment in self._segments:
-            try:
-                self.local_request("POST", "/v1/shm/release", payload={"segment": segment.name})
-            except StorageError:
-                pass
-            segment.close()
-        self._segments.clear()
         for store in self._stores.values():
             store.close()
-        self._http.clear()
+        self.http.close()
 
     def __enter__(self) -> PcacheClient:
         return self

@@ -69,7 +69,7 @@ class PcacheReader(SeekableReader):
         want = max(0, min(len(view), self.size - pos))
         if want == 0:
             return 0
-        exact_ok = self._client.shared_memory or self._client.local_cache() is not None
+        exact_ok = self._client.reads.shared_memory or self._client.reads.local_cache() is not None
         if want >= self._client.config.shm_threshold and exact_ok:
             n = self._client.readinto(self.path, pos, view[:want], self.info)
             self._pos = pos + n
@@ -114,12 +114,12 @@ class PcacheReader(SeekableReader):
         if current is not None and current[0] == index and at + size <= len(current[1]):
             data = current[1][at : at + size]
         else:
-            cache = self._client.local_cache()
+            cache = self._client.reads.local_cache()
             if cache is None or is_pending(self.info.version):
                 return None
             buf = bytearray(size)
             view = memoryview(buf)
-            direct = self._client.read_local(
+            direct = self._client.reads.read_local(
                 cache, self.namespace, self.info, offset, view, self._bs
             )
             if direct != size:
@@ -133,14 +133,14 @@ class PcacheReader(SeekableReader):
         future = self._ahead.pop(index, None)
         if future is None:
             future = self._client.pool.submit(
-                self._client.read_block, self.namespace, self.info, index
+                self._client.reads.read_block, self.namespace, self.info, index
             )
         if index in (self._last_index, self._last_index + 1):  # sequential: keep blocks coming
             nblocks = -(-self.size // self._bs)
             for ahead in range(index + 1, min(nblocks, index + 1 + self._client.readahead)):
                 if ahead not in self._ahead:
                     self._ahead[ahead] = self._client.pool.submit(
-                        self._client.read_block, self.namespace, self.info, ahead
+                        self._client.reads.read_block, self.namespace, self.info, ahead
                     )
         self._last_index = index
         for stale in [i for i in self._ahead if i < index]:
@@ -174,7 +174,7 @@ class PcacheWriter(io.RawIOBase):
             "POST", f"/v1/write/{quote(self.namespace)}/{quote(self.key)}"
         )["session"]
         self._sent = 0  # bytes handed to the worker (or in flight to it)
-        self._shm = client.shared_memory
+        self._shm = client.reads.shared_memory
         # shared memory: two segments of our own; one fills while the worker writes the other
         self._segs: list[shm.SharedBuffer] = []
         self._fill = 0

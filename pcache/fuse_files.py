@@ -55,11 +55,12 @@ import trio
 from objstore.base import ObjectInfo
 from objstore.errors import InsufficientStorage
 
-from .client import STRICT_TIMEOUT_S, PcacheClient, WriteSession
+from .client import PcacheClient
 from .config import Durability
 from .files import PcacheReader
 from .posix import Attrs, keep_foreign
 from .protocol import CopySource, Progress, WriteError, split_path
+from .session import STRICT_TIMEOUT_S, WriteSession
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from objstore.errors import (
     TransientError,
 )
 
-from .client import STRICT_TIMEOUT_S, Listing, PcacheClient, WorkerUnavailable
+from .client import Listing, PcacheClient
 from .config import Durability
 from .files import PcacheReader
 from .fuse_files import (
@@ -71,7 +71,9 @@ from .posix import (
     with_xattrs,
 )
 from .protocol import UploadFailed, is_pending
+from .session import STRICT_TIMEOUT_S
 from .statahead import StatAhead
+from .transport import WorkerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -1524,7 +1526,7 @@ class PcacheOperations(pyfuse3.Operations):
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise fail(errno.EACCES)
         content = self.stats.render(
-            dict(self.client.sources),
+            dict(self.client.reads.sources),
             open_files=sum(
                 isinstance(h, _ReadHandle | _FileHandle) for h in self._handles.values()
             ),

@@ -503,9 +503,7 @@ class MetadataCache:
         ``serve_stale``), does not show it: the stale "not there" the caller answers with only
         when the store cannot be reached (a new name created during an outage)."""
         with self._lock:
-            page = self._listings.stale(
-                (namespace, f"{_parent_prefix(name)}\x00/"), self._clock()
-            )
+            page = self._listings.stale((namespace, f"{_parent_prefix(name)}\x00/"), self._clock())
             return page is not None and page.token is None and not _shows(page, name)
 
     def to_refresh(self, namespace: str, name: str) -> str | None:

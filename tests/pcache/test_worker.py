@@ -44,8 +44,8 @@ def test_miss_then_hit(make_cluster, payload) -> None:
     first = client.status()["reads"]["by_tier"]
     assert first["backend"] == 6 and first["local"] == 0
     assert client.read("data/dir/obj.bin") == data  # straight from the cache files
-    assert client.sources.get("local", 0) >= 6
-    client.report_hits()  # what eviction and the worker's counters must learn about
+    assert client.reads.sources.get("local", 0) >= 6
+    client.reads.report_hits()  # what eviction and the worker's counters must learn about
     second = client.status()["reads"]["by_tier"]
     assert second["backend"] == 6 and second["local"] == 6
     # ranged reads straddling blocks
@@ -72,7 +72,7 @@ def test_token_required(make_cluster) -> None:
     assert _get(f"{address}/v1/stat/data/a.bin", cluster.token)[0] == 200
     assert _get(f"{address}/healthz", None)[0] == 200
     bad = make_cluster.client(cluster)
-    bad._http.headers["Authorization"] = "Bearer nope"
+    bad.http.headers["Authorization"] = "Bearer nope"
     with pytest.raises(Unauthorized):
         bad.stat("data/a.bin")
 
@@ -136,7 +136,7 @@ def test_peer_tier(make_cluster, payload) -> None:
     sources = []
     for node in cluster.nodes:
         for index in range(8):
-            response = one._request(
+            response = one.http.request(
                 "GET",
                 node.address,
                 "/v1/block/data/shared.bin",
@@ -247,7 +247,7 @@ def test_all_workers_dead_reads_backing_store(
     buf = bytearray(info.size)
     assert client.readinto("data/x.bin", 0, buf, info) == info.size
     assert bytes(buf) == data
-    assert client.sources.get("direct") == 2
+    assert client.reads.sources.get("direct") == 2
 
 
 def test_a_cache_file_damaged_under_an_open_reader_is_not_served(make_cluster, payload) -> None:
@@ -264,7 +264,7 @@ def test_a_cache_file_damaged_under_an_open_reader_is_not_served(make_cluster, p
         file.seek(4096 + 200_000)
         file.write(bytes([byte[0] ^ 0xFF]))
     assert client.read("data/bad.bin") == data  # never the damaged bytes: the worker refetched
-    assert client.sources.get("backend", 0) >= 1
+    assert client.reads.sources.get("backend", 0) >= 1
 
 
 def test_cache_files_are_read_directly_and_survive_a_dead_worker(make_cluster, payload) -> None:
@@ -275,13 +275,13 @@ def test_cache_files_are_read_directly_and_survive_a_dead_worker(make_cluster, p
     client.warmup("data/d.bin")
     info = client.stat("data/d.bin")
     assert client.read("data/d.bin", MiB - 5, 10) == data[MiB - 5 : MiB + 5]  # a partial read
-    assert client.sources == {"local": 2}  # two blocks, read from the files, not the worker
-    client.report_hits()
+    assert client.reads.sources == {"local": 2}  # two blocks, read from the files, not the worker
+    client.reads.report_hits()
     assert client.status()["reads"]["by_tier"]["local"] == 2  # the worker was told
     cluster.kill(cluster.nodes[0])
     buf = bytearray(info.size)
     assert client.readinto("data/d.bin", 0, buf, info) == info.size  # no worker needed
-    assert bytes(buf) == data and client.sources == {"local": 6}
+    assert bytes(buf) == data and client.reads.sources == {"local": 6}
 
 
 def deleted_cache_files_open(root: Path) -> list[str]:
@@ -307,7 +307,7 @@ def test_evicted_files_held_open_are_closed(make_cluster, payload) -> None:
     root = cluster.nodes[0].root
     client.warmup("data/e-0.bin")
     assert reader_client.read("data/e-0.bin", 5, 10) == objects["e-0.bin"][5:15]
-    cache = reader_client.local_cache()
+    cache = reader_client.reads.local_cache()
     assert cache is not None and len(cache._open) == 1  # the block file stays open
     for key in ("e-1.bin", "e-2.bin", "e-3.bin"):  # 9 MiB more through a 6 MiB cache
         client.warmup(f"data/{key}")
@@ -417,11 +417,11 @@ def test_shared_memory_read_and_write(make_cluster, payload) -> None:
     data = payload(40 * MiB + 3)
     store.put("shm.bin", data)
     client = make_cluster.client(cluster, shm_threshold=MiB)
-    assert client.shared_memory
+    assert client.reads.shared_memory
     buf = bytearray(len(data))
     assert client.readinto("data/shm.bin", 0, buf) == len(data)
     assert bytes(buf) == data
-    assert client.sources.get("backend", 0) == 41  # blocks arrived through the segment
+    assert client.reads.sources.get("backend", 0) == 41  # blocks arrived through the segment
     out = payload(33 * MiB)
     client.put("data/shm-out.bin", out, durable="remote")
     assert store.get("shm-out.bin") == out
@@ -435,7 +435,7 @@ def test_metrics_and_status(make_cluster, payload) -> None:
     client = make_cluster.client(cluster)
     client.read("data/m.bin")
     client.read("data/m.bin")
-    client.report_hits()
+    client.reads.report_hits()
     status, body = _get(cluster.nodes[0].address + "/metrics", cluster.token)
     assert status == 200
     text = body.decode()
@@ -864,7 +864,7 @@ def test_a_client_that_never_reached_a_worker_reads_the_store_from_its_config(
     assert view["offline"] and view["namespaces"] == ["data"] and view["nodes"] == []
     assert client.stat("data/dir/x.bin").size == len(data)
     assert client.read("data/dir/x.bin") == data
-    assert client.sources == {"direct": 3}
+    assert client.reads.sources == {"direct": 3}
     objects, prefixes = client.ls("data/")
     assert [o.key for o in objects] == [] and prefixes == ["dir/"]
     with pytest.raises(WorkerUnavailable):
@@ -872,7 +872,7 @@ def test_a_client_that_never_reached_a_worker_reads_the_store_from_its_config(
     cluster.start()
     assert client.info(refresh=True)["node_id"] == node.node_id
     assert client.read("data/dir/x.bin", 0, 10) == data[:10]
-    assert client.sources.get("backend") == 1  # through the worker now
+    assert client.reads.sources.get("backend") == 1  # through the worker now
 
 
 def test_a_client_with_no_worker_and_no_backends_fails_with_one_clear_error(
