@@ -16,8 +16,9 @@ Invariants:
       ignored (:meth:`Announced.note` returns False).
     - This node's own pending records win over announcements (the worker looks at them first).
 
-Everything here is in memory: a restarted worker has no announcements, and sees what the store
-has until the owner's next commit of the key.
+Everything here is in memory: a worker that starts asks the other nodes for what is journalled
+there (``GET /v1/announcements``, the same body) before it serves; a node that does not answer
+then is seen as the store has it until that node's next commit of the key.
 """
 
 from __future__ import annotations

@@ -41,6 +41,8 @@ Routes (``{ns}`` is a namespace from the worker's ``backends``, ``{key}`` an obj
     POST /v1/invalidate                   {ns, path, cluster, landed: {owner, version}}
     POST /v1/announce                     {owner, entries: [{ns, key, version, info|null}]}:
                                           peers' pending write-back versions (pcache.announce)
+    GET  /v1/announcements                the same body, of every change journalled here (asked
+                                          by a peer when it starts)
     GET  /v1/status                       disks, counters, write-back backlog, peers
     GET  /metrics                         Prometheus
 """

@@ -75,6 +75,7 @@ STALE_FALLBACK_RETRY = RetryPolicy(max_attempts=2, base_delay=0.1, max_delay=0.2
 DOWN_RECHECK_S = 5.0
 CACHE_UPLOADED_MAX = 64 << 20  # uploaded objects up to this size stay in the cache as blocks
 ANNOUNCE_TIMEOUT_S = 2.0  # a peer slower than this to take an announcement is skipped
+RECOVER_PARALLEL = 64  # peers asked at once for their pending changes when a worker starts
 STORE_WAIT_S = 60.0  # a read of bytes only in an unfinished upload waits this long for it
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STAT_MANY_MAX = 1000  # keys in one /v1/stats request
@@ -227,21 +228,10 @@ class Worker:
         a stat, listing or read there sees them at once (reads of them come here). A peer that
         does not answer within ANNOUNCE_TIMEOUT_S is reported to the selector and skipped;
         it sees the change once it is uploaded."""
-        peers = [n for n in self.selector.candidates("") if n.node_id != self.config.node_id]
+        peers = self._other_nodes()
         if not peers or not records:
             return
-        body = {
-            "owner": self.config.node_id,
-            "entries": [
-                {
-                    "ns": r.namespace,
-                    "key": r.key,
-                    "version": r.version,
-                    "info": None if r.delete else info_to_json(r.info()),
-                }
-                for r in records
-            ],
-        }
+        body = self.announcement(records)
         timeout = aiohttp.ClientTimeout(total=ANNOUNCE_TIMEOUT_S)
 
         async def one(node: Node) -> None:
@@ -258,6 +248,62 @@ class Worker:
                 )
 
         await asyncio.gather(*(one(n) for n in peers))
+
+    def _other_nodes(self) -> list[Node]:
+        return [n for n in self.selector.candidates("") if n.node_id != self.config.node_id]
+
+    def announcement(self, records: list[PendingObject]) -> dict[str, Any]:
+        """The body of ``POST /v1/announce`` (and of ``GET /v1/announcements``) for
+        ``records`` journalled here."""
+        return {
+            "owner": self.config.node_id,
+            "entries": [
+                {
+                    "ns": r.namespace,
+                    "key": r.key,
+                    "version": r.version,
+                    "info": None if r.delete else info_to_json(r.info()),
+                }
+                for r in records
+            ],
+        }
+
+    def note_announced(self, body: dict[str, Any]) -> int:
+        """Take another node's announcement (see :meth:`announcement`); the entries noted
+        (a version known to have landed already is not)."""
+        owner = str(body["owner"])
+        noted = 0
+        for entry in body.get("entries", []):
+            namespace, key = entry["ns"], check_key(entry["key"])
+            self.store(namespace)
+            info = None if entry.get("info") is None else info_from_json(entry["info"])
+            if self.announced.note(namespace, key, owner, str(entry["version"]), info):
+                self.meta.invalidate_key(namespace, key)
+                noted += 1
+        return noted
+
+    async def recover_announcements(self) -> int:
+        """Ask every other node for what is journalled there, as at start: announcements live
+        in memory, and a restarted worker would otherwise show the store's version of another
+        node's pending file until its upload lands. A node that does not answer within
+        ANNOUNCE_TIMEOUT_S is skipped (what it holds shows once uploaded)."""
+        timeout = aiohttp.ClientTimeout(total=ANNOUNCE_TIMEOUT_S)
+        gate = asyncio.Semaphore(RECOVER_PARALLEL)
+
+        async def one(node: Node) -> int:
+            try:
+                async with gate, self.peers._client().get(
+                    f"{node.address}/v1/announcements", timeout=timeout
+                ) as response:
+                    if response.status != 200:
+                        raise RuntimeError(f"HTTP {response.status}")
+                    body = await response.json()
+                return self.note_announced(body)
+            except Exception as exc:
+                log.info("could not ask %s for its pending changes: %s", node.node_id, exc)
+                return 0
+
+        return sum(await asyncio.gather(*(one(n) for n in self._other_nodes())))
 
     def _announcement(self, namespace: str, key: str) -> Announcement | None:
         """The live announcement of ``key`` by a node not dead in this node's view (a dead
@@ -1339,17 +1385,15 @@ async def announce(request: web.Request) -> web.Response:
     """``{owner, entries: [{ns, key, version, info}]}``: changes journalled on ``owner`` (an
     ``info`` of null: deleted there), seen here until they land (see ``pcache.announce``)."""
     worker = request.app[WORKER]
-    body = await request.json()
-    owner = str(body["owner"])
-    noted = 0
-    for entry in body.get("entries", []):
-        namespace, key = entry["ns"], check_key(entry["key"])
-        worker.store(namespace)
-        info = None if entry.get("info") is None else info_from_json(entry["info"])
-        if worker.announced.note(namespace, key, owner, str(entry["version"]), info):
-            worker.meta.invalidate_key(namespace, key)
-            noted += 1
+    noted = worker.note_announced(await request.json())
     return web.json_response({"node_id": worker.config.node_id, "noted": noted})
+
+
+async def announcements(request: web.Request) -> web.Response:
+    """Every change journalled here, as :func:`announce` bodies carry them: what a restarted
+    peer asks for (see :meth:`Worker.recover_announcements`)."""
+    worker = request.app[WORKER]
+    return web.json_response(worker.announcement(worker.writeback.records()))
 
 
 async def invalidate(request: web.Request) -> web.Response:
@@ -1429,6 +1473,9 @@ def create_app(config: WorkerConfig) -> web.Application:
             config.listen,
             resumed,
         )
+        recovered = await worker.recover_announcements()
+        if recovered:
+            log.info("%d change(s) pending on other nodes", recovered)
         housekeeping = asyncio.create_task(_housekeeping(worker))
         try:
             yield
@@ -1467,6 +1514,7 @@ def create_app(config: WorkerConfig) -> web.Application:
     app.router.add_put(f"/v1/object/{{ns}}/{key}", put_object)
     app.router.add_post("/v1/invalidate", invalidate)
     app.router.add_post("/v1/announce", announce)
+    app.router.add_get("/v1/announcements", announcements)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/metrics", metrics_endpoint)
     return app

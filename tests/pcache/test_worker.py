@@ -884,3 +884,23 @@ def test_a_client_with_no_worker_and_no_backends_fails_with_one_clear_error(
         client.info()
     with pytest.raises(WorkerUnavailable):
         client.stat("data/x.bin")
+
+
+def test_a_restarted_worker_asks_its_peers_for_their_pending_changes(make_cluster) -> None:
+    """Announcements live in memory: a worker restarted while another node's file waits for
+    its upload asks the other nodes at start, so its clients still see (and read) the pending
+    version instead of the store's until the upload lands."""
+    cluster, store = make_cluster(2, upload_delay=120.0)
+    store.put("p/x.bin", b"old")
+    writer = make_cluster.client(cluster, 0, direct_reads=False)
+    writer.put("data/p/x.bin", b"the new content")  # local-durable on node 1, not uploaded
+    writer.put("data/p/fresh.bin", b"never in the store yet")
+    cluster.kill(cluster.nodes[1])
+    cluster.start(cluster.nodes[1])
+    reader = make_cluster.client(cluster, 1, direct_reads=False)
+    assert reader.stat("data/p/x.bin").size == len(b"the new content")
+    assert reader.read("data/p/x.bin") == b"the new content"
+    assert reader.read("data/p/fresh.bin") == b"never in the store yet"
+    assert store.get("p/x.bin") == b"old"  # still pending on node 1
+    writer.flush("data/p/x.bin", timeout=60)
+    assert reader.read("data/p/x.bin") == b"the new content"  # from the store now
