@@ -42,7 +42,7 @@ from . import shm
 from .config import CONFIG_ENV, SECTION, ClientConfig, Durability
 from .files import PcacheReader, PcacheWriter
 from .lastknown import LastKnown
-from .pages import store_page
+from .pages import PageAt, store_page
 from .protocol import (
     METADATA_HEADER,
     Resolved,
@@ -436,7 +436,7 @@ class PcacheClient:
         except WorkerUnavailable as unavailable:
 
             def ask(store: Store) -> _Page:
-                got = store_page(store, prefix, delimiter, after, limit)
+                got = store_page(store, PageAt(prefix, delimiter, after, limit))
                 return _Page(Listing(got.objects, got.prefixes, set()), got.token)
 
             page = self._from_store(namespace, unavailable, ask, known, page=True)

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from objstore.base import ObjectInfo
-from objstore.errors import StorageError
 from objstore.streams import SeekableReader
 from objstore.url import check_key
 
 from . import shm
 from .protocol import info_from_json, is_pending, split_path
+from .reads import release_segments
 
 if TYPE_CHECKING:
     from .client import PcacheClient
@@ -264,14 +264,7 @@ class PcacheWriter(io.RawIOBase):
         for future in self._inflight:
             if future is not None:
                 future.cancel()
-        for segment in self._segs:
-            try:
-                self._client.local_request(
-                    "POST", "/v1/shm/release", payload={"segment": segment.name}
-                )
-            except StorageError:
-                pass
-            segment.close()
+        release_segments(self._client, self._segs)
         self._segs = []
 
     def flush(self) -> None:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 from objstore.base import ListPage, ObjectInfo
 
 from .metastore import Saved
+from .pages import PageAt
 
 if TYPE_CHECKING:
     from .metastore import MetadataStore
@@ -417,23 +418,10 @@ class MetadataCache:
                 )
             return page
 
-    @staticmethod
-    def _page_key(prefix: str, delimiter: str, after: str, limit: int) -> str:
-        return f"{prefix}\x00{delimiter}\x00{after}\x00{limit}"
-
-    def get_page(
-        self,
-        namespace: str,
-        prefix: str,
-        delimiter: str,
-        after: str,
-        limit: int,
-        *,
-        stale: bool = False,
-    ) -> ListPage | None:
+    def get_page(self, namespace: str, at: PageAt, *, stale: bool = False) -> ListPage | None:
         """A cached page of a long listing (see :meth:`put_page`); ``stale``: even past its
         TTL, within ``serve_stale`` (only while the store cannot be reached)."""
-        key = (namespace, self._page_key(prefix, delimiter, after, limit))
+        key = (namespace, at.key)
         with self._lock:
             if stale:
                 value = self._pages.stale(key, self._clock())
@@ -445,26 +433,17 @@ class MetadataCache:
                     self.hits += 1
         return None if value is None else _CompactPage.page(value)
 
-    def put_page(
-        self,
-        namespace: str,
-        prefix: str,
-        delimiter: str,
-        after: str,
-        limit: int,
-        page: ListPage,
-        generation: int,
-    ) -> bool:
-        """Cache one store page (``limit`` names after ``after``, with its token) of a listing
-        too long to hold whole, fetched since ``generation``: not when a change that touches
-        the listing happened meanwhile (pages are not patched). Every change that drops the
-        listing drops its pages."""
+    def put_page(self, namespace: str, at: PageAt, page: ListPage, generation: int) -> bool:
+        """Cache the store page ``at`` (with its token) of a listing too long to hold whole,
+        fetched since ``generation``: not when a change that touches the listing happened
+        meanwhile (pages are not patched). Every change that drops the listing drops its
+        pages."""
         with self._lock:
             changes = self._changes_since(generation, namespace)
-            if changes is None or any(c.touches_listing(prefix) for c in changes):
+            if changes is None or any(c.touches_listing(at.prefix) for c in changes):
                 return False
             if self.ttl > 0 or self.immutable:
-                key = (namespace, self._page_key(prefix, delimiter, after, limit))
+                key = (namespace, at.key)
                 self._pages.put(key, _CompactPage.of(page), self._expiry(self.ttl), self._clock())
             return True
 

@@ -12,10 +12,26 @@ keys sort after it); it is skipped.
 from __future__ import annotations
 
 import bisect
+from typing import NamedTuple
 
 from objstore.base import ListPage, ObjectInfo, Store
 
 LIST_PAGE_MAX = 1000  # names in one page of /v1/list (a store's page)
+
+
+class PageAt(NamedTuple):
+    """Where a page of a listing is: ``limit`` names of ``prefix`` (rolled up at
+    ``delimiter``) after ``after``."""
+
+    prefix: str
+    delimiter: str
+    after: str
+    limit: int
+
+    @property
+    def key(self) -> str:
+        """One string naming it (a cache key; its first field is the prefix)."""
+        return f"{self.prefix}\x00{self.delimiter}\x00{self.after}\x00{self.limit}"
 
 
 def listed_name(prefix: str, delimiter: str, key: str) -> str:
@@ -50,9 +66,10 @@ def names_after(page: ListPage, after: str, limit: int) -> ListPage:
     return ListPage(taken_objects, taken_prefixes, last if more else page.token)
 
 
-def store_page(store: Store, prefix: str, delimiter: str, after: str, limit: int) -> ListPage:
-    """One page of the store's listing, names greater than ``after`` (a sub-prefix given
-    last comes back first from the store, and is skipped); token: the next ``after``."""
+def store_page(store: Store, at: PageAt) -> ListPage:
+    """The page ``at`` of the store's listing, names greater than ``after`` (a sub-prefix
+    given last comes back first from the store, and is skipped); token: the next ``after``."""
+    prefix, delimiter, after, limit = at
     token: str | None = None
     while True:
         got = store.list_page(

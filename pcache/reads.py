@@ -333,12 +333,16 @@ class BlockReads:
             self.report_hits()
             self._cache.close()
             self._cache = None
-        for segment in self._segments:
-            try:
-                self._client.local_request(
-                    "POST", "/v1/shm/release", payload={"segment": segment.name}
-                )
-            except StorageError:
-                pass
-            segment.close()
+        release_segments(self._client, self._segments)
         self._segments.clear()
+
+
+def release_segments(client: PcacheClient, segments: list[shm.SharedBuffer]) -> None:
+    """Tell the local worker to let go of ``segments`` (best effort: a worker that is gone
+    holds nothing), then close them."""
+    for segment in segments:
+        try:
+            client.local_request("POST", "/v1/shm/release", payload={"segment": segment.name})
+        except StorageError:
+            pass
+        segment.close()

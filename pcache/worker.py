@@ -43,7 +43,7 @@ from .fetch import BlockFetcher, PeerClient
 from .membership import DnsMembership, Membership, parse_dns_target
 from .metacache import MISSING, PROBE, MetadataCache, Missing
 from .metastore import MetadataStore
-from .pages import LIST_PAGE_MAX, listed_name, names_after, store_page
+from .pages import LIST_PAGE_MAX, PageAt, listed_name, names_after, store_page
 from .protocol import (
     METADATA_HEADER,
     SOURCE_HEADER,
@@ -292,9 +292,12 @@ class Worker:
 
         async def one(node: Node) -> int:
             try:
-                async with gate, self.peers._client().get(
-                    f"{node.address}/v1/announcements", timeout=timeout
-                ) as response:
+                async with (
+                    gate,
+                    self.peers._client().get(
+                        f"{node.address}/v1/announcements", timeout=timeout
+                    ) as response,
+                ):
                     if response.status != 200:
                         raise RuntimeError(f"HTTP {response.status}")
                     body = await response.json()
@@ -496,23 +499,22 @@ class Worker:
         store = self.store(namespace)
         check_prefix(prefix)
         limit = max(1, min(limit, LIST_PAGE_MAX))
+        at = PageAt(prefix, delimiter, after, limit)
         cached = self.meta.get_listing(namespace, prefix, delimiter)
         if cached is not None:
             page = names_after(cached, after, limit)
-        elif (hit := self.meta.get_page(namespace, prefix, delimiter, after, limit)) is not None:
+        elif (hit := self.meta.get_page(namespace, at)) is not None:
             page = hit
         else:
             generation = self.meta.generation
             stale = self.meta.stale_listing(namespace, prefix, delimiter)
             stale_page = (
-                None
-                if stale is not None
-                else self.meta.get_page(namespace, prefix, delimiter, after, limit, stale=True)
+                None if stale is not None else self.meta.get_page(namespace, at, stale=True)
             )
             try:
                 page = await self._ask_store(
                     namespace,
-                    functools.partial(store_page, store, prefix, delimiter, after, limit),
+                    functools.partial(store_page, store, at),
                     fallback=stale is not None or stale_page is not None,
                 )
             except TransientError as exc:
@@ -530,7 +532,7 @@ class Worker:
                         for info in page.objects:
                             self.meta.put_stat(namespace, info.key, info, generation, listed=True)
                 else:  # a page of a longer listing: cached as a page
-                    self.meta.put_page(namespace, prefix, delimiter, after, limit, page, generation)
+                    self.meta.put_page(namespace, at, page, generation)
         return await self._overlay(namespace, prefix, delimiter, page, after=after, upto=page.token)
 
     async def _overlay(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from objstore.base import ListPage, ObjectInfo
 from pcache.metacache import MISSING, MetadataCache
+from pcache.pages import PageAt
 
 
 class Clock:
@@ -329,35 +330,35 @@ def test_pages_of_a_long_listing_are_cached_bounded_and_dropped_by_changes() -> 
     first = ListPage([ObjectInfo("d/a", 1, 0.0)], [], "d/a")
     second = ListPage([ObjectInfo("d/b", 1, 0.0)], [], None)
     generation = cache.generation
-    assert cache.put_page("ns", "d/", "/", "", 1, first, generation)
-    assert cache.put_page("ns", "d/", "/", "d/a", 1, second, generation)
-    assert cache.get_page("ns", "d/", "/", "", 1) == first
-    assert cache.get_page("ns", "d/", "/", "d/a", 1) == second
-    assert cache.get_page("ns", "d/", "/", "", 2) is None  # another page size: another page
-    assert cache.get_page("ns", "d/", "", "", 1) is None  # another delimiter too
+    assert cache.put_page("ns", PageAt("d/", "/", "", 1), first, generation)
+    assert cache.put_page("ns", PageAt("d/", "/", "d/a", 1), second, generation)
+    assert cache.get_page("ns", PageAt("d/", "/", "", 1)) == first
+    assert cache.get_page("ns", PageAt("d/", "/", "d/a", 1)) == second
+    assert cache.get_page("ns", PageAt("d/", "/", "", 2)) is None  # another page size: another page
+    assert cache.get_page("ns", PageAt("d/", "", "", 1)) is None  # another delimiter too
     assert cache.get_listing("ns", "d/") is None  # a page is not the whole listing
     # a change that lands in the directory drops every page of it; elsewhere none
     cache.landed("ns", "e/x", ObjectInfo("e/x", 1, 0.0))
-    assert cache.get_page("ns", "d/", "/", "", 1) == first
+    assert cache.get_page("ns", PageAt("d/", "/", "", 1)) == first
     cache.landed("ns", "d/c", ObjectInfo("d/c", 1, 0.0))
-    assert cache.get_page("ns", "d/", "/", "", 1) is None
-    assert cache.get_page("ns", "d/", "/", "d/a", 1) is None
+    assert cache.get_page("ns", PageAt("d/", "/", "", 1)) is None
+    assert cache.get_page("ns", PageAt("d/", "/", "d/a", 1)) is None
     # nor is a page fetched across such a change cached (pages are not patched)
     generation = cache.generation
     cache.invalidate_key("ns", "d/z")
-    assert not cache.put_page("ns", "d/", "/", "", 1, first, generation)
-    assert cache.get_page("ns", "d/", "/", "", 1) is None
-    assert cache.put_page("ns", "d/", "/", "", 1, first, cache.generation)
+    assert not cache.put_page("ns", PageAt("d/", "/", "", 1), first, generation)
+    assert cache.get_page("ns", PageAt("d/", "/", "", 1)) is None
+    assert cache.put_page("ns", PageAt("d/", "/", "", 1), first, cache.generation)
     cache.invalidate("ns", "d/")
-    assert cache.get_page("ns", "d/", "/", "", 1) is None
+    assert cache.get_page("ns", PageAt("d/", "/", "", 1)) is None
     # past the TTL a page is stale: given only when asked so (the store is down)
-    assert cache.put_page("ns", "d/", "/", "", 1, first, cache.generation)
+    assert cache.put_page("ns", PageAt("d/", "/", "", 1), first, cache.generation)
     clock.now = 31.0
-    assert cache.get_page("ns", "d/", "/", "", 1) is None
-    assert cache.get_page("ns", "d/", "/", "", 1, stale=True) == first
+    assert cache.get_page("ns", PageAt("d/", "/", "", 1)) is None
+    assert cache.get_page("ns", PageAt("d/", "/", "", 1), stale=True) == first
     # bounded: the least recently used page goes first
     for n in range(PAGES_MAX + 5):
-        cache.put_page("ns", "big/", "/", f"k{n:05d}", 1000, first, cache.generation)
+        cache.put_page("ns", PageAt("big/", "/", f"k{n:05d}", 1000), first, cache.generation)
     assert cache.sizes()["pages"] == PAGES_MAX
-    assert cache.get_page("ns", "big/", "/", "k00000", 1000) is None
-    assert cache.get_page("ns", "big/", "/", f"k{PAGES_MAX + 4:05d}", 1000) == first
+    assert cache.get_page("ns", PageAt("big/", "/", "k00000", 1000)) is None
+    assert cache.get_page("ns", PageAt("big/", "/", f"k{PAGES_MAX + 4:05d}", 1000)) == first

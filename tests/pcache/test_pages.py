@@ -7,7 +7,7 @@ from pathlib import Path
 
 from objstore import open_store
 from objstore.base import ListPage, ObjectInfo
-from pcache.pages import listed_name, names_after, store_page
+from pcache.pages import PageAt, listed_name, names_after, store_page
 
 
 def _names(page: ListPage) -> list[str]:
@@ -51,11 +51,14 @@ def test_store_pages_resume_after_any_name_and_skip_a_prefix_given_last(tmp_path
         store.put(key, b"x")
     expected = sorted({listed_name("flat/", "/", k) for k in keys})
     for limit in (1, 4, 1000):
-        names, pages = _walk(lambda a, n: store_page(store, "flat/", "/", a, n), limit)
+        names, pages = _walk(lambda a, n: store_page(store, PageAt("flat/", "/", a, n)), limit)
         assert names == expected, limit
         full = -(-len(expected) // limit)
         assert pages in (full, full + 1)  # the store may only learn at the next page it is done
     # resumed after a prefix: its keys (which sort after it) are not given again
-    assert _names(store_page(store, "flat/", "/", "flat/sub/", 2)) == ["flat/t0/", "flat/t1/"]
-    names, _ = _walk(lambda a, n: store_page(store, "flat/", "", a, n), 7)
+    assert _names(store_page(store, PageAt("flat/", "/", "flat/sub/", 2))) == [
+        "flat/t0/",
+        "flat/t1/",
+    ]
+    names, _ = _walk(lambda a, n: store_page(store, PageAt("flat/", "", a, n)), 7)
     assert names == sorted(keys)  # recursive
