@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import gc
 import logging
 import os
 import shutil
@@ -26,11 +25,11 @@ from typing import Any
 
 from objstore.cli import CommandError, ExitCode
 
+from . import collector
 from .client import PcacheClient, split_path
 from .config import CONFIG_ENV, ClientConfig, Durability
 from .localcache import raise_open_files_limit
 
-GC_YOUNG = 50_000  # allocations between collections of the young generation (700 by default)
 log = logging.getLogger(__name__)
 
 FUSE_DEVICE = "/dev/fuse"
@@ -218,11 +217,8 @@ def run_foreground(client: PcacheClient, options: MountOptions) -> None:
         ", immutable" if options.immutable else "",
     )
     unmounted = False
-    # a directory read allocates a few objects per entry, most short-lived, while the inode
-    # table and the last-known pages stay: collecting the young generation less often keeps
-    # the collector from walking that long-lived heap again and again (measured: a warm
-    # `ls -f` of 100,000 names)
-    gc.set_threshold(GC_YOUNG, 20, 20)
+    collector.tune()  # a directory read allocates per entry while the inode table stays
+    collector.freeze_startup_heap()
     try:
         trio.run(_serve, options.mountpoint)
         unmounted = not is_mounted(options.mountpoint)

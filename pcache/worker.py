@@ -34,6 +34,7 @@ from objstore.errors import ObjectNotFound, TransientError
 from objstore.retry import RetryPolicy, retry_policy
 from objstore.url import check_key, check_prefix
 
+from . import collector
 from . import metrics as metrics_mod
 from .announce import Announced, Announcement
 from .blockindex import BlockId
@@ -1528,6 +1529,7 @@ def run_worker(config: WorkerConfig) -> None:
     # the event loop answers clients while upload threads move bytes: a shorter GIL switch
     # interval keeps a rename or a stat from waiting behind them (5 ms per switch by default)
     sys.setswitchinterval(0.0005)
+    collector.tune()  # a listing allocates per entry while the metadata cache stays
     app = create_app(config)
 
     async def main() -> None:
@@ -1539,6 +1541,7 @@ def run_worker(config: WorkerConfig) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        collector.freeze_startup_heap()  # the metadata loaded at start, the imports
         print(f"pcache worker {config.node_id} listening on {config.listen}", flush=True)
         await stop.wait()
         log.info("worker %s stopping", config.node_id)
