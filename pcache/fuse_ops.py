@@ -494,13 +494,17 @@ class PcacheOperations(pyfuse3.Operations):
             return
         if cached and cached[1] > time.monotonic():
             return
-        marker = await self._stat_object(self._marker(path))
+        marker = await self._marker_stat(path)
         attrs = (
             self._default_dir_attrs()  # no marker: a prefix, with the defaults
             if marker is None
             else attrs_of(marker, self.defaults, directory=True)
         )
         self._dir_attrs[path] = (attrs, time.monotonic() + self.timeout)
+
+    def _dir_attrs_fresh(self, path: str) -> bool:
+        cached = self._dir_attrs.get(path)
+        return cached is not None and cached[1] > time.monotonic()
 
     def _dir_entry(self, inode: int, path: str) -> Any:
         """A directory's entry; attributes not (or no longer) known from its marker are not
@@ -629,15 +633,16 @@ class PcacheOperations(pyfuse3.Operations):
     async def _stat_file(self, path: str) -> ObjectInfo | None:
         return await self._stat_object(self._client_path(path))
 
-    async def _stat_ahead(self, path: str) -> ObjectInfo | None:
+    async def _ahead(self, path: str) -> tuple[bool, ObjectInfo | None]:
         """``path``'s stat from a stat-ahead batch (see :mod:`pcache.statahead`): asked now,
         with the names listed after it, when it is a listed name the kernel got without
-        attributes; None when there is no such answer (it is then asked alone)."""
+        attributes (``dir/sub/``: a directory's marker); ``(False, None)`` when there is no
+        such answer, ``(True, None)`` when the answer is "not there"."""
         known, info = self._statahead.take(path)
         if not known:
             batch = self._statahead.batch_for(path)
             if len(batch) < 2:
-                return None
+                return False, None
             paths = {self._client_path(p): p for p in batch}
             answers = await self._run(
                 functools.partial(self.client.stat_many, full=True), list(paths)
@@ -646,7 +651,20 @@ class PcacheOperations(pyfuse3.Operations):
                 {paths[p]: a for p, a in answers.items() if paths[p] not in self._open}
             )
             known, info = self._statahead.take(path)
-        return info if known else None  # a name gone meanwhile is asked alone (a directory?)
+        return known, info
+
+    async def _stat_ahead(self, path: str) -> ObjectInfo | None:
+        """A file's stat from a stat-ahead batch; None when there is none (it is then asked
+        alone: a name gone meanwhile may be a directory now)."""
+        return (await self._ahead(path))[1]
+
+    async def _marker_stat(self, path: str) -> ObjectInfo | None:
+        """The marker object of directory ``path`` (None: it has none), from a stat-ahead
+        batch when the directory was listed moments ago, else asked."""
+        known, marker = await self._ahead(path + "/")
+        if known:
+            return marker
+        return await self._stat_object(self._marker(path))
 
     async def _resolve(self, path: str) -> tuple[str, ObjectInfo | None] | None:
         """What ``path`` is: (FILE or LINK, info), (DIR, marker info or None), or None."""
@@ -662,7 +680,7 @@ class PcacheOperations(pyfuse3.Operations):
         known = self._dir_known_locally(path)
         want_marker = self.markers and not self.immutable
         if known:  # a directory: only its marker's attributes are asked
-            marker = await self._stat_object(self._marker(path)) if want_marker else None
+            marker = await self._marker_stat(path) if want_marker else None
             return self._found_dir(path, marker, asked=want_marker)
         # names created one after another in a directory (tar, cp -r) are new: the file is
         # asked with the rest (one round trip, not two); otherwise it is, most often, a file
@@ -1105,12 +1123,16 @@ class PcacheOperations(pyfuse3.Operations):
         handle.page, handle.last = number, token is None
         handle.entries = [(name, kind, info, full) for name, (kind, info, full) in entries.items()]
         handle.entries.sort(key=lambda e: e[0])
+        asks_markers = self.markers and not self.immutable
         self._statahead.listed(
             handle.path,
             [
-                e[0]
+                # a file listed without its attributes, and a directory's marker ("d/"): the
+                # kernel asks for both (lookup; getattr of the directory) as a walk goes on
+                e[0] if e[1] == FILE else e[0] + "/"
                 for e in handle.entries
-                if e[1] == FILE and not e[3] and f"{below}{e[0]}" not in self._open
+                if (e[1] == FILE and not e[3] and f"{below}{e[0]}" not in self._open)
+                or (e[1] == DIR and asks_markers and not self._dir_attrs_fresh(f"{below}{e[0]}"))
             ],
         )
 

@@ -6,7 +6,9 @@ kernel without attributes, and each name's ``lookup`` costs a HEAD of its own, o
 another: ``find``, ``ls -l``, ``rsync`` and a dataloader's ``os.walk`` pay one store round
 trip per file. As Lustre's statahead does, the first such lookup of a listed name asks for
 that name and the next :data:`BATCH` names of the listing in one request; the worker HEADs
-them side by side, and the lookups that follow are answered from here.
+them side by side, and the lookups that follow are answered from here. A sub-directory of
+the listing is named ``sub/``: its marker object, whose attributes the directory's
+``getattr`` needs (a walk asks for every directory's, one after another, as for files).
 
 Invariants:
 
@@ -88,7 +90,9 @@ class StatAhead(Generic[I]):
         """The paths to ask ahead now that ``path`` is looked up: ``path`` and the names after
         it in its directory's listing not asked yet; empty when ``path`` is not a listed name
         waiting for its attributes."""
-        directory, _, name = path.rpartition("/")
+        directory, _, name = path.rstrip("/").rpartition("/")
+        if path.endswith("/"):
+            name += "/"  # a sub-directory's marker
         listed = self._dirs.get(directory)
         if listed is None:
             return []
@@ -130,8 +134,10 @@ class StatAhead(Generic[I]):
         return True, got[1]
 
     def forget(self, path: str) -> None:
-        """``path`` changed here: an answer fetched for it is no longer the truth."""
+        """``path`` changed here: an answer fetched for it (or, a directory, for its marker
+        ``path/``) is no longer the truth."""
         self._answers.pop(path, None)
+        self._answers.pop(path + "/", None)
 
     def counts(self) -> dict[str, int]:
         """For the mount's statistics: batches sent, names asked, lookups answered."""

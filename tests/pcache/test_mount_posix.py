@@ -532,6 +532,32 @@ def test_a_listed_directory_is_stat_ahead_in_batches(bed: Bed) -> None:
     assert len(heads) == len(set(heads)) == len(names) - 1, heads  # each asked once
 
 
+def test_a_walk_asks_the_markers_of_listed_directories_in_one_batch(bed: Bed) -> None:
+    """``os.walk`` with a ``stat`` of each directory: the first directory's ``getattr`` asks
+    for the markers of the directories listed after it in one request; each directory shows
+    its marker's mode and owner (written by another client), and each marker is HEADed once."""
+    from pcache.posix import Attrs
+
+    names = [f"d{i:02d}" for i in range(30)]
+    for i, name in enumerate(names):
+        attrs = Attrs(stat.S_IFDIR | (0o700 + i % 8), 3000 + i, 4000, 1_700_000_000 * 10**9, 0, 0)
+        bed.store.put(f"walk/{name}/", b"", metadata=attrs.to_metadata())
+        bed.store.put(f"walk/{name}/file", b"f")
+    time.sleep(1.1)  # past the kernel's attribute timeout of anything this mount saw there
+    before = json.loads((bed.a / ".pcache-stats").read_text())["stat_ahead"]
+    bed.proxy.request_log.clear()
+    assert sorted(os.listdir(bed.a / "walk")) == names
+    for i, name in enumerate(names):
+        st = os.stat(bed.a / "walk" / name)
+        assert stat.S_ISDIR(st.st_mode)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o700 + i % 8, 3000 + i)
+    after = json.loads((bed.a / ".pcache-stats").read_text())["stat_ahead"]
+    assert after["batches"] - before["batches"] == 1, after
+    assert after["answered"] - before["answered"] >= len(names) - 1
+    heads = [r for r in bed.proxy.request_log if r.startswith("HEAD /") and "/walk/d" in r]
+    assert len(heads) == len(set(heads)) == len(names), heads  # each marker asked once
+
+
 def test_kill_9_of_the_worker_between_close_and_upload(bed: Bed, outage: FaultProxy) -> None:
     data = os.urandom(5 * MiB + 3)
     with open(bed.a / "k9w.bin", "wb") as file:

@@ -59,3 +59,19 @@ def test_a_directory_listed_page_by_page_past_the_bound_keeps_its_latest_names()
     ahead.listed("flat", [f"n{i:05d}" for i in range(1200, 1210)])  # one more page: a cut
     assert ahead.batch_for("flat/n01105") == []  # its turn to go
     assert ahead.batch_for("flat/n01205") == [f"flat/n{i:05d}" for i in range(1205, 1210)]
+
+
+def test_sub_directories_are_asked_ahead_by_their_markers() -> None:
+    """A listed sub-directory is named ``sub/`` (its marker object): a walk's ``getattr`` of
+    one asks for the markers (and files) listed after it; a local change to the directory
+    drops its marker's answer."""
+    ahead: StatAhead[str] = StatAhead(valid_s=60, batch=3)
+    ahead.listed("top", ["a/", "b/", "f", "c/"])
+    assert ahead.batch_for("top/a/") == ["top/a/", "top/b/", "top/f"]
+    assert ahead.batch_for("top/b/") == []  # asked already
+    ahead.listed("", ["x/", "y/"])  # at the root
+    assert ahead.batch_for("x/") == ["x/", "y/"]
+    ahead.answered({"top/c/": None, "top/a/": "marker of a"})
+    ahead.forget("top/a")  # chmod of the directory here
+    assert ahead.take("top/a/") == (False, None)
+    assert ahead.take("top/c/") == (True, None)  # no marker: an answer too
