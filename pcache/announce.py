@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 from objstore.base import ObjectInfo
 
+from .keyindex import PrefixIndex
+
 DEFAULT_TTL_S = 600.0
 MAX_ENTRIES = 100_000  # past it, the oldest announcements go first
 _LANDED_MEMORY = 10_000  # versions remembered as landed (a late announcement is ignored)
@@ -63,6 +65,7 @@ class Announced:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[str, str], Announcement] = OrderedDict()
+        self._keys = PrefixIndex()  # the keys of _entries, for under()
         self._landed: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def __len__(self) -> int:
@@ -79,8 +82,9 @@ class Announced:
             ident = (namespace, key)
             self._entries.pop(ident, None)
             self._entries[ident] = Announcement(owner, version, info, self._clock() + self.ttl)
+            self._keys.add(namespace, key)
             while len(self._entries) > MAX_ENTRIES:
-                self._entries.popitem(last=False)
+                self._keys.discard(*self._entries.popitem(last=False)[0])
             return True
 
     def get(self, namespace: str, key: str) -> Announcement | None:
@@ -89,6 +93,7 @@ class Announced:
             entry = self._entries.get(ident)
             if entry is not None and entry.expires <= self._clock():
                 del self._entries[ident]
+                self._keys.discard(*ident)
                 return None
             return entry
 
@@ -96,11 +101,11 @@ class Announced:
         """The live announcements of keys starting with ``prefix``."""
         now = self._clock()
         with self._lock:
-            return {
-                key: entry
-                for (ns, key), entry in self._entries.items()
-                if ns == namespace and key.startswith(prefix) and entry.expires > now
-            }
+            found = (
+                (key, self._entries[(namespace, key)])
+                for key in self._keys.under(namespace, prefix)
+            )
+            return {key: entry for key, entry in found if entry.expires > now}
 
     def landed(self, namespace: str, key: str, owner: str, version: str) -> bool:
         """The owner's upload of ``version`` reached the store: its announcement ends (a newer
@@ -114,12 +119,14 @@ class Announced:
             if entry is None or (entry.owner, entry.version) != (owner, version):
                 return False
             del self._entries[ident]
+            self._keys.discard(*ident)
             return True
 
     def forget_prefix(self, namespace: str, prefix: str) -> int:
         """Drop every announcement under ``prefix`` (a cluster invalidation of it)."""
         with self._lock:
-            gone = [i for i in self._entries if i[0] == namespace and i[1].startswith(prefix)]
-            for ident in gone:
-                del self._entries[ident]
+            gone = self._keys.under(namespace, prefix)
+            for key in gone:
+                del self._entries[(namespace, key)]
+                self._keys.discard(namespace, key)
             return len(gone)

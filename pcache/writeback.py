@@ -72,6 +72,7 @@ from objstore.errors import NotSupported, PreconditionFailed, UploadNotFound, is
 
 from .blockstore import BlockStore
 from .eager import EagerUpload, PartPool, Superseded
+from .keyindex import PrefixIndex
 from .protocol import PENDING_PREFIX, CopySource, Progress, UploadFailed, WriteError
 from .staging import StagedFile
 
@@ -201,6 +202,7 @@ class WriteBack:
         self._cond = threading.Condition()
         self._staged: dict[str, StagedFile] = {}  # session id -> file (open or referenced)
         self._records: dict[Ident, PendingObject] = {}
+        self._keys = PrefixIndex()  # the keys of _records, for pending_under
         self._ready: deque[Ident] = deque()
         self._queued: set[Ident] = set()
         self._active: set[Ident] = set()
@@ -254,6 +256,7 @@ class WriteBack:
             with self._cond:
                 self._seq = max(self._seq, record.seq + 1)
                 self._records[(record.namespace, record.key)] = record
+                self._keys.add(record.namespace, record.key)
         with self._journal_lock, self._env.begin(write=True) as txn:
             for raw_key in stale_keys:
                 txn.delete(raw_key)
@@ -657,6 +660,7 @@ class WriteBack:
         """Drop the pending record of ``key`` (its bytes are lost); returns it."""
         with self._cond:
             record = self._records.pop((namespace, key), None)
+            self._keys.discard(namespace, key)
             self._retry_at.pop((namespace, key), None)
             self._attempts.pop((namespace, key), None)
         if record is not None:
@@ -678,11 +682,7 @@ class WriteBack:
 
     def pending_under(self, namespace: str, prefix: str) -> list[PendingObject]:
         with self._cond:
-            return [
-                r
-                for (ns, key), r in self._records.items()
-                if ns == namespace and key.startswith(prefix)
-            ]
+            return [self._records[(namespace, key)] for key in self._keys.under(namespace, prefix)]
 
     def records(self) -> list[PendingObject]:
         with self._cond:
@@ -910,6 +910,7 @@ class WriteBack:
         ident = (record.namespace, record.key)
         old = self._records.get(ident)
         self._records[ident] = record
+        self._keys.add(record.namespace, record.key)
         self._maybe_borrowed = self._maybe_borrowed or bool(record.upload_key or record.source_key)
         self._attempts.pop(ident, None)
         if self.upload_delay > 0:
@@ -1186,6 +1187,7 @@ class WriteBack:
             if self._closing or not self._is_current_locked(ident, record):
                 return
             del self._records[ident]
+            self._keys.discard(*ident)
             self._attempts.pop(ident, None)
             self._retry_at.pop(ident, None)
             if info is not None:
