@@ -12,7 +12,9 @@ ops = st.lists(st.tuples(st.booleans(), st.sampled_from(["n1", "n2"]), keys), ma
 
 
 @given(ops, st.sampled_from(["n1", "n2"]), keys)
-def test_under_matches_a_full_scan(steps: list[tuple[bool, str, str]], ns: str, prefix: str) -> None:
+def test_under_matches_a_full_scan(
+    steps: list[tuple[bool, str, str]], ns: str, prefix: str
+) -> None:
     index = PrefixIndex()
     reference: set[tuple[str, str]] = set()
     for add, namespace, key in steps:
