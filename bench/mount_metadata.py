@@ -22,7 +22,11 @@ Targets (issue 18): ``ls -f`` and ``find`` cold and warm >= 3x rclone mount; RSS
 listing <= 200 MB; the cold ``stat`` <= 2 requests to the store.
 
     .venv/bin/python bench/mount_metadata.py [--flat 100000] [--dirs 200] [--per-dir 100]
-        [--only pcache,rclone,s3fs] [--json]
+        [--only pcache,rclone,s3fs] [--store-delay-ms 0] [--json]
+
+``--store-delay-ms N`` puts a delay proxy in front of the server (each request waits N ms, as
+across a network to a real store), where fetching the next listing page ahead of its reader
+shows.
 
 The issue's scale is ``--flat 1000000 --dirs 2000 --per-dir 100``; the default is a tenth of
 it, which this 2-core machine lists in minutes per contender. s3fs HEADs every file it lists,
@@ -46,7 +50,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.listing import BUCKET, StaticProcess  # noqa: E402
+from bench.listing import BUCKET, ProxyProcess, StaticProcess  # noqa: E402
 from bench.measure import RssPeak, drop_caches  # noqa: E402
 from bench.mount_vs_peers import RcloneMount, S3fsMount  # noqa: E402
 from objstore.config import Secret  # noqa: E402
@@ -87,6 +91,24 @@ def walk_stat(directory: Path, expected: int) -> None:
             files += 1
     if files != expected:
         raise RuntimeError(f"find {directory}: {files} files, expected {expected}")
+
+
+class DelayedStore:
+    """The static server behind a delay proxy (``--store-delay-ms``): each request waits that
+    long first, as across a network to a real store; counts are the server's."""
+
+    def __init__(self, server: StaticProcess, delay_s: float) -> None:
+        self.server = server
+        self.proxy = ProxyProcess(server.port, delay_s)
+        self.endpoint = self.proxy.endpoint
+        self.access_key_id = server.access_key_id
+        self.secret_access_key = server.secret_access_key
+
+    def counts(self) -> tuple[int, int]:
+        return self.server.counts()
+
+    def stop(self) -> None:
+        self.proxy.stop()
 
 
 class Contender:
@@ -205,13 +227,23 @@ def main() -> int:
     parser.add_argument("--dirs", type=int, default=200, help="directories of the tree (200)")
     parser.add_argument("--per-dir", type=int, default=100, help="objects per directory (100)")
     parser.add_argument("--only", default="pcache,rclone", help="pcache,rclone,s3fs")
+    parser.add_argument(
+        "--store-delay-ms",
+        type=float,
+        default=0.0,
+        help="delay every store request this long (a delay proxy in front of the server: the "
+        "latency of a real store; 0, the default, measures the file systems alone)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     selected = args.only.split(",")
     results: dict[str, dict[str, float]] = {}
-    server = StaticProcess((args.dirs, args.per_dir, args.flat))
-    print(f"static listing server: {args.flat:,} flat + {args.dirs:,} x {args.per_dir:,} keys",
-          file=sys.stderr)  # fmt: skip
+    static = StaticProcess((args.dirs, args.per_dir, args.flat))
+    server: Any = static
+    if args.store_delay_ms > 0:
+        server = DelayedStore(static, args.store_delay_ms / 1000)
+    print(f"static listing server: {args.flat:,} flat + {args.dirs:,} x {args.per_dir:,} keys, "
+          f"{args.store_delay_ms:g} ms added per store request", file=sys.stderr)  # fmt: skip
     try:
         with tempfile.TemporaryDirectory(prefix="mount-meta-", dir="/var/tmp") as tmp:
             work = Path(tmp)
@@ -238,7 +270,9 @@ def main() -> int:
                     for mnt in ("mnt-pcache", "mnt-rclone", "mnt-s3fs"):
                         force_unmount(work / mnt)
     finally:
-        server.stop()
+        if server is not static:
+            server.stop()
+        static.stop()
     failed = report(results, args)
     return 1 if failed else 0
 

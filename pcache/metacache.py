@@ -433,6 +433,11 @@ class MetadataCache:
                     self.hits += 1
         return None if value is None else _CompactPage.page(value)
 
+    def has_page(self, namespace: str, at: PageAt) -> bool:
+        """Whether :meth:`get_page` would answer (not counted as a hit or a miss)."""
+        with self._lock:
+            return self._pages.entry((namespace, at.key), self._clock()) is not None
+
     def put_page(self, namespace: str, at: PageAt, page: ListPage, generation: int) -> bool:
         """Cache the store page ``at`` (with its token) of a listing too long to hold whole,
         fetched since ``generation``: not when a change that touches the listing happened

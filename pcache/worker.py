@@ -81,6 +81,8 @@ STORE_WAIT_S = 60.0  # a read of bytes only in an unfinished upload waits this l
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STAT_MANY_MAX = 1000  # keys in one /v1/stats request
 STAT_AHEAD_PARALLEL = 32  # of them asked of the store side by side
+PAGES_AHEAD = 2  # store pages of a long listing fetched ahead of its reader
+PAGES_AHEAD_MAX = 64  # such fetches in flight at once (all readers)
 OPEN_PATHS = frozenset({"/healthz"})
 MAX_BODY = 64 << 20
 STOP_TIMEOUT_S = 10.0
@@ -157,6 +159,8 @@ class Worker:
         self.metrics = metrics_mod.WorkerMetrics(self)
         self._sequential: dict[tuple[str, str], int] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # store pages of long listings being fetched ahead of their reader (list_page)
+        self._pages_ahead: dict[tuple[str, PageAt], asyncio.Task[ListPage]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # set once serving
 
     def _nodes_with_self(self, nodes: list[Node]) -> list[Node]:
@@ -506,6 +510,8 @@ class Worker:
             page = names_after(cached, after, limit)
         elif (hit := self.meta.get_page(namespace, at)) is not None:
             page = hit
+        elif (ahead := await self._page_fetched_ahead(namespace, at)) is not None:
+            page = ahead
         else:
             generation = self.meta.generation
             stale = self.meta.stale_listing(namespace, prefix, delimiter)
@@ -534,7 +540,52 @@ class Worker:
                             self.meta.put_stat(namespace, info.key, info, generation, listed=True)
                 else:  # a page of a longer listing: cached as a page
                     self.meta.put_page(namespace, at, page, generation)
+        if page.token is not None and cached is None:  # a long listing, read page by page
+            self._fetch_page_ahead(namespace, PageAt(prefix, delimiter, page.token, limit))
         return await self._overlay(namespace, prefix, delimiter, page, after=after, upto=page.token)
+
+    def _fetch_page_ahead(self, namespace: str, at: PageAt, depth: int = PAGES_AHEAD) -> None:
+        """Start fetching the store page ``at`` (the one after a page just answered), and once
+        it lands the ``depth - 1`` after it, while the reader takes in this one: a long listing
+        read page by page then waits for the store once, not once a page (the store's pages
+        come one after another: each one's start is the last name of the one before). At most
+        one fetch per page in flight; each is cached when it lands."""
+        ident = (namespace, at)
+        if ident in self._pages_ahead or self.meta.has_page(namespace, at):
+            return
+        if len(self._pages_ahead) >= PAGES_AHEAD_MAX:
+            return
+        if self._down_until.get(namespace, 0.0) > time.monotonic():
+            return  # the store failed moments ago: the reader gets stale pages, no fetch
+        store = self.store(namespace)
+
+        async def fetch() -> ListPage:
+            generation = self.meta.generation
+            page = await self._ask_store(
+                namespace, functools.partial(store_page, store, at), fallback=False
+            )
+            self.meta.put_page(namespace, at, page, generation)
+            if depth > 1 and page.token is not None:
+                self._fetch_page_ahead(namespace, at._replace(after=page.token), depth - 1)
+            return page
+
+        task = asyncio.create_task(fetch())
+        self._pages_ahead[ident] = task
+        task.add_done_callback(lambda _: self._pages_ahead.pop(ident, None))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _page_fetched_ahead(self, namespace: str, at: PageAt) -> ListPage | None:
+        """The page ``at`` from its fetch ahead, when one is in flight (waited for) and did not
+        fail (a failure: the caller asks the store itself and reports its own error)."""
+        task = self._pages_ahead.get((namespace, at))
+        if task is None:
+            return None
+        try:
+            return await asyncio.shield(task)
+        except Exception as exc:
+            log.debug("page fetched ahead failed (%s); asking the store again", exc)
+            return None
 
     async def _overlay(
         self,

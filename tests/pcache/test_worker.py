@@ -904,3 +904,35 @@ def test_a_restarted_worker_asks_its_peers_for_their_pending_changes(make_cluste
     assert store.get("p/x.bin") == b"old"  # still pending on node 1
     writer.flush("data/p/x.bin", timeout=60)
     assert reader.read("data/p/x.bin") == b"the new content"  # from the store now
+
+
+def test_the_next_page_of_a_long_listing_is_fetched_ahead(make_cluster, rclone_s3) -> None:
+    """A listing read page by page: while the reader takes in one page, the worker already
+    asks the store for the next, so the reader waits for the store once, not once a page;
+    every store page is still asked once."""
+    proxy = FaultProxy(rclone_s3.endpoint).start()
+    try:
+        profile = rclone_s3.profile(endpoint=proxy.endpoint)
+        cluster, store = make_cluster(1, profile=profile)
+        keys = [f"ahead/f{i:02d}" for i in range(25)]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda k: store.put(k, b"x"), keys))
+        client = make_cluster.client(cluster)
+        proxy.request_log.clear()
+
+        def lists() -> list[str]:
+            return [r for r in proxy.request_log if "list-type=2" in r]
+
+        first, token = client.list_page("data/ahead/", limit=10)
+        assert [o.key for o in first.objects] == keys[:10] and token is not None
+        deadline = time.monotonic() + 10
+        while len(lists()) < 2:  # the second page, asked by nobody yet
+            assert time.monotonic() < deadline, proxy.request_log
+            time.sleep(0.05)
+        second, token = client.list_page("data/ahead/", after=token, limit=10)
+        third, last = client.list_page("data/ahead/", after=token or "", limit=10)
+        assert [o.key for o in second.objects + third.objects] == keys[10:] and last is None
+        time.sleep(0.3)
+        assert len(lists()) == 3, lists()  # each store page once
+    finally:
+        proxy.stop()
