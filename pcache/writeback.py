@@ -52,6 +52,8 @@ block store's lock, never the other way round; the journal has its own lock, tak
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import os
@@ -203,7 +205,13 @@ class WriteBack:
         self._staged: dict[str, StagedFile] = {}  # session id -> file (open or referenced)
         self._records: dict[Ident, PendingObject] = {}
         self._keys = PrefixIndex()  # the keys of _records, for pending_under
+        # the upload queue: every queued key is in _ready (due, or held by an upload of it in
+        # flight) or in _waiting (a heap by due time: upload_delay, a retry's backoff), so
+        # finding the next upload costs what is due, not what is pending (entries may repeat:
+        # each is checked against _queued and _retry_at when it is taken)
         self._ready: deque[Ident] = deque()
+        self._waiting: list[tuple[float, int, Ident]] = []
+        self._waiting_seq = itertools.count()
         self._queued: set[Ident] = set()
         self._active: set[Ident] = set()
         self._retry_at: dict[Ident, float] = {}
@@ -651,9 +659,9 @@ class WriteBack:
             if record is None:
                 return False
             self._records[(namespace, key)] = replace(record, error="", permanent=False)
-            self._retry_at.pop((namespace, key), None)
             self._attempts.pop((namespace, key), None)
             self._queue_locked((namespace, key))
+            self._due_now_locked((namespace, key))
         return True
 
     def discard(self, namespace: str, key: str) -> PendingObject | None:
@@ -791,7 +799,7 @@ class WriteBack:
             if record is not None and not record.permanent and ident in self._retry_at:
                 # someone waits for it: no more delay (upload_delay, or a transient failure's
                 # backoff: an fsync after an outage retries now, not when the backoff ends)
-                del self._retry_at[ident]
+                self._due_now_locked(ident)
                 self._cond.notify_all()
             while True:
                 record = self._records.get(ident)
@@ -933,10 +941,25 @@ class WriteBack:
                 staged.detached = True
 
     def _queue_locked(self, ident: Ident) -> None:
-        if ident not in self._queued:
-            self._queued.add(ident)
+        """Queue ``ident`` for upload when its due time comes (placed again when it is queued
+        already: a new record may have a new due time)."""
+        self._queued.add(ident)
+        self._place_locked(ident, time.monotonic())
+        self._cond.notify_all()
+
+    def _place_locked(self, ident: Ident, now: float) -> None:
+        """Put a queued key where it waits: _ready when due, else _waiting by its due time."""
+        due = self._retry_at.get(ident, 0.0)
+        if due > now:
+            heapq.heappush(self._waiting, (due, next(self._waiting_seq), ident))
+        else:
             self._ready.append(ident)
-            self._cond.notify_all()
+
+    def _due_now_locked(self, ident: Ident) -> None:
+        """``ident`` is to be uploaded without waiting any longer (an fsync, a retry)."""
+        self._retry_at.pop(ident, None)
+        if ident in self._queued:
+            self._ready.append(ident)  # its _waiting entry, if any, is skipped when it comes up
 
     def _next_locked(self) -> Ident | None:
         """A key that is due and not being uploaded, or None."""
@@ -951,17 +974,36 @@ class WriteBack:
                 if k and k != r.key
             }
             self._maybe_borrowed = bool(borrowed)
-        for _ in range(len(self._ready)):
+        while self._waiting and self._waiting[0][0] <= now:  # due now: to _ready
+            ident = heapq.heappop(self._waiting)[2]
+            if ident in self._queued:
+                self._ready.append(ident)
+        held: list[Ident] = []
+        found = None
+        while self._ready:
             ident = self._ready.popleft()
+            if ident not in self._queued:
+                continue  # taken already (a repeated entry)
             if ident not in self._records:
                 self._queued.discard(ident)
                 continue
-            if ident in self._active or self._retry_at.get(ident, 0.0) > now or ident in borrowed:
-                self._ready.append(ident)
+            if self._retry_at.get(ident, 0.0) > now:  # delayed again since it was placed
+                self._place_locked(ident, now)
+                continue
+            if ident in self._active or ident in borrowed:
+                held.append(ident)
                 continue
             self._queued.discard(ident)
-            return ident
-        return None
+            found = ident
+            break
+        self._ready.extend(held)
+        return found
+
+    def _next_due_locked(self) -> float | None:
+        """When the earliest waiting key is due (None: none waits)."""
+        while self._waiting and self._waiting[0][2] not in self._queued:
+            heapq.heappop(self._waiting)  # taken or dropped since
+        return self._waiting[0][0] if self._waiting else None
 
     def _upload_loop(self) -> None:
         while True:
@@ -971,8 +1013,8 @@ class WriteBack:
                     ident = self._next_locked()
                     if ident is not None:
                         break
-                    due = [t for i, t in self._retry_at.items() if i in self._queued]
-                    wait = max(0.05, min(due) - time.monotonic()) if due else 1.0
+                    due = self._next_due_locked()
+                    wait = 1.0 if due is None else max(0.05, due - time.monotonic())
                     self._cond.wait(min(wait, 1.0))
                 if self._closing or ident is None:
                     return

@@ -340,3 +340,27 @@ def test_small_objects_are_journalled_with_their_bytes(tmp_path: Path) -> None:
         time.sleep(0.01)
     wb2.close()
     blocks2.close()
+
+
+def test_uploads_wait_their_delay_and_an_fsync_goes_first(tmp_path: Path) -> None:
+    """The upload queue by due time: hundreds of commits waiting out ``upload_delay`` hold
+    nothing up; ``wait_durable`` (an fsync) of one of them uploads it at once (well within a
+    timeout shorter than the delay), the others still wait; a rewritten key lands last
+    version only."""
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    blocks = BlockStore([CacheDir(tmp_path / "disk", 64 * MiB)], tmp_path / "index", block_size=MiB)
+    wb = WriteBack(blocks, {"data": open_store(str(backing))}, tmp_path / "state", upload_delay=60)
+    wb.start()
+    for i in range(300):
+        wb.commit_inline("data", f"many/f{i:03d}", f"first {i}".encode())
+    wb.commit_inline("data", "many/f007", b"rewritten")  # a new version: its own delay
+    assert wb.wait_durable("data", "many/f150", timeout=20)  # not the 60 s delay: at once
+    assert (backing / "many/f150").read_bytes() == b"first 150"
+    assert not (backing / "many/f000").exists()  # the rest still wait out their delay
+    for i in range(300):  # each asked for: each goes at once
+        assert wb.wait_durable("data", f"many/f{i:03d}", timeout=20)
+    assert (backing / "many/f007").read_bytes() == b"rewritten"
+    assert (backing / "many/f299").read_bytes() == b"first 299"
+    wb.close()
+    blocks.close()
