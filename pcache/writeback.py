@@ -61,7 +61,7 @@ import random
 import secrets
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -205,6 +205,7 @@ class WriteBack:
         self._staged: dict[str, StagedFile] = {}  # session id -> file (open or referenced)
         self._records: dict[Ident, PendingObject] = {}
         self._keys = PrefixIndex()  # the keys of _records, for pending_under
+        self._session_refs: Counter[str] = Counter()  # staging session -> records using it
         # the upload queue: every queued key is in _ready (due, or held by an upload of it in
         # flight) or in _waiting (a heap by due time: upload_delay, a retry's backoff), so
         # finding the next upload costs what is due, not what is pending (entries may repeat:
@@ -263,8 +264,7 @@ class WriteBack:
                 continue
             with self._cond:
                 self._seq = max(self._seq, record.seq + 1)
-                self._records[(record.namespace, record.key)] = record
-                self._keys.add(record.namespace, record.key)
+                self._set_record_locked((record.namespace, record.key), record)
         with self._journal_lock, self._env.begin(write=True) as txn:
             for raw_key in stale_keys:
                 txn.delete(raw_key)
@@ -658,7 +658,7 @@ class WriteBack:
             record = self._records.get((namespace, key))
             if record is None:
                 return False
-            self._records[(namespace, key)] = replace(record, error="", permanent=False)
+            self._set_record_locked((namespace, key), replace(record, error="", permanent=False))
             self._attempts.pop((namespace, key), None)
             self._queue_locked((namespace, key))
             self._due_now_locked((namespace, key))
@@ -667,8 +667,7 @@ class WriteBack:
     def discard(self, namespace: str, key: str) -> PendingObject | None:
         """Drop the pending record of ``key`` (its bytes are lost); returns it."""
         with self._cond:
-            record = self._records.pop((namespace, key), None)
-            self._keys.discard(namespace, key)
+            record = self._set_record_locked((namespace, key), None)
             self._retry_at.pop((namespace, key), None)
             self._attempts.pop((namespace, key), None)
         if record is not None:
@@ -855,7 +854,27 @@ class WriteBack:
                     txn.delete(self._journal_key(record))
 
     def _referenced(self, session: str) -> bool:
-        return any(r.session == session for r in self._records.values())
+        return self._session_refs.get(session, 0) > 0
+
+    def _set_record_locked(
+        self, ident: Ident, record: PendingObject | None
+    ) -> PendingObject | None:
+        """The one place a key's pending record changes (None: it has none now), keeping the
+        indexes of the records in step: keys by prefix, and how many records use each staging
+        session. Returns the record it replaced."""
+        old = self._records.pop(ident, None) if record is None else self._records.get(ident)
+        if record is None:
+            self._keys.discard(*ident)
+        else:
+            self._records[ident] = record
+            self._keys.add(*ident)
+            if record.session:
+                self._session_refs[record.session] += 1
+        if old is not None and old.session:
+            self._session_refs[old.session] -= 1
+            if self._session_refs[old.session] <= 0:
+                del self._session_refs[old.session]
+        return old
 
     def _release_if_unreferenced(self, session: str) -> None:
         if not session:
@@ -917,8 +936,7 @@ class WriteBack:
     def _replace_locked(self, record: PendingObject) -> None:
         ident = (record.namespace, record.key)
         old = self._records.get(ident)
-        self._records[ident] = record
-        self._keys.add(record.namespace, record.key)
+        self._set_record_locked(ident, record)
         self._maybe_borrowed = self._maybe_borrowed or bool(record.upload_key or record.source_key)
         self._attempts.pop(ident, None)
         if self.upload_delay > 0:
@@ -1060,7 +1078,7 @@ class WriteBack:
             attempt = self._attempts.get(ident, 0) + 1
             self._attempts[ident] = attempt
             failed = replace(record, error=str(exc) or type(exc).__name__, permanent=permanent)
-            self._records[ident] = failed
+            self._set_record_locked(ident, failed)
             if not permanent:
                 delay = UPLOAD_RETRY_S[min(attempt - 1, len(UPLOAD_RETRY_S) - 1)]
                 self._retry_at[ident] = time.monotonic() + delay * random.uniform(0.8, 1.2)
@@ -1228,8 +1246,7 @@ class WriteBack:
         with self._cond:
             if self._closing or not self._is_current_locked(ident, record):
                 return
-            del self._records[ident]
-            self._keys.discard(*ident)
+            self._set_record_locked(ident, None)
             self._attempts.pop(ident, None)
             self._retry_at.pop(ident, None)
             if info is not None:
