@@ -261,8 +261,8 @@ class MetadataCache:
         self._lock = threading.Lock()
         self._stats: _TTLMap[ObjectInfo | Missing | _Listed] = _TTLMap(max_entries, serve_stale)
         self._listings: _TTLMap[ListPage] = _TTLMap(max(1, max_entries // 100), serve_stale)
-        # pages of listings too long to hold whole, by (prefix, delimiter, after, limit); in
-        # memory only, the least recently used dropped first
+        # pages of listings too long to hold whole, by (prefix, delimiter, after, limit); the
+        # least recently used dropped first (saved to disk with the rest, see save())
         self._pages: _TTLMap[_CompactPage | ListPage] = _TTLMap(PAGES_MAX, serve_stale)
         self.hits = 0
         self.misses = 0
@@ -591,6 +591,8 @@ class MetadataCache:
                 fetched = now - (wall - saved.fetched)
                 if saved.kind == "listing":
                     self._listings.put(saved.key, saved.value, expires, fetched)
+                elif saved.kind == "page":
+                    self._pages.put(saved.key, _CompactPage.of(saved.value), expires, fetched)
                 else:
                     value = saved.value
                     if value == "missing":
@@ -601,6 +603,7 @@ class MetadataCache:
                 loaded += 1
             self._stats.dirty.clear()
             self._listings.dirty.clear()
+            self._pages.dirty.clear()
         return loaded
 
     def save(self, store: MetadataStore) -> int:
@@ -615,6 +618,8 @@ class MetadataCache:
                 value = "missing"
             elif isinstance(value, _Listed):
                 value = ("listed", value.info)
+            elif isinstance(value, _CompactPage):
+                value = _CompactPage.page(value)
             expires = None if entry.expires == float("inf") else wall + entry.expires - now
             fetched = wall - (now - entry.fetched) if entry.fetched else wall
             return kind, key, Saved(kind, key, value, expires, fetched)
@@ -622,9 +627,10 @@ class MetadataCache:
         with self._lock:
             changes = [saved("stat", k, self._stats.peek(k)) for k in self._stats.dirty]
             changes += [saved("listing", k, self._listings.peek(k)) for k in self._listings.dirty]
+            changes += [saved("page", k, self._pages.peek(k)) for k in self._pages.dirty]
             self._stats.dirty.clear()
             self._listings.dirty.clear()
-            self._pages.dirty.clear()  # pages are not kept on disk
+            self._pages.dirty.clear()
         if not changes:
             return 0
         return store.save(changes, self._stats.grace)

@@ -1,5 +1,5 @@
-"""The metadata cache on disk: stats and listings with their fetch times, so that a restarted
-worker answers for the trees it knew at once (issue 18).
+"""The metadata cache on disk: stats, listings and pages of long listings with their fetch
+times, so that a restarted worker answers for the trees it knew at once (issue 18).
 
 :class:`~pcache.metacache.MetadataCache` keeps its maps in memory and notes which entries
 changed; :meth:`MetadataStore.save` writes those (their current value, or their removal) in
@@ -44,9 +44,9 @@ _META_KEY = b"\x00format"
 
 @dataclass(frozen=True)
 class Saved:
-    """One cache entry as stored: which map (``"stat"`` or ``"listing"``), its key, its value
-    (an ObjectInfo, ``"missing"``, ``("listed", ObjectInfo)`` or a ListPage), and wall-clock
-    times (``expires`` None: never, immutable mode)."""
+    """One cache entry as stored: which map (``"stat"``, ``"listing"`` or ``"page"``), its key,
+    its value (an ObjectInfo, ``"missing"``, ``("listed", ObjectInfo)`` or a ListPage), and
+    wall-clock times (``expires`` None: never, immutable mode)."""
 
     kind: str
     key: tuple[str, str]

@@ -285,6 +285,31 @@ def test_the_cache_is_saved_and_taken_back_with_the_ttl_it_had_left(tmp_path) ->
     assert again.get_listing("ns", "d/") is None  # dropped by the invalidation of d/x
 
 
+def test_pages_of_long_listings_are_saved_and_taken_back(tmp_path) -> None:
+    """A restarted worker pages through a long listing it knew without asking the store; a
+    page a change dropped before the save does not come back."""
+    from pcache.metastore import MetadataStore
+
+    cache = MetadataCache(ttl=30, negative_ttl=5, clock=Clock())
+    store = MetadataStore(tmp_path / "meta")
+    first = ListPage([ObjectInfo("big/a", 1, 2.5, "e1")], ["big/s/"], "big/s/")
+    second = ListPage([ObjectInfo("big/z", 2, 0.0, "e2")], [], None)
+    other = ListPage([ObjectInfo("o/a", 1, 0.0, "e3")], [], "o/a")
+    assert cache.put_page("ns", PageAt("big/", "/", "", 2), first, cache.generation)
+    assert cache.put_page("ns", PageAt("big/", "/", "big/s/", 2), second, cache.generation)
+    assert cache.put_page("ns", PageAt("o/", "/", "", 1), other, cache.generation)
+    assert cache.save(store) == 3
+    cache.landed("ns", "o/b", ObjectInfo("o/b", 1, 0.0, "e4"))  # drops o/'s pages
+    cache.save(store)
+    store.close()
+    again = MetadataCache(ttl=30, negative_ttl=5, clock=Clock())
+    again.load(MetadataStore(tmp_path / "meta"))
+    assert again.get_page("ns", PageAt("big/", "/", "", 2)) == first
+    assert again.get_page("ns", PageAt("big/", "/", "big/s/", 2)) == second
+    assert again.get_page("ns", PageAt("o/", "/", "", 1)) is None
+    assert again.sizes()["pages"] == 2
+
+
 def test_a_saved_listing_keeps_its_fetch_time_and_expires_on_the_wall_clock(
     tmp_path, monkeypatch
 ) -> None:
