@@ -561,8 +561,10 @@ class Worker:
 
         async def fetch() -> ListPage:
             generation = self.meta.generation
+            # a hint: asked briefly (a reader waiting on it falls back to stale pages or its
+            # own request within seconds, not after the store's whole retry deadline)
             page = await self._ask_store(
-                namespace, functools.partial(store_page, store, at), fallback=False
+                namespace, functools.partial(store_page, store, at), fallback=True
             )
             self.meta.put_page(namespace, at, page, generation)
             if depth > 1 and page.token is not None:
