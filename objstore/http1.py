@@ -152,8 +152,11 @@ class ConnectionPool:
         target: str,
         headers: dict[str, str] | None = None,
         body: bytes | bytearray | memoryview | None = None,
+        *,
+        timeout: float | None = None,
     ) -> Response:
-        """Send one request and read the whole response (see the module docstring)."""
+        """Send one request and read the whole response (see the module docstring);
+        ``timeout``: this request's receive timeout instead of the pool's ``read_timeout``."""
         lines = [f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
         for name, value in (headers or {}).items():
             lines.append(f"{name}: {value}\r\n")
@@ -168,7 +171,11 @@ class ConnectionPool:
             conn = self._checkout()
             conn.answered = False
             try:
+                if timeout is not None:
+                    conn.sock.settimeout(timeout)
                 response, keep = self._exchange(conn, method, head, body)
+                if timeout is not None:
+                    conn.sock.settimeout(self.read_timeout)
             except (_StaleConnection, OSError, ValueError) as exc:
                 conn.close()
                 stale = (

@@ -18,7 +18,9 @@ Invariants:
       through this node are patched into it as they land; changes other nodes journal reach
       the worker as announcements and are laid over it there; only a writer outside the
       cluster racing on the same directory is seen up to ``negative_ttl`` later, as with
-      negative entries. Elsewhere every new name is asked for.
+      negative entries. A directory such a listing shows absent, once asked for, counts as
+      written into with an empty listing as fresh as its parent's (a tree being unpacked: its
+      names are answered from it, not asked one by one). Elsewhere every new name is asked for.
     - A value fetched from the store while a change it may predate happened (a change logged
       after the fetch began, see the ``generation`` arguments) is not cached, except that a
       listing is cached with the changes that landed meanwhile patched in. Only changes that
@@ -225,9 +227,15 @@ def _patched(
         if sub in page.prefixes:
             return page
         return ListPage(list(page.objects), sorted([*page.prefixes, sub]), None)
-    objects = [o for o in page.objects if o.key != key]
-    if info is not None:
-        bisect.insort(objects, info, key=lambda o: o.key)
+    objects = list(page.objects)  # a copy (C speed); the key found by bisection, not a scan
+    at = bisect.bisect_left(objects, key, key=lambda o: o.key)
+    if at < len(objects) and objects[at].key == key:
+        if info is None:
+            del objects[at]
+        else:
+            objects[at] = info
+    elif info is not None:
+        objects.insert(at, info)
     return ListPage(objects, list(page.prefixes), None)
 
 
@@ -463,24 +471,47 @@ class MetadataCache:
         writing into its directory and the directory's complete listing, fetched less than
         ``negative_ttl`` seconds ago, does not show it (see the module's invariants). Counted
         as a hit when it says so."""
-        parent = _parent_prefix(name)
+        with self._lock:
+            return self._absent_locked(namespace, name, self._clock()) is not None
+
+    def absent_directory(self, namespace: str, prefix: str) -> bool:
+        """:meth:`absent` for a directory ``d/``; when it says so, the directory's listing is
+        cached as empty (as fresh as its parent's) and counted as written into: names asked in
+        a directory being made (``tar x``, ``mkdir -p``) are answered from it, not one by one
+        from the store (see the module's invariants)."""
         with self._lock:
             now = self._clock()
-            if self.immutable or self.negative_ttl <= 0:
+            parent = self._absent_locked(namespace, prefix, now)
+            if parent is None:
                 return False
-            if not self._writing_into(namespace, parent, now):
-                return False
-            entry = self._listings.entry((namespace, f"{parent}\x00/"), now)
-            if entry is None or entry.value.token is not None:
-                return False
-            if entry.fetched + self.negative_ttl < now:
-                return False
-            if _shows(entry.value, name):
-                return False
-            self.hits += 1
-            if not name.endswith("/"):  # as the negative entry a lookup would leave
-                self._stats.put((namespace, name), MISSING, entry.fetched + self.negative_ttl)
+            self._writing[(namespace, prefix)] = now
+            self._writing.move_to_end((namespace, prefix))
+            self._listings.put(
+                (namespace, f"{prefix}\x00/"),
+                ListPage([], [], None),
+                self._expiry(self.ttl),
+                parent.fetched,
+            )
             return True
+
+    def _absent_locked(self, namespace: str, name: str, now: float) -> _Entry[ListPage] | None:
+        """The listing entry that shows ``name`` is not there (see :meth:`absent`), or None."""
+        parent = _parent_prefix(name)
+        if self.immutable or self.negative_ttl <= 0:
+            return None
+        if not self._writing_into(namespace, parent, now):
+            return None
+        entry = self._listings.entry((namespace, f"{parent}\x00/"), now)
+        if entry is None or entry.value.token is not None:
+            return None
+        if entry.fetched + self.negative_ttl < now:
+            return None
+        if _shows(entry.value, name):
+            return None
+        self.hits += 1
+        if not name.endswith("/"):  # as the negative entry a lookup would leave
+            self._stats.put((namespace, name), MISSING, entry.fetched + self.negative_ttl)
+        return entry
 
     def stale_absent(self, namespace: str, name: str) -> bool:
         """Whether the complete listing of ``name``'s directory, even past its TTL (within

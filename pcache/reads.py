@@ -81,7 +81,7 @@ class BlockReads:
         path = f"/v1/block/{quote(namespace)}/{quote(info.key)}"
         if is_pending(info.version):  # a pending write lives only on the local worker
             response = self._http.request("GET", self._client.config.worker, path, fields=fields)
-            self._count(response.headers.get(SOURCE_HEADER, "local"))
+            self._count(response.header(SOURCE_HEADER, "local"))
             return bytes(response.data)
         cache = self.local_cache()
         if cache is not None:  # a hit on this node's disks needs no worker at all
@@ -106,7 +106,7 @@ class BlockReads:
             except WorkerUnavailable as exc:
                 log.info("worker %s failed for %s#%d: %s", node.node_id, info.key, index, exc)
                 continue
-            self._count(response.headers.get(SOURCE_HEADER, "?"))
+            self._count(response.header(SOURCE_HEADER, "?"))
             return bytes(response.data)
         for node in selector.last_resort(name):
             if node.node_id in tried:
@@ -117,7 +117,7 @@ class BlockReads:
                 continue
             log.info("worker %s answers again", node.node_id)
             selector.revive(node.node_id)
-            self._count(response.headers.get(SOURCE_HEADER, "?"))
+            self._count(response.header(SOURCE_HEADER, "?"))
             return bytes(response.data)
         log.warning("no worker could serve %s#%d; reading the backing store", info.key, index)
         return self._block_from_store(namespace, info, index)

@@ -1,24 +1,28 @@
 """HTTP to pcache workers: what every request of a client goes through.
 
-One connection pool per client (thread-safe, no retries of its own: the client decides where a
-failed request goes next), the cluster token on every request, JSON bodies. A worker that
-cannot be reached (refused, reset, timed out) is :class:`WorkerUnavailable`; a worker's error
-answer is the protocol's exception for it (:func:`pcache.protocol.error_from_response`), so
-callers catch declared types, never status codes or messages.
+One keep-alive pool of :mod:`objstore.http1` connections per worker address (thread-safe, no
+retries of its own beyond a stale idle connection: the client decides where a failed request
+goes next; a quarter of urllib3's CPU per request, which a mount pays on every lookup and
+commit), the cluster token on every request, JSON bodies. A worker that cannot be reached
+(refused, reset, timed out) is :class:`WorkerUnavailable`; a worker's error answer is the
+protocol's exception for it (:func:`pcache.protocol.error_from_response`), so callers catch
+declared types, never status codes or messages.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
-
-import urllib3
+from urllib.parse import urlencode
 
 from objstore.errors import EndpointUnreachable
+from objstore.http1 import ConnectionPool, NetworkError, Response
 
 from .protocol import TOKEN_HEADER, error_from_response
 
 CONNECT_TIMEOUT_S = 3.0
+POOL_SIZE = 64  # idle connections kept per worker (a mount's reader threads, its uploads)
 
 
 class WorkerUnavailable(EndpointUnreachable):
@@ -26,7 +30,7 @@ class WorkerUnavailable(EndpointUnreachable):
 
 
 class WorkerHTTP:
-    """Requests to any worker of the cluster with one pool of connections.
+    """Requests to any worker of the cluster, kept-alive connections per worker.
 
     Args:
         token: the cluster token (sent as ``Authorization: Bearer``; never logged).
@@ -35,13 +39,10 @@ class WorkerHTTP:
 
     def __init__(self, token: str, timeout: float) -> None:
         self.timeout = timeout
-        self._pool = urllib3.PoolManager(
-            maxsize=64,
-            block=False,
-            retries=False,
-            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=timeout),
-            headers={TOKEN_HEADER: f"Bearer {token}"},
-        )
+        self._headers = {TOKEN_HEADER: f"Bearer {token}"}
+        self._pools: dict[str, ConnectionPool] = {}
+        self._lock = threading.Lock()
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"WorkerHTTP(timeout={self.timeout})"
@@ -49,7 +50,24 @@ class WorkerHTTP:
     @property
     def headers(self) -> dict[str, str]:
         """The headers every request carries (the token among them)."""
-        return self._pool.headers  # type: ignore[return-value]
+        return self._headers
+
+    def _pool(self, base: str) -> ConnectionPool:
+        pool = self._pools.get(base)
+        if pool is None:
+            with self._lock:
+                pool = self._pools.get(base)
+                if pool is None:
+                    if self._closed:
+                        raise WorkerUnavailable("the client is closed", url=base)
+                    pool = ConnectionPool(
+                        base,
+                        maxsize=POOL_SIZE,
+                        connect_timeout=CONNECT_TIMEOUT_S,
+                        read_timeout=self.timeout,
+                    )
+                    self._pools[base] = pool
+        return pool
 
     def request(
         self,
@@ -62,29 +80,25 @@ class WorkerHTTP:
         payload: Any = None,
         timeout: float | None = None,
         headers: dict[str, str] | None = None,
-    ) -> urllib3.BaseHTTPResponse:
-        """``method base+path``; ``payload`` is sent as JSON. The whole answer is read.
+    ) -> Response:
+        """``method base+path`` (``fields``: its query); ``payload`` is sent as JSON. The
+        whole answer is read.
 
         Raises:
             WorkerUnavailable: the worker could not be reached or did not answer in time.
             StorageError: its error answer, as the protocol's exception for it.
         """
         url = base + path
-        headers = dict(headers or {})
+        target = path + ("?" + urlencode(fields) if fields else "")
+        sent = {**self._headers, **(headers or {})}
         if payload is not None:
             body = json.dumps(payload).encode()
-            headers["Content-Type"] = "application/json"
+            sent["Content-Type"] = "application/json"
         try:
-            response = self._pool.request(
-                method,
-                url,
-                fields=fields,
-                body=body,
-                headers={**self._pool.headers, **headers},
-                timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=timeout or self.timeout),
-                preload_content=True,
+            response = self._pool(base).request(
+                method, target, sent, body, timeout=timeout or self.timeout
             )
-        except urllib3.exceptions.HTTPError as exc:
+        except NetworkError as exc:
             raise WorkerUnavailable(f"pcache worker {base} unreachable: {exc}", url=url) from exc
         if response.status >= 400:
             try:
@@ -99,4 +113,8 @@ class WorkerHTTP:
         return json.loads(self.request(method, base, path, **kwargs).data)
 
     def close(self) -> None:
-        self._pool.clear()
+        with self._lock:
+            self._closed = True
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()

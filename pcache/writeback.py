@@ -47,6 +47,8 @@ store: an interrupted upload is still journalled and resumes at the next start.
 
 Lock order: ``WriteBack._cond`` may be held while taking a :class:`StagedFile`'s lock or the
 block store's lock, never the other way round; the journal has its own lock, taken last.
+``WriteBack._work`` (idle uploaders wait on it) is a second condition of ``_cond``'s lock, not a
+lock of its own.
 """
 
 from __future__ import annotations
@@ -201,7 +203,11 @@ class WriteBack:
         self._inline_bytes = 0
         self._journal_lock = threading.Lock()
         self._journal_closed = False
-        self._cond = threading.Condition()
+        # one lock, two conditions: _cond wakes who waits for a record to change (an fsync),
+        # _work wakes one idle uploader per key that became due (not every uploader per change)
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        self._work = threading.Condition(lock)
         self._staged: dict[str, StagedFile] = {}  # session id -> file (open or referenced)
         self._records: dict[Ident, PendingObject] = {}
         self._keys = PrefixIndex()  # the keys of _records, for pending_under
@@ -349,6 +355,7 @@ class WriteBack:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+            self._work.notify_all()
         self._parts.close()
         deadline = time.monotonic() + grace_s
         for thread in self._threads:
@@ -799,7 +806,6 @@ class WriteBack:
                 # someone waits for it: no more delay (upload_delay, or a transient failure's
                 # backoff: an fsync after an outage retries now, not when the backoff ends)
                 self._due_now_locked(ident)
-                self._cond.notify_all()
             while True:
                 record = self._records.get(ident)
                 if record is None:
@@ -963,7 +969,7 @@ class WriteBack:
         already: a new record may have a new due time)."""
         self._queued.add(ident)
         self._place_locked(ident, time.monotonic())
-        self._cond.notify_all()
+        self._work.notify()
 
     def _place_locked(self, ident: Ident, now: float) -> None:
         """Put a queued key where it waits: _ready when due, else _waiting by its due time."""
@@ -978,6 +984,7 @@ class WriteBack:
         self._retry_at.pop(ident, None)
         if ident in self._queued:
             self._ready.append(ident)  # its _waiting entry, if any, is skipped when it comes up
+            self._work.notify()
 
     def _next_locked(self) -> Ident | None:
         """A key that is due and not being uploaded, or None."""
@@ -1033,11 +1040,13 @@ class WriteBack:
                         break
                     due = self._next_due_locked()
                     wait = 1.0 if due is None else max(0.05, due - time.monotonic())
-                    self._cond.wait(min(wait, 1.0))
+                    self._work.wait(min(wait, 1.0))
                 if self._closing or ident is None:
                     return
                 record = self._records[ident]
                 self._active.add(ident)
+                if self._ready:  # more is due: the next idle uploader takes it
+                    self._work.notify()
             try:
                 self._upload_one(ident, record)
             except Exception:  # the loop must survive anything
@@ -1047,7 +1056,8 @@ class WriteBack:
                     self._active.discard(ident)
                     if self._records.get(ident, record).seq != record.seq:
                         self._queue_locked(ident)  # replaced while uploading: the newer one next
-                    self._cond.notify_all()
+                    elif self._maybe_borrowed or self._ready:  # a key it held back may be free
+                        self._work.notify()
 
     def _current(self, ident: Ident, record: PendingObject) -> bool:
         with self._cond:

@@ -222,6 +222,23 @@ def test_refused_and_timed_out(serve) -> None:
     assert len(server.seen) == 1  # a timeout is not retried here
 
 
+def test_a_request_can_wait_longer_or_shorter_than_the_pool(serve) -> None:
+    delays = {"/late": 0.6, "/slow": 5.0}
+
+    def answer(seen: Seen, i: int) -> Reply:
+        time.sleep(delays.get(seen.target, 0.0))
+        return ok(b"done"), False
+
+    pool = ConnectionPool(serve(answer).url, read_timeout=0.3)
+    assert pool.request("GET", "/late", timeout=3).data == b"done"  # longer than the pool's
+    started = time.monotonic()
+    with pytest.raises(NetworkError, match="timed out"):
+        pool.request("GET", "/slow", timeout=0.2)
+    assert time.monotonic() - started < 2
+    with pytest.raises(NetworkError, match="timed out"):  # the pool's own timeout is back
+        pool.request("GET", "/late")
+
+
 def test_concurrent_requests_share_the_pool(serve) -> None:
     server = serve(lambda seen, i: (ok(seen.target.encode()), False))
     pool = ConnectionPool(server.url, maxsize=4)

@@ -120,6 +120,9 @@ def test_landed_changes_patch_the_parent_listings() -> None:
     assert _keys(cache.get_listing("ns", "")) == ([], ["d/"])
     assert _keys(held) == (["d/b"], [])  # a reader's page is never changed under it
     assert cache.get_stat("ns", "d/a") == ObjectInfo("d/a", 2, 0.0, "e")
+    cache.landed("ns", "d/a", ObjectInfo("d/a", 7, 0.0, "f"))  # replaced in place, not doubled
+    page = cache.get_listing("ns", "d/")
+    assert page is not None and [(o.key, o.size) for o in page.objects] == [("d/a", 7), ("d/b", 1)]
     cache.landed("ns", "d/b", None)
     assert _keys(cache.get_listing("ns", "d/")) == (["d/a"], ["d/s/"])
     assert cache.get_stat("ns", "d/b") is MISSING
@@ -252,6 +255,31 @@ def test_a_marker_made_here_makes_its_own_directory_written_into() -> None:
     strict.put_listing("ns", "new/", ListPage([], [], None))
     strict.forget_stat("ns", "new/")
     assert not strict.absent("ns", "new/file") and strict.to_refresh("ns", "new/f") is None
+
+
+def test_a_directory_found_absent_where_this_node_writes_answers_for_its_names() -> None:
+    """A tree being unpacked without markers: a sub-directory the fresh listing of a directory
+    written here does not show is empty, as of that listing, and its names are answered from
+    it (one store request per directory, not two per file)."""
+    clock = Clock()
+    cache = MetadataCache(ttl=30, negative_ttl=5, clock=clock)
+    cache.put_listing("ns", "d/", ListPage([ObjectInfo("d/a", 1, 0.0, "e")], ["d/old/"], None))
+    assert not cache.absent_directory("ns", "d/new/")  # nothing written in d/: asked
+    cache.forget_stat("ns", "d/a")
+    assert not cache.absent_directory("ns", "d/old/")  # it is there
+    assert cache.get_listing("ns", "d/old/") is None
+    clock.now = 2.0
+    assert cache.absent_directory("ns", "d/new/")
+    assert _keys(cache.get_listing("ns", "d/new/")) == ([], [])
+    assert cache.absent("ns", "d/new/f1") and cache.absent_directory("ns", "d/new/deeper/")
+    assert cache.absent("ns", "d/new/deeper/f2")
+    clock.now = 5.5  # as fresh as d/'s listing (fetched at 0), not as the question
+    assert not cache.absent("ns", "d/new/f3")
+    assert cache.to_refresh("ns", "d/new/f3") == "d/new/"  # listed again, once
+    strict = MetadataCache(ttl=30, negative_ttl=0, clock=clock)
+    strict.put_listing("ns", "d/", ListPage([], [], None))
+    strict.forget_stat("ns", "d/a")
+    assert not strict.absent_directory("ns", "d/new/")
 
 
 def test_the_cache_is_saved_and_taken_back_with_the_ttl_it_had_left(tmp_path) -> None:

@@ -143,7 +143,7 @@ def test_peer_tier(make_cluster, payload) -> None:
                 fields={"version": info.version, "index": str(index), "size": str(info.size)},
             )
             assert response.data == data[index * MiB : (index + 1) * MiB]
-            sources.append(response.headers["X-Pcache-Source"])
+            sources.append(response.header("X-Pcache-Source"))
     assert sources.count("peer") == 8 and sources.count("local") == 8
     total_backend = sum(one.status(n.address)["reads"]["by_tier"]["backend"] for n in cluster.nodes)
     assert total_backend == 8
