@@ -162,6 +162,17 @@ def fail(code: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(code)
 
 
+def _bypasses_page_cache(flags: int) -> bool:
+    """Whether an open with ``flags`` gets ``direct_io``: write-only ones. Written through the
+    page cache, a file's pages carry the kernel's own mtime of each write; the first attributes
+    the mount gives after it (a ``stat``, the lookup before a rename) have the writer's mtime,
+    and the kernel (auto_inval_data, which pyfuse3 leaves on) then drops every cached page of
+    the file under the inode lock: ~0.35 ms per MiB, 360 ms for a 1 GiB checkpoint before its
+    ``os.replace``. A write-only descriptor cannot be mmapped or read, so nothing is lost by
+    not caching what it writes (those pages were dropped at the next stat anyway)."""
+    return flags & os.O_ACCMODE == os.O_WRONLY
+
+
 # -- inodes and handles ----------------------------------------------------------------------------
 
 
@@ -1466,6 +1477,7 @@ class PcacheOperations(pyfuse3.Operations):
             _FileHandle(inode, file, writable, append=bool(flags & os.O_APPEND))
         )
         info.keep_cache = False
+        info.direct_io = _bypasses_page_cache(flags)
         return info
 
     async def _open_file(
@@ -1584,7 +1596,7 @@ class PcacheOperations(pyfuse3.Operations):
         file.handles += 1
         info = pyfuse3.FileInfo()
         info.fh = self._alloc_fh(_FileHandle(inode, file, True, append=bool(flags & os.O_APPEND)))
-        info.direct_io = False
+        info.direct_io = _bypasses_page_cache(flags)
         info.keep_cache = False
         self.inodes.remember(inode)
         return info, self._open_entry(inode, file)

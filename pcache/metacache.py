@@ -281,6 +281,8 @@ class MetadataCache:
         self._changes: deque[_Change] = deque(maxlen=CHANGE_LOG)
         # (namespace, directory prefix) -> when a change there was last journalled or landed
         self._writing: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # directories listed for their new names once and found longer than LIST_FOR_NAMES
+        self._too_long: OrderedDict[tuple[str, str], float] = OrderedDict()
 
     def _expiry(self, seconds: float) -> float:
         return float("inf") if self.immutable else self._clock() + seconds
@@ -524,7 +526,8 @@ class MetadataCache:
     def to_refresh(self, namespace: str, name: str) -> str | None:
         """The directory prefix of ``name`` when its listing is worth fetching again so that
         :meth:`absent` can answer: this node is writing into it, and its listing is cached,
-        complete, up to :data:`PATCH_MAX` entries, but older than ``negative_ttl``."""
+        complete, up to :data:`PATCH_MAX` entries, older than ``negative_ttl``, and does not
+        show ``name`` (a name it shows is most likely there: asked for itself)."""
         if self.negative_ttl <= 0 or self.immutable:
             return None
         parent = _parent_prefix(name)
@@ -538,7 +541,35 @@ class MetadataCache:
             if entry.fetched + self.negative_ttl >= now:
                 return None
             size = len(entry.value.objects) + len(entry.value.prefixes)
-            return parent if size <= PATCH_MAX else None
+            if size > PATCH_MAX or _shows(entry.value, name):
+                return None
+            return parent
+
+    def to_list(self, namespace: str, name: str) -> str | None:
+        """The directory prefix of ``name`` when it is worth listing for the first time so that
+        :meth:`absent` can answer: this node is writing into it, no listing of it is cached,
+        and it was not found too long to list (:meth:`too_long_to_list`) within ``ttl``."""
+        if self.negative_ttl <= 0 or self.immutable or self.ttl <= 0:
+            return None
+        parent = _parent_prefix(name)
+        with self._lock:
+            now = self._clock()
+            if not self._writing_into(namespace, parent, now):
+                return None
+            if self._listings.entry((namespace, f"{parent}\x00/"), now) is not None:
+                return None
+            if self._too_long.get((namespace, parent), float("-inf")) > now:
+                return None
+            return parent
+
+    def too_long_to_list(self, namespace: str, prefix: str) -> None:
+        """``prefix`` has more entries than are listed for its new names: its names are asked
+        one by one for ``ttl`` seconds."""
+        with self._lock:
+            self._too_long[(namespace, prefix)] = self._clock() + self.ttl
+            self._too_long.move_to_end((namespace, prefix))
+            while len(self._too_long) > WRITING_MAX:
+                self._too_long.popitem(last=False)
 
     def forget_stat(self, namespace: str, key: str) -> None:
         """Forget one object's stat; listings stay (a change journalled on this node is laid

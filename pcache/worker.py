@@ -30,7 +30,7 @@ from aiohttp import web
 
 from objstore import open_store
 from objstore.base import ListPage, ObjectInfo, Store
-from objstore.errors import ObjectNotFound, TransientError
+from objstore.errors import ObjectNotFound, StorageError, TransientError
 from objstore.retry import RetryPolicy, retry_policy
 from objstore.url import check_key, check_prefix
 
@@ -80,6 +80,8 @@ RECOVER_PARALLEL = 64  # peers asked at once for their pending changes when a wo
 STORE_WAIT_S = 60.0  # a read of bytes only in an unfinished upload waits this long for it
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STAT_MANY_MAX = 1000  # keys in one /v1/stats request
+LIST_FOR_NAMES = 1000  # a directory written here is listed for its new names up to this size
+LIST_WAIT_S = 0.05  # how long a lookup waits for that listing before asking for its name
 STAT_AHEAD_PARALLEL = 32  # of them asked of the store side by side
 PAGES_AHEAD = 2  # store pages of a long listing fetched ahead of its reader
 PAGES_AHEAD_MAX = 64  # such fetches in flight at once (all readers)
@@ -159,6 +161,8 @@ class Worker:
         self.metrics = metrics_mod.WorkerMetrics(self)
         self._sequential: dict[tuple[str, str], int] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # directory listings fetched for the new names asked in them (see _list_written_directory)
+        self._listing_names: dict[tuple[str, str], asyncio.Task[None]] = {}
         # store pages of long listings being fetched ahead of their reader (list_page)
         self._pages_ahead: dict[tuple[str, PageAt], asyncio.Task[ListPage]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # set once serving
@@ -390,6 +394,7 @@ class Worker:
             raise ObjectNotFound(f"no such object: {key!r}", url=str(store.url.child(key)))
         if cached is not None:
             return cached
+        await self._list_written_directory(namespace, key)
         if self.meta.absent(namespace, key):  # its directory's fresh listing does not show it
             raise ObjectNotFound(f"no such object: {key!r}", url=url)
         stale = self.meta.stale_stat(namespace, key)
@@ -418,6 +423,56 @@ class Worker:
         if isinstance(info, Missing):
             raise ObjectNotFound(f"no such object: {key!r}", url=str(store.url.child(key)))
         return info
+
+    async def _list_written_directory(self, namespace: str, key: str) -> None:
+        """A name not known here, in a directory this node writes into: the directory is
+        listed (again, or first: one page of up to :data:`LIST_FOR_NAMES` entries) instead of
+        asking the store for this name, and the next new names, the target of a rename among
+        them, are answered from it (see :meth:`MetadataCache.to_refresh`). The listing is waited
+        for :data:`LIST_WAIT_S` at most, by the first name that asks for it (a store slow to
+        list: names are asked for themselves meanwhile; the listing is cached when it comes)."""
+        if self.writeback.pending(namespace, key) is not None:
+            return
+        parent = self.meta.to_refresh(namespace, key)
+        first = parent is None
+        if first:
+            parent = self.meta.to_list(namespace, key)
+        if parent is None:
+            return
+        ident = (namespace, parent)
+        if ident in self._listing_names:
+            return  # under way, and waited for once already: asked for itself meanwhile
+        task = asyncio.create_task(self._list_for_names(namespace, parent, first=first))
+        self._listing_names[ident] = task
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda _: self._listing_names.pop(ident, None))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), LIST_WAIT_S)
+
+    async def _list_for_names(self, namespace: str, parent: str, *, first: bool) -> None:
+        """The listing :meth:`_list_written_directory` waits for; never raises."""
+        try:
+            if not first:
+                await self.listing(namespace, parent, "/", refresh=True)
+                return
+            generation = self.meta.generation
+            page = await self._ask_store(
+                namespace,
+                functools.partial(
+                    self.store(namespace).list_page, parent, delimiter="/", limit=LIST_FOR_NAMES
+                ),
+                fallback=True,
+            )
+        except TransientError:
+            return  # the names are asked for themselves, which fails or answers stale as it may
+        except StorageError:  # not allowed to list (GetObject without ListBucket), no bucket
+            self.meta.too_long_to_list(namespace, parent)
+            return
+        if page.token is None:
+            self.meta.put_listing(namespace, parent, page, "/", generation)
+        else:
+            self.meta.too_long_to_list(namespace, parent)
 
     async def stat_many(
         self, namespace: str, keys: list[str], *, full: bool = False
@@ -732,12 +787,7 @@ class Worker:
         user metadata when ``marker`` is asked and it exists."""
         check_key(key)
         prefix = key + "/"
-        parent = self.meta.to_refresh(namespace, key)
-        if parent is not None and self.writeback.pending(namespace, key) is None:
-            # a directory this node writes into: listed again (one request) instead of asking
-            # for this name, and the next new names are answered from it (see metacache)
-            with contextlib.suppress(TransientError):
-                await self.listing(namespace, parent, "/", refresh=True)
+        await self._list_written_directory(namespace, key)
 
         async def the_file() -> ObjectInfo | None:
             if not file:
@@ -1354,8 +1404,8 @@ async def rename_object(request: web.Request) -> web.Response:
         info = await asyncio.to_thread(store.stat, old)
         await asyncio.to_thread(worker.writeback.move_stored, namespace, old, new, info)
         log.debug("renamed %s -> %s, to be copied in the store (%d bytes)", old, new, info.size)
-    for key in (old, new):
-        worker.meta.invalidate_key(namespace, key)
+    for key in (old, new):  # journalled here: laid over the cached listings, which stay
+        worker.meta.forget_stat(namespace, key)
     # the old name's blocks are of its version: no later object there reads them (space only)
     worker.in_background(
         f"dropping the cached blocks of {old!r}",

@@ -238,6 +238,7 @@ def test_a_fresh_listing_answers_for_new_names_where_this_node_writes() -> None:
     assert cache.to_refresh("ns", "d/new2") is None  # and nothing written for 5 s
     cache.landed("ns", "d/b", ObjectInfo("d/b", 1, 0.0, "e"))
     assert cache.to_refresh("ns", "d/new2") == "d/"
+    assert cache.to_refresh("ns", "d/a") is None  # listed: most likely there, asked for itself
     cache.put_listing("ns", "d/", page)
     assert cache.absent("ns", "d/new2") and cache.to_refresh("ns", "d/new2") is None
     truncated = ListPage([ObjectInfo("d/a", 1, 0.0, "e")], [], "token")
@@ -280,6 +281,22 @@ def test_a_directory_found_absent_where_this_node_writes_answers_for_its_names()
     strict.put_listing("ns", "d/", ListPage([], [], None))
     strict.forget_stat("ns", "d/a")
     assert not strict.absent_directory("ns", "d/new/")
+
+
+def test_a_directory_written_here_without_a_listing_is_worth_listing_once() -> None:
+    clock = Clock()
+    cache = MetadataCache(ttl=30, negative_ttl=5, clock=clock)
+    assert cache.to_list("ns", "d/new") is None  # nothing written in d/
+    cache.forget_stat("ns", "d/a")
+    assert cache.to_list("ns", "d/new") == "d/"
+    cache.too_long_to_list("ns", "d/")  # more than one page: names asked one by one
+    assert cache.to_list("ns", "d/new") is None
+    clock.now = 31.0  # for ttl seconds
+    cache.forget_stat("ns", "d/a")
+    assert cache.to_list("ns", "d/new") == "d/"
+    cache.put_listing("ns", "d/", ListPage([], [], None))
+    assert cache.to_list("ns", "d/new") is None and cache.absent("ns", "d/new")
+    assert MetadataCache(ttl=30, negative_ttl=0, clock=clock).to_list("ns", "d/new") is None
 
 
 def test_the_cache_is_saved_and_taken_back_with_the_ttl_it_had_left(tmp_path) -> None:

@@ -715,6 +715,34 @@ def test_new_names_in_a_directory_written_here_are_not_asked_for(make_cluster, r
         proxy.stop()
 
 
+def test_a_directory_written_here_is_listed_once_for_the_new_names_asked_in_it(
+    make_cluster, rclone_s3
+) -> None:
+    """The checkpoint pattern: a file written here, then the lookups of new names beside it (the
+    target of its rename): the directory, never listed here, is listed once (one page) and the
+    names are answered from that, not with a HEAD each; a name it shows is asked for itself."""
+    proxy = FaultProxy(rclone_s3.endpoint).start()
+    try:
+        cluster, store = make_cluster(1, profile=rclone_s3.profile(endpoint=proxy.endpoint))
+        client = make_cluster.client(cluster)
+        store.put("ckpt/old.bin", b"o")
+        client.put("data/ckpt/step1.tmp", b"x")  # written here: the directory is written into
+        proxy.request_log.clear()
+        for name in ("step1.bin", "step2.tmp", "step2.bin"):
+            with pytest.raises(FileNotFoundError):
+                client.stat(f"data/ckpt/{name}")
+        asked = [r for r in proxy.request_log if not r.startswith("PUT")]
+        assert len(asked) == 1 and "list-type=2" in asked[0] and "max-keys=1000" in asked[0], asked
+        assert client.stat("data/ckpt/old.bin").size == 1  # listed: there, asked for itself
+        client.rename("data/ckpt/step1.tmp", "data/ckpt/step1.bin")
+        proxy.request_log.clear()
+        with pytest.raises(FileNotFoundError):
+            client.stat("data/ckpt/step3.tmp")  # the rename kept the listing: still no request
+        assert [r for r in proxy.request_log if not r.startswith(("PUT", "POST"))] == []
+    finally:
+        proxy.stop()
+
+
 @pytest.mark.parametrize("serve_stale", [3600.0, 0.0])
 def test_metadata_past_its_ttl_is_served_while_the_store_is_down(
     make_cluster, rclone_s3, payload, serve_stale: float
