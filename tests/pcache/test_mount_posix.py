@@ -328,6 +328,8 @@ patch.flush()
 
 
 def test_descriptors_share_one_file(bed: Bed) -> None:
+    """Write-only descriptors bypass the page cache (direct_io), the reader's does not: bytes
+    it has read and cached are replaced by what a writer writes over them, at once."""
     path = bed.a / "shared.bin"
     writer = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     appender = os.open(path, os.O_WRONLY | os.O_APPEND)

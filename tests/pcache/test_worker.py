@@ -743,6 +743,26 @@ def test_a_directory_written_here_is_listed_once_for_the_new_names_asked_in_it(
         proxy.stop()
 
 
+def test_a_directory_the_store_will_not_list_is_asked_name_by_name(make_cluster, rclone_s3) -> None:
+    """Credentials with GetObject but not ListBucket: the listing for new names is refused
+    once, noted, and the names are answered by HEAD as before (not an error, not asked again)."""
+    proxy = FaultProxy(rclone_s3.endpoint).start()
+    try:
+        cluster, _store = make_cluster(1, profile=rclone_s3.profile(endpoint=proxy.endpoint))
+        client = make_cluster.client(cluster)
+        client.put("data/nolist/a.tmp", b"x")
+        proxy.refuse("/", methods=("GET",))  # every GET: the listings (no object is read)
+        proxy.request_log.clear()
+        for name in ("a.bin", "b.tmp", "b.bin"):
+            with pytest.raises(FileNotFoundError):
+                client.stat(f"data/nolist/{name}")
+        lists = [r for r in proxy.request_log if "list-type=2" in r]
+        heads = [r for r in proxy.request_log if r.startswith("HEAD ") and "/nolist/" in r]
+        assert len(lists) == 1 and len(heads) == 3, proxy.request_log
+    finally:
+        proxy.stop()
+
+
 @pytest.mark.parametrize("serve_stale", [3600.0, 0.0])
 def test_metadata_past_its_ttl_is_served_while_the_store_is_down(
     make_cluster, rclone_s3, payload, serve_stale: float
