@@ -18,9 +18,10 @@ Invariants:
       through this node are patched into it as they land; changes other nodes journal reach
       the worker as announcements and are laid over it there; only a writer outside the
       cluster racing on the same directory is seen up to ``negative_ttl`` later, as with
-      negative entries. A directory such a listing shows absent, once asked for, counts as
-      written into with an empty listing as fresh as its parent's (a tree being unpacked: its
-      names are answered from it, not asked one by one). Elsewhere every new name is asked for.
+      negative entries. A directory such a listing shows absent (with the directories between
+      them), once a name in it is asked for, counts as written into with an empty listing as
+      fresh as that listing (a tree being unpacked without markers: its names are answered
+      from it, not asked one by one). Elsewhere every new name is asked for.
     - A value fetched from the store while a change it may predate happened (a change logged
       after the fetch began, see the ``generation`` arguments) is not cached, except that a
       listing is cached with the changes that landed meanwhile patched in. Only changes that
@@ -476,34 +477,16 @@ class MetadataCache:
         with self._lock:
             return self._absent_locked(namespace, name, self._clock()) is not None
 
-    def absent_directory(self, namespace: str, prefix: str) -> bool:
-        """:meth:`absent` for a directory ``d/``; when it says so, the directory's listing is
-        cached as empty (as fresh as its parent's) and counted as written into: names asked in
-        a directory being made (``tar x``, ``mkdir -p``) are answered from it, not one by one
-        from the store (see the module's invariants)."""
-        with self._lock:
-            now = self._clock()
-            parent = self._absent_locked(namespace, prefix, now)
-            if parent is None:
-                return False
-            self._writing[(namespace, prefix)] = now
-            self._writing.move_to_end((namespace, prefix))
-            self._listings.put(
-                (namespace, f"{prefix}\x00/"),
-                ListPage([], [], None),
-                self._expiry(self.ttl),
-                parent.fetched,
-            )
-            return True
-
     def _absent_locked(self, namespace: str, name: str, now: float) -> _Entry[ListPage] | None:
         """The listing entry that shows ``name`` is not there (see :meth:`absent`), or None."""
         parent = _parent_prefix(name)
         if self.immutable or self.negative_ttl <= 0:
             return None
+        entry = self._listings.entry((namespace, f"{parent}\x00/"), now)
+        if entry is None:
+            entry = self._new_directory_locked(namespace, parent, now)
         if not self._writing_into(namespace, parent, now):
             return None
-        entry = self._listings.entry((namespace, f"{parent}\x00/"), now)
         if entry is None or entry.value.token is not None:
             return None
         if entry.fetched + self.negative_ttl < now:
@@ -513,6 +496,47 @@ class MetadataCache:
         self.hits += 1
         if not name.endswith("/"):  # as the negative entry a lookup would leave
             self._stats.put((namespace, name), MISSING, entry.fetched + self.negative_ttl)
+        return entry
+
+    def _new_directory_locked(
+        self, namespace: str, prefix: str, now: float
+    ) -> _Entry[ListPage] | None:
+        """The empty listing of ``prefix`` when it is a directory being made: the fresh
+        complete listing of its nearest listed ancestor does not show it (nor the directories
+        between), and this node writes into one of them. Cached, as fresh as that listing, for
+        ``prefix`` and the directories between, which count as written into from now (a tree
+        being unpacked without markers: its names are answered from these, see the module's
+        invariants); None otherwise."""
+        made: list[str] = []
+        below = prefix
+        while below:
+            made.append(below)
+            above = _parent_prefix(below)
+            listed = self._listings.entry((namespace, f"{above}\x00/"), now)
+            if listed is not None:
+                break
+            below = above
+        else:
+            return None  # no ancestor is listed
+        if listed.value.token is not None or listed.fetched + self.negative_ttl < now:
+            return None
+        if _shows(listed.value, made[-1]):
+            return None  # the topmost of them is there: its own listing is needed
+        if not any(self._writing_into(namespace, p, now) for p in [above, *made]):
+            return None
+        entry = None
+        for made_prefix in made:
+            self._writing[(namespace, made_prefix)] = now
+            self._writing.move_to_end((namespace, made_prefix))
+            self._listings.put(
+                (namespace, f"{made_prefix}\x00/"),
+                ListPage([], [], None),
+                self._expiry(self.ttl),
+                listed.fetched,
+            )
+            entry = entry or self._listings.entry((namespace, f"{made_prefix}\x00/"), now)
+        while len(self._writing) > WRITING_MAX:
+            self._writing.popitem(last=False)
         return entry
 
     def stale_absent(self, namespace: str, name: str) -> bool:
@@ -554,9 +578,11 @@ class MetadataCache:
         parent = _parent_prefix(name)
         with self._lock:
             now = self._clock()
-            if not self._writing_into(namespace, parent, now):
-                return None
             if self._listings.entry((namespace, f"{parent}\x00/"), now) is not None:
+                return None
+            if self._new_directory_locked(namespace, parent, now) is not None:
+                return None  # a directory being made: its (empty) listing follows from above
+            if not self._writing_into(namespace, parent, now):
                 return None
             if self._too_long.get((namespace, parent), float("-inf")) > now:
                 return None

@@ -745,7 +745,7 @@ class Worker:
         page = self.meta.get_listing(namespace, prefix, "/") or self.meta.get_listing(
             namespace, prefix, PROBE
         )
-        if page is None and self.meta.absent_directory(namespace, prefix):
+        if page is None and self.meta.absent(namespace, prefix):
             page = ListPage([], [], None)  # its parent's fresh listing shows nothing under it
         if page is None:
             generation = self.meta.generation

@@ -259,28 +259,32 @@ def test_a_marker_made_here_makes_its_own_directory_written_into() -> None:
 
 
 def test_a_directory_found_absent_where_this_node_writes_answers_for_its_names() -> None:
-    """A tree being unpacked without markers: a sub-directory the fresh listing of a directory
-    written here does not show is empty, as of that listing, and its names are answered from
-    it (one store request per directory, not two per file)."""
+    """A tree being unpacked without markers: a sub-directory (and the ones below it) that the
+    fresh listing of a directory written here does not show is empty, as of that listing, once
+    a name in it is asked; its names are answered from it (one store request per tree, not two
+    per file). A name asked for as a possible directory (``d/f1/``, every lookup's probe) makes
+    no listing of its own."""
     clock = Clock()
     cache = MetadataCache(ttl=30, negative_ttl=5, clock=clock)
     cache.put_listing("ns", "d/", ListPage([ObjectInfo("d/a", 1, 0.0, "e")], ["d/old/"], None))
-    assert not cache.absent_directory("ns", "d/new/")  # nothing written in d/: asked
+    assert not cache.absent("ns", "d/new/f1")  # nothing written in d/: asked
     cache.forget_stat("ns", "d/a")
-    assert not cache.absent_directory("ns", "d/old/")  # it is there
+    assert not cache.absent("ns", "d/old/f1")  # d/old/ is there: its own listing is needed
     assert cache.get_listing("ns", "d/old/") is None
     clock.now = 2.0
-    assert cache.absent_directory("ns", "d/new/")
+    assert cache.absent("ns", "d/f2/")  # a lookup's probe of a new file: nothing cached for it
+    assert cache.get_listing("ns", "d/f2/") is None
+    assert cache.absent("ns", "d/new/deeper/f2")  # mkdir -p d/new/deeper, then a file in it
     assert _keys(cache.get_listing("ns", "d/new/")) == ([], [])
-    assert cache.absent("ns", "d/new/f1") and cache.absent_directory("ns", "d/new/deeper/")
-    assert cache.absent("ns", "d/new/deeper/f2")
+    assert _keys(cache.get_listing("ns", "d/new/deeper/")) == ([], [])
+    assert cache.absent("ns", "d/new/f1") and cache.to_list("ns", "d/new/f3") is None
     clock.now = 5.5  # as fresh as d/'s listing (fetched at 0), not as the question
     assert not cache.absent("ns", "d/new/f3")
     assert cache.to_refresh("ns", "d/new/f3") == "d/new/"  # listed again, once
     strict = MetadataCache(ttl=30, negative_ttl=0, clock=clock)
     strict.put_listing("ns", "d/", ListPage([], [], None))
     strict.forget_stat("ns", "d/a")
-    assert not strict.absent_directory("ns", "d/new/")
+    assert not strict.absent("ns", "d/new/f")
 
 
 def test_a_directory_written_here_without_a_listing_is_worth_listing_once() -> None:
