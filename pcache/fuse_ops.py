@@ -1772,6 +1772,9 @@ class PcacheOperations(pyfuse3.Operations):
             if file.handles <= 0:
                 if self._open.get(file.path) is file:
                     del self._open[file.path]
+                # new names are expected beside a file just written (the target of its rename,
+                # the next shard): their lookups ask for the file and the directory at once
+                self._missed_in[file.path.rpartition("/")[0]] = time.monotonic()
                 if file.session is not None:  # a small file has no session to end
                     with trio.CancelScope(shield=True):
                         await self._run(end_session, file)
