@@ -49,8 +49,6 @@ from collections.abc import Callable, Iterable, Mapping
 from objstore.base import ObjectInfo, PartInfo, Store
 from objstore.errors import UploadNotFound, is_permanent
 
-from .priority import as_bulk_thread
-
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -98,7 +96,6 @@ class PartPool:
             self._cond.notify_all()
 
     def _run(self) -> None:
-        as_bulk_thread()
         while True:
             with self._cond:
                 while not self._queue and not self._closed:

@@ -77,7 +77,6 @@ from objstore.errors import NotSupported, PreconditionFailed, UploadNotFound, is
 from .blockstore import BlockStore
 from .eager import EagerUpload, PartPool, Superseded
 from .keyindex import PrefixIndex
-from .priority import as_bulk_thread
 from .protocol import PENDING_PREFIX, CopySource, Progress, UploadFailed, WriteError
 from .staging import StagedFile
 
@@ -1032,7 +1031,6 @@ class WriteBack:
         return self._waiting[0][0] if self._waiting else None
 
     def _upload_loop(self) -> None:
-        as_bulk_thread()
         while True:
             with self._cond:
                 ident = None
