@@ -1774,6 +1774,8 @@ class PcacheOperations(pyfuse3.Operations):
                     del self._open[file.path]
                 # new names are expected beside a file just written (the target of its rename,
                 # the next shard): their lookups ask for the file and the directory at once
+                if len(self._missed_in) > 4096:
+                    self._missed_in.clear()
                 self._missed_in[file.path.rpartition("/")[0]] = time.monotonic()
                 if file.session is not None:  # a small file has no session to end
                     with trio.CancelScope(shield=True):
