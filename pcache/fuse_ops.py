@@ -397,6 +397,9 @@ class PcacheOperations(pyfuse3.Operations):
         self._missing_at: dict[str, float] = {}  # names a lookup just found missing
         # what a lookup just found, and when (for the rename that follows it)
         self._found_at: dict[str, tuple[float, tuple[str, ObjectInfo | None]]] = {}
+        # path -> (when, what it became): files committed here moments ago, answered for
+        # RECENT_MISSING_S once closed (the lookup before their rename, a stat after close)
+        self._committed: dict[str, tuple[float, ObjectInfo]] = {}
         self._missed_in: dict[
             str, float
         ] = {}  # directories where a lookup last found nothing, or made here
@@ -582,6 +585,7 @@ class PcacheOperations(pyfuse3.Operations):
             del self._names[oldest]
 
     def _note_added(self, path: str) -> None:
+        self._committed.pop(path, None)
         self._missing_at.pop(path, None)
         self._found_at.pop(path, None)
         self._statahead.forget(path)
@@ -591,6 +595,7 @@ class PcacheOperations(pyfuse3.Operations):
             names.add(name)
 
     def _note_removed(self, path: str) -> None:
+        self._committed.pop(path, None)
         self._found_at.pop(path, None)
         self._statahead.forget(path)
         parent, _, name = path.rpartition("/")
@@ -681,6 +686,9 @@ class PcacheOperations(pyfuse3.Operations):
         """What ``path`` is: (FILE or LINK, info), (DIR, marker info or None), or None."""
         if path in self._open:
             return FILE, None
+        committed = self._just_committed(path)
+        if committed is not None:
+            return (LINK if attrs_of(committed, self.defaults).is_symlink else FILE), committed
         if (
             not self.immutable
             and path not in self._local_dirs
@@ -723,6 +731,17 @@ class PcacheOperations(pyfuse3.Operations):
             return None
         self._remember_dir(path)
         return self._found_dir(path, resolved.marker, asked=want_marker)
+
+    def _just_committed(self, path: str) -> ObjectInfo | None:
+        """What ``path`` became when this mount committed it, less than RECENT_MISSING_S ago
+        (within the kernel's own attribute window; changed or removed here since: None)."""
+        committed = self._committed.get(path)
+        if committed is None:
+            return None
+        if time.monotonic() - committed[0] >= RECENT_MISSING_S:
+            del self._committed[path]
+            return None
+        return committed[1]
 
     def _found_dir(
         self, path: str, marker: ObjectInfo | None, *, asked: bool
@@ -869,6 +888,7 @@ class PcacheOperations(pyfuse3.Operations):
             attrs = self._changed_attrs(attrs_of(info, self.defaults), attr, fields)
             foreign = foreign_of(info.metadata)
             self._statahead.forget(node.path)
+            self._committed.pop(node.path, None)
             updated = await self._run(
                 functools.partial(self.client.set_metadata, durable=self.durability),
                 self._client_path(node.path),
@@ -1036,6 +1056,7 @@ class PcacheOperations(pyfuse3.Operations):
         kind, path, info = await self._xattr_holder(inode)
         if kind == CONTROL or path == "":
             raise fail(errno.EPERM)  # the control file and the mount root hold none
+        self._committed.pop(path, None)
         if kind == LINK:
             raise fail(errno.EPERM)  # Linux keeps no user.* attributes on symlinks either
         if kind == DIR and not self.markers:
@@ -1722,7 +1743,7 @@ class PcacheOperations(pyfuse3.Operations):
                 return
             progress = file.take_progress()
             try:
-                await self._run(
+                info = await self._run(
                     functools.partial(commit, close=False, progress=progress),
                     self.client,
                     file,
@@ -1730,7 +1751,12 @@ class PcacheOperations(pyfuse3.Operations):
                 )
             except BaseException:
                 file.restore_progress(progress)
+                self._committed.pop(file.path, None)
                 raise
+            if info is not None and not file.dirty:
+                if len(self._committed) > 4096:
+                    self._committed.clear()
+                self._committed[file.path] = (time.monotonic(), info)
         await self._invalidate_cluster(file.path)
 
     @fuse_errors
